@@ -1,0 +1,208 @@
+"""The `dlas` command (a contract: see DESIGN.md). Exit status: 0 done, 2 bad input (nothing
+written), 1 anything else. The MLproject entry points are thin calls into this."""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import sys
+from pathlib import Path
+
+from .errors import BadInput
+
+DEFAULT_SPACE = "spaces/quickstart.yaml"
+
+
+def _space_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--space", default=DEFAULT_SPACE,
+                   help=f"search space YAML (default: {DEFAULT_SPACE})")
+    p.add_argument("--set", dest="pins", action="append", default=[], metavar="KEY=VALUE",
+                   help="pin a parameter by its dotted name, e.g. --set model.arch=resnet18 "
+                        "(repeatable; the value is read as YAML)")
+
+
+def _tracking_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--tracking-uri", default=None,
+                   help="MLflow backend: a database URL or a tracking server "
+                        "(default: sqlite:///tracking/mlflow.db)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="dlas", description="Search the Deep Learning Acceleration Stack: data, model, "
+        "compression, conv algorithm, compiler (Apache TVM) and hardware, jointly.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("search", help="run or continue a study",
+                       description="Run (or continue) a multi-objective Optuna study over the "
+                       "space; every trial is logged to MLflow; the Pareto front is exported.")
+    _space_arg(p)
+    p.add_argument("--study", default=None, help="study name (default: the space's `study`)")
+    p.add_argument("--trials", type=int, default=None,
+                   help="trials to run now (default: the space's budget.trials)")
+    p.add_argument("--timeout", type=float, default=None, help="stop after this many seconds")
+    p.add_argument("--storage", default=None, help="Optuna storage, any SQLAlchemy URL "
+                   "(default: sqlite:///tracking/optuna.db)")
+    _tracking_arg(p)
+    p.add_argument("--out", default=None,
+                   help="folder for the Pareto export (default: tracking/pareto/<study>)")
+    p.add_argument("--cache-dir", default=None,
+                   help="stage cache folder (default: tracking/cache; 'none' disables)")
+
+    p = sub.add_parser("trial", help="run one configuration",
+                       description="Run one configuration (unset parameters take the space's "
+                       "defaults), log it to MLflow and print its metrics.")
+    _space_arg(p)
+    _tracking_arg(p)
+    p.add_argument("--experiment", default="dlas-trials",
+                   help="MLflow experiment for the run (default: dlas-trials)")
+    p.add_argument("--json", action="store_true",
+                   help="print one JSON object (params, metrics, status, run_id) on stdout")
+    p.add_argument("--cache-dir", default=None, help="stage cache folder ('none' disables)")
+
+    p = sub.add_parser("pareto", help="export a study's Pareto front from MLflow",
+                       description="Recompute the Pareto front of a study from its MLflow "
+                       "runs alone; write CSV, JSON, HTML and PNG.")
+    p.add_argument("--experiment", required=True, help="MLflow experiment (= study name)")
+    _tracking_arg(p)
+    p.add_argument("--out", default=None, help="folder (default: tracking/pareto/<experiment>)")
+
+    p = sub.add_parser("space", help="inspect a search space")
+    ssub = p.add_subparsers(dest="space_command", required=True, metavar="ACTION")
+    show = ssub.add_parser("show", help="print the space as a tree with its size")
+    show.add_argument("file", help="search space YAML")
+    return parser
+
+
+def _load(args):
+    from .space import load_space, parse_assignment
+    space = load_space(args.space)
+    pins = dict(parse_assignment(text) for text in args.pins)
+    return space.pin(pins) if pins else space
+
+
+def _cache_dir(value: str | None):
+    if value is None:
+        return None
+    return "" if value.lower() == "none" else value
+
+
+@contextlib.contextmanager
+def _stdout_to_stderr():
+    """Send everything (Python and C libraries) printed to stdout to stderr meanwhile, so
+    `--json` output is exactly one JSON object."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    os.dup2(2, 1)
+    try:
+        with contextlib.redirect_stdout(sys.stderr):
+            yield
+    finally:
+        sys.stdout.flush()
+        os.dup2(saved, 1)
+        os.close(saved)
+
+
+def cmd_search(args) -> int:
+    from .search import run_search
+    space = _load(args)
+    outcome = run_search(space, study_name=args.study or None, trials=args.trials,
+                         storage=args.storage or None, tracking_uri=args.tracking_uri or None,
+                         out_dir=args.out or None, cache_dir=_cache_dir(args.cache_dir),
+                         timeout_s=args.timeout)
+    study = outcome.study
+    complete = sum(t.state.name == "COMPLETE" for t in study.trials)
+    failed = sum(t.state.name == "FAIL" for t in study.trials)
+    print(f"study {study.study_name}: {len(study.trials)} trials ({complete} complete, "
+          f"{failed} failed); Pareto front: {len(outcome.front)} trials -> {outcome.pareto_dir}")
+    for row in outcome.front:
+        shown = ", ".join(f"{m} {row['metrics'][m]:.4g}" for m in space.objectives)
+        print(f"  #{row['trial']} {row['name']}: {shown}")
+    return 0
+
+
+def cmd_trial(args) -> int:
+    from . import pipeline, tracking
+    from .cache import StageCache
+
+    space = _load(args)
+    config = space.defaults()
+    uri = tracking.check_tracking_uri(args.tracking_uri or tracking.default_tracking_uri())
+    cache_dir = _cache_dir(args.cache_dir)
+    with _stdout_to_stderr():
+        tracker = tracking.Tracker(uri, args.experiment)
+        tracker.open_study(space.objectives, space.path, space.text, {})
+        runs = tracker.client.search_runs([tracker.experiment_id],
+                                          f"tags.`{tracking.ROLE}` = 'trial'", max_results=50000)
+        run_id = tracker.start_trial(len(runs), config.summary(), config.params())
+        try:
+            result = pipeline.run(config, StageCache(
+                cache_dir if cache_dir is not None else tracking.TRACKING_DIR / "cache"))
+        except Exception as e:
+            import traceback
+            tracker.fail_trial(run_id, traceback.format_exc())
+            tracker.close_study("FINISHED")
+            outcome = {"params": config.params(), "metrics": {}, "status": "FAILED",
+                       "run_id": run_id, "error": f"{type(e).__name__}: {e}"}
+            code = 1
+        else:
+            tags = {f"cache.{k}": v for k, v in result.cache.items()}
+            tags.update({f"dlas.{k}": v for k, v in result.info.items()})
+            tracker.finish_trial(run_id, result.metrics, tags)
+            tracker.close_study("FINISHED")
+            outcome = {"params": config.params(), "metrics": result.metrics,
+                       "status": "FINISHED", "run_id": run_id}
+            code = 0
+    if args.json:
+        print(json.dumps(outcome))
+    else:
+        print(f"{config.summary()}: {outcome['status']} (run {run_id})")
+        for key, value in sorted(outcome["metrics"].items()):
+            print(f"  {key}: {value:.6g}")
+        if "error" in outcome:
+            print(f"  error: {outcome['error']}")
+    return code
+
+
+def cmd_pareto(args) -> int:
+    from . import pareto, tracking
+    uri = tracking.check_tracking_uri(args.tracking_uri or tracking.default_tracking_uri())
+    if uri.startswith("sqlite:"):
+        from sqlalchemy.engine import make_url
+        if not Path(make_url(uri).database).exists():
+            raise BadInput(f"--tracking-uri {uri!r}: no MLflow database there yet; run a "
+                           "search first or name the right store")
+    out = Path(args.out) if args.out else tracking.TRACKING_DIR / "pareto" / args.experiment
+    trials = pareto.export_from_mlflow(uri, args.experiment, out)
+    front = trials.front()
+    print(f"{args.experiment}: {len(front)} of {len(trials.rows)} finished trials on the "
+          f"Pareto front ({', '.join(f'{k} {v}' for k, v in trials.objectives.items())}) -> {out}")
+    for row in front:
+        shown = ", ".join(f"{m} {row['metrics'][m]:.4g}" for m in trials.objectives)
+        print(f"  #{row['trial']} {row['name']}: {shown}")
+    return 0
+
+
+def cmd_space(args) -> int:
+    from .space import load_space
+    print(load_space(args.file).show())
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    handler = {"search": cmd_search, "trial": cmd_trial, "pareto": cmd_pareto,
+               "space": cmd_space}[args.command]
+    try:
+        return handler(args)
+    except BadInput as e:
+        print(f"dlas {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,176 @@
+"""The Pareto front of a study, read back from MLflow alone: CSV, JSON, an interactive HTML
+plot (plotly, through Optuna's `plot_pareto_front`) and a PNG (matplotlib).
+
+    front = non_dominated(values, ["maximize", "minimize"])   # boolean mask
+    export_from_mlflow("sqlite:///tracking/mlflow.db", "quickstart", "out/")
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from mlflow.tracking import MlflowClient
+
+from .errors import BadInput
+from .tracking import ROLE, STUDY, TRIAL
+
+
+def non_dominated(values, directions: list[str]) -> np.ndarray:
+    """Mask of the points no other point dominates (at least as good in every objective and
+    better in one). Ties and duplicates are all kept, as in Optuna's `best_trials`."""
+    points = np.asarray(values, dtype=float).reshape(len(values), len(directions))
+    signs = np.array([-1.0 if d == "maximize" else 1.0 for d in directions])
+    costs = points * signs  # minimise everything
+    better_or_equal = (costs[:, None, :] <= costs[None, :, :]).all(axis=2)
+    strictly_better = (costs[:, None, :] < costs[None, :, :]).any(axis=2)
+    dominated = (better_or_equal & strictly_better).any(axis=0)  # [i, j]: i dominates j
+    return ~dominated
+
+
+@dataclass
+class Trials:
+    """Finished trials of one study as rows: trial number, run id, params, metrics."""
+    study: str
+    objectives: dict[str, str]
+    rows: list[dict]
+
+    def values(self) -> np.ndarray:
+        return np.array([[row["metrics"][m] for m in self.objectives] for row in self.rows])
+
+    def front(self) -> list[dict]:
+        if not self.rows:
+            return []
+        mask = non_dominated(self.values(), list(self.objectives.values()))
+        return [row for row, keep in zip(self.rows, mask) if keep]
+
+
+def load_trials(tracking_uri: str, experiment: str) -> Trials:
+    """The study's finished child runs, from MLflow."""
+    client = MlflowClient(tracking_uri=tracking_uri)
+    found = client.get_experiment_by_name(experiment)
+    if found is None:
+        names = [e.name for e in client.search_experiments()]
+        raise BadInput(f"--experiment {experiment!r}: no such experiment at {tracking_uri}; "
+                       f"allowed: {', '.join(names) or '(none yet: run a search first)'}")
+    parents = client.search_runs([found.experiment_id], f"tags.`{ROLE}` = 'study'",
+                                 max_results=1)
+    if not parents or "dlas.objectives" not in parents[0].data.tags:
+        raise BadInput(f"--experiment {experiment!r}: not a dlas-search study (no study run "
+                       "with objectives)")
+    objectives = json.loads(parents[0].data.tags["dlas.objectives"])
+    rows, token = [], None
+    while True:
+        page = client.search_runs([found.experiment_id],
+                                  f"tags.`{ROLE}` = '{TRIAL}' and attributes.status = 'FINISHED'",
+                                  max_results=1000, page_token=token)
+        for run in page:
+            metrics = run.data.metrics
+            if all(m in metrics and math.isfinite(metrics[m]) for m in objectives):
+                rows.append({"trial": int(run.data.tags.get(TRIAL, -1)), "run_id": run.info.run_id,
+                             "name": run.info.run_name, "params": dict(run.data.params),
+                             "metrics": dict(metrics)})
+        token = page.token
+        if not token:
+            break
+    rows.sort(key=lambda r: r["trial"])
+    return Trials(parents[0].data.tags.get(STUDY, experiment), objectives, rows)
+
+
+def _flat(row: dict, objectives: dict[str, str]) -> dict:
+    first = {"trial": row["trial"], **{m: row["metrics"][m] for m in objectives}}
+    rest = {k: v for k, v in sorted(row["metrics"].items()) if k not in objectives}
+    return {**first, **dict(sorted(row["params"].items())), **rest, "run_id": row["run_id"]}
+
+
+def _optuna_study(trials: Trials):
+    """An in-memory Optuna study holding the trials, so Optuna's own plot draws the front."""
+    import optuna
+    from optuna.distributions import CategoricalDistribution
+
+    study = optuna.create_study(directions=list(trials.objectives.values()))
+    names = sorted({k for row in trials.rows for k in row["params"]})
+    choices = {k: sorted({row["params"].get(k, "-") for row in trials.rows}) for k in names}
+    for row in trials.rows:
+        params = {k: row["params"].get(k, "-") for k in names}
+        study.add_trial(optuna.trial.create_trial(
+            values=[row["metrics"][m] for m in trials.objectives], params=params,
+            distributions={k: CategoricalDistribution(choices[k]) for k in names},
+            user_attrs={"trial": row["trial"], "run_id": row["run_id"]}))
+    return study
+
+
+def write(trials: Trials, out_dir: str | Path) -> dict[str, Path]:
+    """Write pareto.csv, pareto.json, trials.csv, pareto.html and pareto.png into `out_dir`."""
+    import csv
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    front = trials.front()
+    paths = {name: out / name for name in ("pareto.csv", "pareto.json", "trials.csv",
+                                           "pareto.html", "pareto.png")}
+    for rows, path in ((front, paths["pareto.csv"]), (trials.rows, paths["trials.csv"])):
+        flat = [_flat(r, trials.objectives) for r in rows]
+        columns = list(dict.fromkeys(k for r in flat for k in r))
+        with open(path, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=columns)
+            writer.writeheader()
+            writer.writerows(flat)
+    paths["pareto.json"].write_text(json.dumps({
+        "study": trials.study, "objectives": trials.objectives,
+        "trials": len(trials.rows), "front": front}, indent=2))
+    _plot_html(trials, paths["pareto.html"])
+    _plot_png(trials, front, paths["pareto.png"])
+    return paths
+
+
+def _plot_html(trials: Trials, path: Path) -> None:
+    import optuna
+
+    names = list(trials.objectives)
+    if not trials.rows:
+        path.write_text("<html><body>No finished trials yet.</body></html>")
+        return
+    if 2 <= len(names) <= 3:
+        fig = optuna.visualization.plot_pareto_front(_optuna_study(trials), target_names=names)
+    else:  # one objective, or more than Optuna can draw: a table of the front
+        import plotly.graph_objects as go
+        front = trials.front()
+        fig = go.Figure(go.Table(header={"values": ["trial", *names]}, cells={"values": [
+            [r["trial"] for r in front], *[[r["metrics"][m] for r in front] for m in names]]}))
+    fig.update_layout(title=f"Pareto front of {trials.study} ({len(trials.rows)} trials)")
+    fig.write_html(path, include_plotlyjs=True)
+
+
+def _plot_png(trials: Trials, front: list[dict], path: Path) -> None:
+    """Every pair of objectives, all trials in grey, the front in colour with trial numbers."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(trials.objectives)
+    pairs = [(a, b) for i, a in enumerate(names) for b in names[i + 1:]] or [(names[0], names[0])]
+    fig, axes = plt.subplots(1, len(pairs), figsize=(5 * len(pairs), 4), squeeze=False)
+    for ax, (x, y) in zip(axes[0], pairs):
+        ax.scatter([r["metrics"][x] for r in trials.rows], [r["metrics"][y] for r in trials.rows],
+                   c="lightgrey", label="trials")
+        ax.scatter([r["metrics"][x] for r in front], [r["metrics"][y] for r in front],
+                   c="tab:red", label="Pareto front")
+        for r in front:
+            ax.annotate(f"#{r['trial']}", (r["metrics"][x], r["metrics"][y]), fontsize=8)
+        ax.set_xlabel(f"{x} ({trials.objectives[x]})")
+        ax.set_ylabel(f"{y} ({trials.objectives[y]})")
+        ax.grid(alpha=0.3)
+    axes[0][0].legend()
+    fig.suptitle(f"{trials.study}: {len(front)} of {len(trials.rows)} trials on the front")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def export_from_mlflow(tracking_uri: str, experiment: str, out_dir: str | Path) -> Trials:
+    trials = load_trials(tracking_uri, experiment)
+    write(trials, out_dir)
+    return trials

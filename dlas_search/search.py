@@ -1,0 +1,156 @@
+"""The Optuna study: storage, sampler, objectives and budget; each trial walks the pipeline and
+lands in MLflow. A trial that raises fails alone; the study goes on.
+"""
+from __future__ import annotations
+
+import sys
+import time
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+
+import optuna
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError
+
+from . import pareto, pipeline, tracking
+from .cache import StageCache
+from .errors import BadInput
+from .space import Space
+
+
+def default_storage() -> str:
+    return f"sqlite:///{(tracking.TRACKING_DIR / 'optuna.db').resolve()}"
+
+
+def check_storage(url: str) -> str:
+    """Any SQLAlchemy URL Optuna can use; a SQLite file must be creatable."""
+    try:
+        parsed = make_url(url)
+    except ArgumentError:
+        raise BadInput(f"--storage {url!r}: not a SQLAlchemy URL; e.g. sqlite:///tracking/"
+                       "optuna.db or postgresql://user:pass@host/db") from None
+    if parsed.get_backend_name() == "sqlite":
+        tracking._check_sqlite_path(url, "--storage")
+    return url
+
+
+def make_sampler(space: Space, already: int) -> optuna.samplers.BaseSampler:
+    """The space's sampler, seeded. The seed moves on with the trials already in the study, so
+    a continued study explores new points instead of replaying the first run's."""
+    seed = space.seed + already
+    name = space.sampler["name"]
+    if name == "nsga2":
+        return optuna.samplers.NSGAIISampler(
+            population_size=space.sampler.get("population_size", 50), seed=seed)
+    if name == "tpe":
+        return optuna.samplers.TPESampler(seed=seed, multivariate=True, group=True)
+    return optuna.samplers.RandomSampler(seed=seed)
+
+
+@dataclass
+class SearchOutcome:
+    study: optuna.Study
+    parent_run_id: str
+    pareto_dir: Path
+    front: list[dict]
+
+
+def _existing_directions(storage: str, name: str) -> list[str] | None:
+    if make_url(storage).get_backend_name() == "sqlite" and \
+            not Path(make_url(storage).database).exists():
+        return None
+    for summary in optuna.get_all_study_summaries(storage):
+        if summary.study_name == name:
+            return [d.name.lower() for d in summary.directions]
+    return None
+
+
+def run_search(space: Space, *, study_name: str | None = None, trials: int | None = None,
+               storage: str | None = None, tracking_uri: str | None = None,
+               out_dir: str | Path | None = None, cache_dir: str | Path | None = None,
+               timeout_s: float | None = None) -> SearchOutcome:
+    """Run (or continue) the study named `study_name` for `trials` more trials."""
+    name = study_name or space.study
+    storage = check_storage(storage or default_storage())
+    tracking_uri = tracking.check_tracking_uri(tracking_uri or tracking.default_tracking_uri())
+    trials = trials if trials is not None else space.trials
+    if trials < 1:
+        raise BadInput(f"--trials {trials}: must be at least 1")
+    directions = _existing_directions(storage, name)
+    if directions is not None and directions != space.directions:
+        raise BadInput(f"study {name!r} already exists in {storage} with directions "
+                       f"{directions}; this space asks for {space.directions} "
+                       f"({', '.join(space.objectives)}). Use another --study name.")
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    if make_url(storage).get_backend_name() == "sqlite":
+        Path(make_url(storage).database).resolve().parent.mkdir(parents=True, exist_ok=True)
+    study = optuna.create_study(study_name=name, storage=storage, directions=space.directions,
+                                load_if_exists=True)
+    study.sampler = make_sampler(space, len(study.trials))
+    study.set_metric_names(list(space.objectives))
+    tracker = tracking.Tracker(tracking_uri, name)
+    parent = tracker.open_study(space.objectives, space.path, space.text,
+                                {"dlas.storage": storage, "dlas.sampler": space.sampler["name"]})
+    cache = StageCache(cache_dir if cache_dir is not None else tracking.TRACKING_DIR / "cache")
+    objective = _Objective(space, tracker, cache, total=trials)
+    status = "FAILED"
+    try:
+        study.optimize(objective, n_trials=trials, timeout=timeout_s or space.timeout_s,
+                       catch=(Exception,), show_progress_bar=True, gc_after_trial=True)
+        status = "FINISHED"
+    except KeyboardInterrupt:
+        status = "KILLED"
+        raise
+    finally:
+        out = Path(out_dir) if out_dir else tracking.TRACKING_DIR / "pareto" / name
+        front = []
+        try:
+            front = pareto.export_from_mlflow(tracking_uri, name, out).front()
+            counts = {s.name.lower(): sum(t.state == s for t in study.trials)
+                      for s in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.FAIL)}
+            tracker.close_study(status, out, {"trials_complete": counts["complete"],
+                                              "trials_failed": counts["fail"],
+                                              "pareto_size": len(front)})
+            tracking.link_launcher_run(name, tracking_uri, parent, out)
+        except Exception as e:  # keep the study's result even if the export breaks
+            print(f"warning: Pareto export failed: {e}", file=sys.stderr)
+            tracker.close_study(status)
+    return SearchOutcome(study, parent, out, front)
+
+
+class _Objective:
+    """One Optuna trial: sample, run the pipeline, log to MLflow; failures fail alone."""
+
+    def __init__(self, space: Space, tracker: tracking.Tracker, cache: StageCache, total: int):
+        self.space, self.tracker, self.cache, self.total = space, tracker, cache, total
+        self.done = 0
+
+    def __call__(self, trial: optuna.Trial) -> list[float]:
+        config = self.space.suggest(trial)
+        run_id = self.tracker.start_trial(trial.number, config.summary(), config.params())
+        trial.set_user_attr("mlflow_run_id", run_id)
+        start = time.perf_counter()
+        self.done += 1
+        try:
+            result = pipeline.run(config, self.cache)
+            values = [result.metrics[m] for m in self.space.objectives]
+        except BaseException as e:
+            reason = f"{type(e).__name__}: {e}"
+            trial.set_user_attr("error", reason[:2000])
+            self.tracker.fail_trial(run_id, traceback.format_exc(),
+                                    "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
+            print(f"[trial {trial.number}] {config.summary()} FAILED: {reason}", file=sys.stderr)
+            raise
+        result.metrics["trial_s"] = time.perf_counter() - start
+        tags = {f"cache.{k}": v for k, v in result.cache.items()}
+        tags.update({f"dlas.{k}": v for k, v in result.info.items()})
+        self.tracker.finish_trial(run_id, result.metrics, tags)
+        for key in ("accuracy", "latency_ms", "size_mb", "speedup_vs_torch", "sparsity"):
+            trial.set_user_attr(key, result.metrics[key])
+        shown = ", ".join(f"{m} {result.metrics[m]:.4g}" for m in self.space.objectives)
+        print(f"[trial {trial.number}] {config.summary()}: {shown}, speedup_vs_torch "
+              f"{result.metrics['speedup_vs_torch']:.2f} ({result.metrics['trial_s']:.0f} s)",
+              file=sys.stderr)
+        return values

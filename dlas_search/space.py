@@ -1,0 +1,405 @@
+"""Search spaces: `spaces/*.yaml` in, validated and typed trial configurations out.
+
+A space file names, per layer, each parameter's value: a scalar (fixed), a list (a categorical
+choice) or a mapping (`choices:` or a `low:`/`high:` range, optional `step:`, `log:`,
+`default:`, and `when:` to make it exist only for given values of an earlier parameter). The
+dotted names (`compress.amount`) are the same in YAML, Optuna, MLflow and `--set`.
+
+    space = load_space("spaces/quickstart.yaml")
+    config = space.suggest(optuna_trial)     # or space.defaults(), space.configure({...})
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import optuna
+import yaml
+
+from . import algorithms, compiler, compression, data, hardware, models
+from .errors import BadInput, allowed
+
+# layer prefix -> its configuration group, in stack order
+LAYERS: dict[str, type] = {
+    "data": data.DataConfig,
+    "model": models.ModelConfig,
+    "compress": compression.CompressConfig,
+    "finetune": compression.FinetuneConfig,
+    "algo": algorithms.AlgoConfig,
+    "compiler": compiler.CompilerConfig,
+    "hw": hardware.HardwareConfig,
+}
+OBJECTIVE_METRICS = ("accuracy", "latency_ms", "size_mb", "params", "sparsity",
+                     "speedup_vs_torch")
+DIRECTIONS = ("maximize", "minimize")
+SAMPLERS = ("tpe", "nsga2", "random")
+TOP_LEVEL = ("study", "description", "seed", "objectives", "sampler", "budget", "space")
+ABSENT = "-"  # how a parameter that does not apply to a trial is logged
+
+
+@dataclass(frozen=True)
+class TrialConfig:
+    """One point of the stack: a frozen group per layer, and the seed."""
+    data: data.DataConfig
+    model: models.ModelConfig
+    compress: compression.CompressConfig
+    finetune: compression.FinetuneConfig
+    algo: algorithms.AlgoConfig
+    compiler: compiler.CompilerConfig
+    hw: hardware.HardwareConfig
+    seed: int = 0
+
+    def params(self) -> dict[str, Any]:
+        """Flat dotted names -> values (None where a parameter does not apply)."""
+        return {f"{layer}.{k}": v for layer in LAYERS
+                for k, v in dataclasses.asdict(getattr(self, layer)).items()}
+
+    def key(self, *layers: str) -> str:
+        """A stable text of the given layers' settings and the seed (for cache keys)."""
+        chosen = {k: v for k, v in self.params().items() if k.split(".")[0] in layers}
+        return json.dumps({"seed": self.seed, **chosen}, sort_keys=True)
+
+    def summary(self) -> str:
+        """A few words for run names and progress lines."""
+        method = self.compress.method
+        if self.compress.amount is not None:
+            method += f"{self.compress.amount:g}"
+        return " ".join([self.model.arch, method, self.algo.conv, self.algo.format,
+                         self.compiler.tuner, self.hw.target])
+
+
+def _field_info(name: str) -> dataclasses.Field:
+    layer, _, key = name.partition(".")
+    return {f.name: f for f in dataclasses.fields(LAYERS[layer])}[key]
+
+
+def _base_type(f: dataclasses.Field) -> type:
+    """int, float, str or bool from the field's annotation (`float | None` -> float)."""
+    hint = typing.get_type_hints(_owner(f))[f.name]
+    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+        hint = next(a for a in typing.get_args(hint) if a is not type(None))
+    return hint
+
+
+def _owner(f: dataclasses.Field) -> type:
+    return next(cls for cls in LAYERS.values() if f in dataclasses.fields(cls))
+
+
+def check_value(name: str, value: Any, where: str = "") -> Any:
+    """Validate one value of parameter `name` against its type, choices and bounds."""
+    f = _field_info(name)
+    kind = _base_type(f)
+    label = f"{where}{name}"
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise BadInput(f"{label}: {value!r} is a {type(value).__name__}; expected {kind.__name__}")
+    choices = f.metadata.get("choices")
+    if choices is not None and value not in choices:
+        raise allowed(label, value, list(choices))
+    low, high = f.metadata.get("min"), f.metadata.get("max")
+    if low is not None and value < low or high is not None and value > high:
+        raise BadInput(f"{label}: {value!r} is out of range; allowed: {low} to {high}")
+    return value
+
+
+@dataclass(frozen=True)
+class Param:
+    """One parameter of a space: fixed, categorical, or an int/float range."""
+    name: str
+    choices: tuple | None = None      # fixed = one choice
+    low: float | None = None
+    high: float | None = None
+    step: float | None = None
+    log: bool = False
+    default: Any = None
+    when: tuple[tuple[str, tuple], ...] = ()   # (parent name, allowed parent values)
+
+    @property
+    def fixed(self) -> bool:
+        return self.choices is not None and len(self.choices) == 1
+
+    def applies(self, chosen: dict[str, Any]) -> bool:
+        return all(chosen.get(parent) in values for parent, values in self.when)
+
+    def suggest(self, trial: optuna.Trial) -> Any:
+        if self.fixed:
+            return self.choices[0]
+        if self.choices is not None:
+            return trial.suggest_categorical(self.name, list(self.choices))
+        if isinstance(self.low, int) and isinstance(self.high, int):
+            return trial.suggest_int(self.name, self.low, self.high, step=int(self.step or 1),
+                                     log=self.log)
+        return trial.suggest_float(self.name, self.low, self.high, step=self.step, log=self.log)
+
+    def values(self) -> list:
+        """Every value (grid enumeration); ranges need a step."""
+        if self.choices is not None:
+            return list(self.choices)
+        if self.step is None:
+            return [self.low, self.high]
+        count = int(round((self.high - self.low) / self.step)) + 1
+        return [type(self.low)(round(self.low + i * self.step, 10)) for i in range(count)]
+
+    def describe(self) -> str:
+        if self.fixed:
+            text = repr(self.choices[0])
+        elif self.choices is not None:
+            text = "one of " + ", ".join(map(repr, self.choices))
+        else:
+            text = f"{self.low} to {self.high}" + (f" step {self.step}" if self.step else "") + \
+                   (" (log)" if self.log else "")
+        if self.when:
+            text += " when " + ", ".join(f"{p} in {list(v)}" for p, v in self.when)
+        return text
+
+
+def _parse_param(name: str, spec: Any, where: str, known: dict[str, Param]) -> Param:
+    label = f"{where}{name}"
+    if not isinstance(spec, dict):
+        spec = {"choices": spec if isinstance(spec, list) else [spec]}
+    keys = set(spec) - {"choices", "low", "high", "step", "log", "default", "when"}
+    if keys:
+        raise allowed(f"{label}", sorted(keys)[0],
+                      ["choices", "low", "high", "step", "log", "default", "when"])
+    when = []
+    implied = _field_info(name).metadata.get("when", {})  # e.g. an amount only for pruning
+    for parent, values in (spec.get("when") or implied).items():
+        if parent not in known:
+            if parent not in spec.get("when", {}):
+                continue  # the implied parent is fixed at its default: nothing to condition on
+            raise allowed(f"{label}.when", parent, list(known) or ["(an earlier parameter)"])
+        values = tuple(values) if isinstance(values, (list, tuple)) else (values,)
+        for v in values:
+            check_value(parent, v, f"{label}.when.")
+        when.append((parent, values))
+    if "choices" in spec:
+        choices = spec["choices"]
+        if not isinstance(choices, list) or not choices:
+            raise BadInput(f"{label}: the choice list is empty; give at least one value")
+        choices = tuple(check_value(name, c, where) for c in choices)
+        default = check_value(name, spec.get("default", choices[0]), where)
+        if default not in choices:
+            raise allowed(f"{label}.default", default, list(choices))
+        return Param(name, choices=choices, default=default, when=tuple(when))
+    if "low" not in spec or "high" not in spec:
+        raise BadInput(f"{label}: a range needs both low and high (or give choices)")
+    low, high = check_value(name, spec["low"], where), check_value(name, spec["high"], where)
+    if low > high:
+        raise BadInput(f"{label}: low {low!r} is greater than high {high!r}")
+    step = spec.get("step")
+    if step is not None and (not isinstance(step, (int, float)) or step <= 0):
+        raise BadInput(f"{label}.step: {step!r} must be a positive number")
+    log = spec.get("log", False)
+    if log and (low <= 0 or step is not None):
+        raise BadInput(f"{label}.log: a log range needs low > 0 and no step")
+    default = check_value(name, spec.get("default", low), where)
+    if not low <= default <= high:
+        raise BadInput(f"{label}.default: {default!r} is outside {low} to {high}")
+    return Param(name, low=low, high=high, step=step, log=bool(log), default=default,
+                 when=tuple(when))
+
+
+@dataclass(frozen=True)
+class Space:
+    """A validated search space: parameters in stack order, objectives, sampler and budget."""
+    path: str
+    study: str
+    seed: int
+    objectives: dict[str, str]
+    sampler: dict[str, Any]
+    trials: int
+    timeout_s: float | None
+    params: dict[str, Param]
+    text: str
+
+    @property
+    def directions(self) -> list[str]:
+        return list(self.objectives.values())
+
+    def pin(self, pins: dict[str, Any]) -> "Space":
+        """The space with some parameters fixed (`--set`), validated like the YAML."""
+        params = dict(self.params)
+        for name, value in pins.items():
+            if name not in params:
+                params[name] = _parse_param(name, value, "--set ", params)
+            else:
+                old = params[name]
+                params[name] = dataclasses.replace(
+                    _parse_param(name, value, "--set ", params), when=old.when)
+        ordered = {n: params[n] for n in _all_names() if n in params}
+        return dataclasses.replace(self, params=ordered)
+
+    def configure(self, chosen: dict[str, Any]) -> TrialConfig:
+        """A TrialConfig from chosen values; unset parameters take their defaults."""
+        groups: dict[str, dict] = {layer: {} for layer in LAYERS}
+        for name, param in self.params.items():
+            layer, _, key = name.partition(".")
+            if not param.applies(chosen):
+                groups[layer][key] = None
+            elif name in chosen:
+                groups[layer][key] = chosen[name]
+        return TrialConfig(**{layer: LAYERS[layer](**groups[layer]) for layer in LAYERS},
+                           seed=self.seed)
+
+    def suggest(self, trial: optuna.Trial) -> TrialConfig:
+        """Sample a configuration; conditional parameters are asked only where they apply."""
+        chosen: dict[str, Any] = {}
+        for name, param in self.params.items():
+            if param.applies(chosen):
+                chosen[name] = param.suggest(trial)
+        return self.configure(chosen)
+
+    def defaults(self) -> TrialConfig:
+        chosen: dict[str, Any] = {}
+        for name, param in self.params.items():
+            if param.applies(chosen):
+                chosen[name] = param.default
+        return self.configure(chosen)
+
+    def size(self) -> int | None:
+        """Number of distinct configurations, or None when a continuous range makes it
+        infinite (conditional parameters counted where they apply)."""
+        configs = [{}]
+        for name, param in self.params.items():
+            if param.choices is None and param.step is None:
+                return None
+            nxt = []
+            for chosen in configs:
+                if param.applies(chosen):
+                    nxt.extend({**chosen, name: v} for v in param.values())
+                else:
+                    nxt.append(chosen)
+            configs = nxt
+        return len(configs)
+
+    def show(self) -> str:
+        """The space as a tree, by layer."""
+        lines = [f"{self.study} ({self.path})",
+                 f"  objectives: " + ", ".join(f"{k} {v}" for k, v in self.objectives.items()),
+                 f"  sampler: {self.sampler['name']} seed {self.seed}; budget {self.trials} trials"]
+        for layer in LAYERS:
+            names = [n for n in self.params if n.startswith(layer + ".")]
+            if names:
+                lines.append(f"  {layer}")
+                lines += [f"    {n.split('.', 1)[1]}: {self.params[n].describe()}" for n in names]
+        size = self.size()
+        lines.append(f"  size: {size if size is not None else 'infinite (continuous ranges)'}")
+        return "\n".join(lines)
+
+
+def _all_names() -> list[str]:
+    return [f"{layer}.{f.name}" for layer, cls in LAYERS.items() for f in dataclasses.fields(cls)]
+
+
+def load_space(path: str | Path) -> Space:
+    """Read and validate a space file; any problem is a BadInput naming file and key."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise BadInput(f"{path}: cannot read the space file ({e.strerror})") from None
+    try:
+        doc = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise BadInput(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(doc, dict):
+        raise BadInput(f"{path}: a space file is a mapping with keys {', '.join(TOP_LEVEL)}")
+    where = f"{path}: "
+    for key in doc:
+        if key not in TOP_LEVEL:
+            raise allowed(f"{where}{key}", key, TOP_LEVEL)
+
+    study = doc.get("study", path.stem)
+    if not isinstance(study, str) or not study.strip():
+        raise BadInput(f"{where}study: must be a non-empty name")
+    seed = doc.get("seed", 0)
+    if not isinstance(seed, int) or isinstance(seed, bool):
+        raise BadInput(f"{where}seed: {seed!r} must be an integer")
+
+    objectives = doc.get("objectives") or {"accuracy": "maximize", "latency_ms": "minimize",
+                                           "size_mb": "minimize"}
+    if not isinstance(objectives, dict) or not objectives:
+        raise BadInput(f"{where}objectives: a mapping of metric -> direction, e.g. "
+                       "{accuracy: maximize, latency_ms: minimize}")
+    for metric, direction in objectives.items():
+        if metric not in OBJECTIVE_METRICS:
+            raise allowed(f"{where}objectives", metric, OBJECTIVE_METRICS)
+        if direction not in DIRECTIONS:
+            raise allowed(f"{where}objectives.{metric}", direction, DIRECTIONS)
+
+    sampler = doc.get("sampler", "nsga2")
+    sampler = {"name": sampler} if isinstance(sampler, str) else sampler
+    if not isinstance(sampler, dict) or sampler.get("name") not in SAMPLERS:
+        name = sampler.get("name") if isinstance(sampler, dict) else sampler
+        raise allowed(f"{where}sampler", name, SAMPLERS)
+    if set(sampler) - {"name", "population_size"}:
+        raise allowed(f"{where}sampler", sorted(set(sampler) - {"name", "population_size"})[0],
+                      ["name", "population_size"])
+
+    budget = doc.get("budget") or {}
+    if not isinstance(budget, dict) or set(budget) - {"trials", "timeout_s"}:
+        raise BadInput(f"{where}budget: a mapping with trials and/or timeout_s")
+    trials = budget.get("trials", 10)
+    if not isinstance(trials, int) or isinstance(trials, bool) or trials < 1:
+        raise BadInput(f"{where}budget.trials: {trials!r} must be a positive integer")
+    timeout_s = budget.get("timeout_s")
+    if timeout_s is not None and (not isinstance(timeout_s, (int, float)) or timeout_s <= 0):
+        raise BadInput(f"{where}budget.timeout_s: {timeout_s!r} must be a positive number")
+
+    layers = doc.get("space") or {}
+    if not isinstance(layers, dict):
+        raise BadInput(f"{where}space: a mapping of layer -> parameters")
+    params: dict[str, Param] = {}
+    for layer, entries in layers.items():
+        if layer not in LAYERS:
+            raise allowed(f"{where}space", layer, list(LAYERS))
+        if not isinstance(entries, dict):
+            raise BadInput(f"{where}space.{layer}: a mapping of parameter -> value")
+        keys = [f.name for f in dataclasses.fields(LAYERS[layer])]
+        for key, spec in entries.items():
+            if key not in keys:
+                raise allowed(f"{where}space.{layer}", key, keys)
+            name = f"{layer}.{key}"
+            params[name] = _parse_param(name, spec, f"{where}space.", params)
+    ordered = {n: params[n] for n in _all_names() if n in params}
+    space = Space(str(path), study, seed, dict(objectives), sampler, trials, timeout_s,
+                  ordered, text)
+    _check_conditions(space, where)
+    return space
+
+
+def _check_conditions(space: Space, where: str) -> None:
+    """Stack order must put a condition's parent first; a range on a conditional param is ok."""
+    names = list(space.params)
+    for name, param in space.params.items():
+        for parent, _ in param.when:
+            if names.index(parent) > names.index(name):
+                raise BadInput(f"{where}space.{name}.when: {parent} comes later in the stack; "
+                               "a condition can only refer to an earlier parameter")
+    # a method that needs an amount must have one wherever it can be chosen
+    if "unstructured" in (space.params.get("compress.method", Param("")).values() or ()):
+        amount = space.params.get("compress.amount")
+        if amount is None:
+            raise BadInput(f"{where}space.compress.amount: required when compress.method can "
+                           "be unstructured (give a value or a low/high range)")
+
+
+def parse_assignment(text: str) -> tuple[str, Any]:
+    """`KEY=VALUE` from --set, with VALUE read as YAML (so 0.5 is a float, [a, b] a list)."""
+    if "=" not in text:
+        raise BadInput(f"--set {text!r}: expected KEY=VALUE, e.g. --set model.arch=resnet18")
+    name, _, raw = text.partition("=")
+    name = name.strip()
+    if name not in _all_names():
+        raise allowed("--set", name, _all_names())
+    try:
+        value = yaml.safe_load(raw)
+    except yaml.YAMLError:
+        value = raw
+    return name, value

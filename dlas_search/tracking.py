@@ -1,0 +1,174 @@
+"""MLflow conventions in one place: one experiment per study, a parent run for the study, a
+child run per trial, parameters by layer with dotted names, metrics as in DESIGN.md.
+
+The embedded default backend is a SQLite file under `tracking/` (artifacts beside it); a URL
+points at a tracking server or another database instead.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import subprocess
+from pathlib import Path
+from typing import Any
+
+from mlflow.entities import Metric, Param, RunTag
+from mlflow.tracking import MlflowClient
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError
+
+from .errors import BadInput
+
+TRACKING_DIR = Path("tracking")
+ROLE, STUDY, TRIAL = "dlas.role", "dlas.study", "dlas.trial"
+URI_SCHEMES = ("sqlite", "postgresql", "mysql", "mssql", "http", "https", "file", "databricks")
+ABSENT = "-"  # the logged value of a parameter that does not apply to a trial
+
+
+def default_tracking_uri() -> str:
+    return f"sqlite:///{(TRACKING_DIR / 'mlflow.db').resolve()}"
+
+
+def check_tracking_uri(uri: str) -> str:
+    """Accept what MLflow accepts as a backend; refuse typos before anything is written."""
+    scheme = uri.split(":", 1)[0].split("+", 1)[0] if "://" in uri or ":" in uri else ""
+    if scheme not in URI_SCHEMES:
+        raise BadInput(f"--tracking-uri {uri!r}: unknown scheme; allowed: "
+                       + ", ".join(f"{s}://..." for s in URI_SCHEMES))
+    if scheme == "sqlite":
+        _check_sqlite_path(uri, "--tracking-uri")
+    return uri
+
+
+def _check_sqlite_path(uri: str, flag: str) -> None:
+    try:
+        database = make_url(uri).database
+    except ArgumentError as e:
+        raise BadInput(f"{flag} {uri!r}: not a database URL ({e})") from None
+    if not database or database == ":memory:":
+        raise BadInput(f"{flag} {uri!r}: an in-memory database keeps nothing; give a file, "
+                       "e.g. sqlite:///tracking/mlflow.db")
+    parent = Path(database).resolve().parent
+    existing = next((p for p in [parent, *parent.parents] if p.exists()), None)
+    if existing is None or not os.access(existing, os.W_OK) or not existing.is_dir():
+        raise BadInput(f"{flag} {uri!r}: cannot create {database} ({existing} is not a "
+                       "writable folder)")
+
+
+def environment_tags() -> dict[str, str]:
+    """Versions, CPU and commit: what someone comparing runs needs to know."""
+    import mlflow
+    import optuna
+    import torch
+    import tvm
+
+    from .hardware import cpu_model
+    tags = {"dlas.torch": torch.__version__, "dlas.tvm": tvm.__version__,
+            "dlas.optuna": optuna.__version__, "dlas.mlflow": mlflow.__version__,
+            "dlas.python": platform.python_version(), "dlas.cpu": cpu_model(),
+            "dlas.cores": str(os.cpu_count())}
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                                cwd=Path(__file__).parent, timeout=10)
+        if commit.returncode == 0:
+            tags["mlflow.source.git.commit"] = commit.stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return tags
+
+
+def _param_value(value: Any) -> str:
+    return ABSENT if value is None else str(value)
+
+
+class Tracker:
+    """The study's MLflow experiment and parent run, and its trials' child runs."""
+
+    def __init__(self, uri: str, study: str):
+        self.uri, self.study = uri, study
+        self.client = MlflowClient(tracking_uri=uri)
+        self.experiment_id: str | None = None
+        self.parent_id: str | None = None
+
+    def open_study(self, objectives: dict[str, str], space_path: str, space_text: str,
+                   extra_tags: dict[str, str]) -> str:
+        """Find or create the experiment and the study's parent run; mark it running."""
+        if self.uri.startswith("sqlite:"):
+            Path(make_url(self.uri).database).resolve().parent.mkdir(parents=True, exist_ok=True)
+        experiment = self.client.get_experiment_by_name(self.study)
+        if experiment is None:
+            location = None
+            if self.uri.startswith("sqlite:"):  # keep artifacts beside the database
+                db = Path(make_url(self.uri).database).resolve()
+                location = (db.parent / "artifacts" / self.study).as_uri()
+            self.experiment_id = self.client.create_experiment(self.study, location)
+        else:
+            self.experiment_id = experiment.experiment_id
+        parents = self.client.search_runs(
+            [self.experiment_id], f"tags.`{ROLE}` = 'study' and tags.`{STUDY}` = '{self.study}'",
+            max_results=1, order_by=["attributes.start_time ASC"])
+        if parents:
+            self.parent_id = parents[0].info.run_id
+            self.client.update_run(self.parent_id, status="RUNNING")
+        else:
+            run = self.client.create_run(self.experiment_id, run_name=f"study {self.study}",
+                                         tags={ROLE: "study", STUDY: self.study})
+            self.parent_id = run.info.run_id
+        tags = {**environment_tags(), **extra_tags, "dlas.objectives": json.dumps(objectives),
+                "dlas.space": space_path}
+        self.client.log_batch(self.parent_id, tags=[RunTag(k, v) for k, v in tags.items()])
+        self.client.log_text(self.parent_id, space_text, "space.yaml")
+        return self.parent_id
+
+    def start_trial(self, number: int, name: str, params: dict[str, Any]) -> str:
+        run = self.client.create_run(
+            self.experiment_id, run_name=f"#{number} {name}",
+            tags={"mlflow.parentRunId": self.parent_id, ROLE: TRIAL, STUDY: self.study,
+                  TRIAL: str(number)})
+        self.client.log_batch(run.info.run_id,
+                              params=[Param(k, _param_value(v)) for k, v in params.items()])
+        return run.info.run_id
+
+    def finish_trial(self, run_id: str, metrics: dict[str, float], tags: dict[str, str]) -> None:
+        import time
+        now = int(time.time() * 1000)
+        self.client.log_batch(
+            run_id, metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()
+                             if v is not None and math.isfinite(float(v))],
+            tags=[RunTag(k, v) for k, v in tags.items()])
+        self.client.set_terminated(run_id, "FINISHED")
+
+    def fail_trial(self, run_id: str, error: str, status: str = "FAILED") -> None:
+        """Record why the trial broke (artifact error.txt, tag dlas.error), then end it."""
+        try:
+            self.client.log_text(run_id, error, "error.txt")
+            last = error.strip().splitlines()[-1] if error.strip() else "unknown error"
+            self.client.set_tag(run_id, "dlas.error", last[:5000])
+        finally:
+            self.client.set_terminated(run_id, status)
+
+    def close_study(self, status: str, artifacts: Path | None = None,
+                    metrics: dict[str, float] | None = None) -> None:
+        if artifacts is not None and artifacts.exists():
+            self.client.log_artifacts(self.parent_id, str(artifacts), "pareto")
+        if metrics:
+            import time
+            now = int(time.time() * 1000)
+            self.client.log_batch(self.parent_id,
+                                  metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()])
+        self.client.set_terminated(self.parent_id, status)
+
+
+def link_launcher_run(study: str, uri: str, parent_id: str, artifacts: Path | None) -> None:
+    """Under `mlflow run`, point the launcher's own run at the study's parent run and copy the
+    Pareto export to it, so the run `mlflow run` prints leads to the results."""
+    launcher = os.environ.get("MLFLOW_RUN_ID")
+    if not launcher or launcher == parent_id:
+        return
+    client = MlflowClient(tracking_uri=os.environ.get("MLFLOW_TRACKING_URI"))
+    client.log_batch(launcher, tags=[RunTag(STUDY, study), RunTag("dlas.tracking_uri", uri),
+                                     RunTag("dlas.study_run_id", parent_id)])
+    if artifacts is not None and artifacts.exists():
+        client.log_artifacts(launcher, str(artifacts), "pareto")
