@@ -16,6 +16,9 @@ from typing import Any, Callable
 import torch
 import torchvision
 
+# Bump when what a stage stores changes shape (new metrics, new fields): old entries then miss.
+FORMAT = 1
+
 
 class StageCache:
     """A directory of `<stage>/<hash>.pt` files; `None` disables caching."""
@@ -24,7 +27,7 @@ class StageCache:
         self.root = Path(root) if root else None
 
     def _path(self, stage: str, key: str) -> Path:
-        salt = f"{torch.__version__}|{torchvision.__version__}|{key}"
+        salt = f"{FORMAT}|{torch.__version__}|{torchvision.__version__}|{key}"
         return self.root / stage / (hashlib.sha256(salt.encode()).hexdigest()[:24] + ".pt")
 
     def get_or_make(self, stage: str, key: str, make: Callable[[], Any]) -> tuple[Any, bool]:

@@ -107,8 +107,18 @@ def storage_bytes(tensor: torch.Tensor) -> int:
     return min(dense, nnz * (tensor.element_size() + 4) + (rows + 1) * 4)
 
 
-def measure(model: nn.Module) -> dict[str, float]:
-    """Size metrics of a (compressed) model."""
+@torch.no_grad()
+def count_macs(model: nn.Module, example: torch.Tensor) -> float:
+    """Multiply-accumulates of one forward pass (dense: zeros in weights still count)."""
+    from torch.utils.flop_counter import FlopCounterMode
+    counter = FlopCounterMode(display=False)
+    with counter:
+        model.eval()(example)
+    return counter.get_total_flops() / 2
+
+
+def measure(model: nn.Module, example: torch.Tensor) -> dict[str, float]:
+    """Size and cost metrics of a (compressed) model."""
     state = model.state_dict()
     tensors = [t for t in state.values() if t.is_floating_point()]
     return {
@@ -117,6 +127,7 @@ def measure(model: nn.Module) -> dict[str, float]:
         "size_mb": sum(storage_bytes(t) for t in tensors) / 1e6,
         "size_dense_mb": sum(t.numel() * t.element_size() for t in tensors) / 1e6,
         "sparsity": sparsity(model),
+        "macs": count_macs(model, example),
     }
 
 
@@ -130,7 +141,7 @@ def compress(cfg: CompressConfig, finetune: FinetuneConfig, model: nn.Module,
     finetune_s = time.perf_counter() - start
     model = technique.finish(model)
     model = training.recalibrate_batchnorm(model, data.train)
-    metrics = measure(model)
+    metrics = measure(model, data.example())
     metrics["accuracy"] = training.accuracy(model, data.val)
     metrics["finetune_s"] = finetune_s
     return Compressed(model.eval(), metrics)

@@ -64,7 +64,7 @@ def load_trials(tracking_uri: str, experiment: str) -> Trials:
     rows, token = [], None
     while True:
         page = client.search_runs([found.experiment_id],
-                                  f"tags.`{ROLE}` = '{TRIAL}' and attributes.status = 'FINISHED'",
+                                  f"tags.`{ROLE}` = 'trial' and attributes.status = 'FINISHED'",
                                   max_results=1000, page_token=token)
         for run in page:
             metrics = run.data.metrics

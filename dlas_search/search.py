@@ -6,6 +6,7 @@ from __future__ import annotations
 import sys
 import time
 import traceback
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -89,7 +90,9 @@ def run_search(space: Space, *, study_name: str | None = None, trials: int | Non
     study = optuna.create_study(study_name=name, storage=storage, directions=space.directions,
                                 load_if_exists=True)
     study.sampler = make_sampler(space, len(study.trials))
-    study.set_metric_names(list(space.objectives))
+    with warnings.catch_warnings():  # experimental in Optuna 5, but it names the axes
+        warnings.simplefilter("ignore")
+        study.set_metric_names(list(space.objectives))
     tracker = tracking.Tracker(tracking_uri, name)
     parent = tracker.open_study(space.objectives, space.path, space.text,
                                 {"dlas.storage": storage, "dlas.sampler": space.sampler["name"]})

@@ -236,13 +236,12 @@ class Space:
         return dataclasses.replace(self, params=ordered)
 
     def configure(self, chosen: dict[str, Any]) -> TrialConfig:
-        """A TrialConfig from chosen values; unset parameters take their defaults."""
+        """A TrialConfig from chosen values; parameters that are unset or do not apply take
+        their layer's default (None for those that only exist under a condition)."""
         groups: dict[str, dict] = {layer: {} for layer in LAYERS}
         for name, param in self.params.items():
             layer, _, key = name.partition(".")
-            if not param.applies(chosen):
-                groups[layer][key] = None
-            elif name in chosen:
+            if param.applies(chosen) and name in chosen:
                 groups[layer][key] = chosen[name]
         return TrialConfig(**{layer: LAYERS[layer](**groups[layer]) for layer in LAYERS},
                            seed=self.seed)

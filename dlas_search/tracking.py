@@ -125,7 +125,7 @@ class Tracker:
     def start_trial(self, number: int, name: str, params: dict[str, Any]) -> str:
         run = self.client.create_run(
             self.experiment_id, run_name=f"#{number} {name}",
-            tags={"mlflow.parentRunId": self.parent_id, ROLE: TRIAL, STUDY: self.study,
+            tags={"mlflow.parentRunId": self.parent_id, ROLE: "trial", STUDY: self.study,
                   TRIAL: str(number)})
         self.client.log_batch(run.info.run_id,
                               params=[Param(k, _param_value(v)) for k, v in params.items()])

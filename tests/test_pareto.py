@@ -1,0 +1,66 @@
+"""The Pareto computation against Optuna's own `best_trials`, including ties and duplicates."""
+import json
+
+import numpy as np
+import optuna
+import pytest
+
+from dlas_search.pareto import Trials, non_dominated, write
+
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+
+def optuna_front(points, directions):
+    study = optuna.create_study(directions=directions)
+    for i, p in enumerate(points):
+        study.add_trial(optuna.trial.create_trial(values=list(map(float, p)),
+                                                  user_attrs={"i": i}))
+    return sorted(t.user_attrs["i"] for t in study.best_trials)
+
+
+HAND_MADE = [
+    # accuracy (max), latency (min), size (min)
+    (0.90, 10.0, 5.0),   # 0 on the front
+    (0.90, 10.0, 5.0),   # 1 duplicate of 0: kept too
+    (0.95, 20.0, 5.0),   # 2 on the front (more accurate, slower)
+    (0.85, 10.0, 5.0),   # 3 dominated by 0 (tie on two objectives, worse on one)
+    (0.80, 5.0, 9.0),    # 4 on the front (fastest)
+    (0.95, 20.0, 6.0),   # 5 dominated by 2 (ties accuracy and latency)
+    (0.70, 30.0, 1.0),   # 6 on the front (smallest)
+    (0.70, 30.0, 2.0),   # 7 dominated by 6
+]
+DIRS = ["maximize", "minimize", "minimize"]
+
+
+def test_hand_made_front():
+    mask = non_dominated(HAND_MADE, DIRS)
+    assert list(np.flatnonzero(mask)) == [0, 1, 2, 4, 6]
+    assert list(np.flatnonzero(mask)) == optuna_front(HAND_MADE, DIRS)
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_random_fronts_match_optuna(seed):
+    rng = np.random.default_rng(seed)
+    n, k = rng.integers(1, 40), rng.integers(2, 4)
+    points = rng.integers(0, 5, size=(n, k)).astype(float)  # few levels: many ties/duplicates
+    directions = [rng.choice(["maximize", "minimize"]) for _ in range(k)]
+    assert list(np.flatnonzero(non_dominated(points, directions))) == \
+        optuna_front(points, directions)
+
+
+def test_single_point_and_all_equal():
+    assert non_dominated([(1.0, 2.0)], ["maximize", "minimize"]).tolist() == [True]
+    assert non_dominated([(1.0, 2.0)] * 3, ["maximize", "minimize"]).tolist() == [True] * 3
+
+
+def test_exports_parse(tmp_path):
+    objectives = {"accuracy": "maximize", "latency_ms": "minimize", "size_mb": "minimize"}
+    rows = [{"trial": i, "run_id": f"r{i}", "name": f"#{i}", "params": {"model.arch": "a"},
+             "metrics": dict(zip(objectives, p))} for i, p in enumerate(HAND_MADE)]
+    paths = write(Trials("hand", objectives, rows), tmp_path)
+    data = json.loads(paths["pareto.json"].read_text())
+    assert [r["trial"] for r in data["front"]] == [0, 1, 2, 4, 6]
+    lines = paths["pareto.csv"].read_text().splitlines()
+    assert lines[0].startswith("trial,accuracy,latency_ms,size_mb") and len(lines) == 6
+    assert "plotly" in paths["pareto.html"].read_text()[:200000].lower()
+    assert paths["pareto.png"].read_bytes()[:4] == b"\x89PNG"

@@ -1,0 +1,88 @@
+"""The six layers on a tiny configuration, checked against PyTorch."""
+import numpy as np
+import pytest
+import torch
+
+from dlas_search import algorithms, compiler, compression, data, hardware, models, pipeline
+from dlas_search.cache import StageCache
+from dlas_search.space import load_space
+
+
+@pytest.fixture(scope="module")
+def digits16():
+    return data.load(data.DataConfig(image_size=16, val_fraction=0.3), seed=0)
+
+
+def test_digits_split_is_seeded_and_shaped(digits16):
+    again = data.load(data.DataConfig(image_size=16, val_fraction=0.3), seed=0)
+    other = data.load(data.DataConfig(image_size=16, val_fraction=0.3), seed=1)
+    x, y = digits16.val.dataset.tensors
+    assert x.shape[1:] == (3, 16, 16) and digits16.input_shape == (1, 3, 16, 16)
+    assert digits16.num_classes == 10 and set(y.tolist()) == set(range(10))
+    assert len(digits16.train.dataset) + len(x) == 1797
+    assert torch.equal(x, again.val.dataset.tensors[0])
+    assert not torch.equal(y, other.val.dataset.tensors[1])
+
+
+@pytest.mark.parametrize("arch,stem,conv", [("resnet18", "standard", "direct"),
+                                            ("resnet18", "standard", "direct_nhwc"),
+                                            ("mobilenet_v2", "cifar", "direct")])
+def test_compiled_module_matches_pytorch(digits16, arch, stem, conv):
+    model = models.create(models.ModelConfig(arch=arch, stem=stem), 10).eval()
+    torch.manual_seed(0)
+    with torch.no_grad():  # non-trivial BatchNorm statistics, so folding is really tested
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 2.0)
+    device = hardware.resolve(hardware.HardwareConfig(threads=1))
+    built = compiler.compile(model, digits16.example(), algorithms.PRIMITIVES[conv],
+                             compiler.CompilerConfig(), device.target)
+    assert built.metrics["batchnorm_folded"] > 0
+    x = digits16.example()
+    ours = hardware.run_tvm(built.executable, x)
+    with torch.no_grad():
+        reference = model(x).numpy()
+    assert ours.shape == reference.shape == (1, 10)
+    assert compiler.max_relative_error(ours, reference) < 1e-4
+
+
+def test_unstructured_pruning_reaches_the_amount_and_shrinks_storage(digits16):
+    model = models.create(models.ModelConfig(arch="resnet18"), 10)
+    result = compression.compress(compression.CompressConfig("unstructured", 0.8),
+                                  compression.FinetuneConfig(epochs=1), model, digits16)
+    assert abs(result.metrics["sparsity"] - 0.8) < 0.005  # fine-tuning kept the zeros
+    assert not any(hasattr(m, "weight_mask") for m in result.module.modules())  # permanent
+    assert result.metrics["size_mb"] < 0.5 * result.metrics["size_dense_mb"]
+    assert 0.0 <= result.metrics["accuracy"] <= 1.0
+
+
+def test_pipeline_on_a_tiny_configuration(tiny_space, cache_dir):
+    config = load_space(tiny_space).pin({"compress.method": "unstructured",
+                                         "compress.amount": 0.5}).defaults()
+    result = pipeline.run(config, StageCache(cache_dir))
+    m = result.metrics
+    assert 0.0 <= m["accuracy"] <= 1.0
+    assert m["accuracy"] > 0.3  # one epoch on digits is far above chance (0.1)
+    assert m["max_rel_error"] < 1e-4
+    assert m["latency_ms"] > 0 and m["torch_latency_ms"] > 0 and m["latency_std_ms"] >= 0
+    assert m["speedup_vs_torch"] == pytest.approx(m["torch_latency_ms"] / m["latency_ms"])
+    assert m["sparsity"] == pytest.approx(0.5, abs=0.005)
+    again = pipeline.run(config, StageCache(cache_dir))
+    assert again.cache["finetune"] == "hit"
+    assert again.metrics["accuracy"] == m["accuracy"]
+
+
+def test_local_target_uses_only_features_the_os_reports():
+    target = hardware.local_target(1)
+    flags = hardware._cpuinfo_flags()
+    if flags is None:
+        pytest.skip("no /proc/cpuinfo")
+    enabled = tvm_features(target)
+    hidden = {f for f in enabled if f.startswith("avx512") and f not in flags}
+    assert not hidden
+
+
+def tvm_features(target) -> set:
+    import tvm
+    return set(tvm.target.codegen.llvm_get_cpu_features(target))
