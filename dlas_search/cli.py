@@ -118,7 +118,7 @@ def cmd_search(args) -> int:
           f"{failed} failed); Pareto front: {len(outcome.front)} trials -> {outcome.pareto_dir}")
     for row in outcome.front:
         shown = ", ".join(f"{m} {row['metrics'][m]:.4g}" for m in space.objectives)
-        print(f"  #{row['trial']} {row['name']}: {shown}")
+        print(f"  {row['name']}: {shown}")
     return 0
 
 
@@ -147,9 +147,7 @@ def cmd_trial(args) -> int:
                        "run_id": run_id, "error": f"{type(e).__name__}: {e}"}
             code = 1
         else:
-            tags = {f"cache.{k}": v for k, v in result.cache.items()}
-            tags.update({f"dlas.{k}": v for k, v in result.info.items()})
-            tracker.finish_trial(run_id, result.metrics, tags)
+            tracker.finish_trial(run_id, result.metrics, result.tags())
             tracker.close_study("FINISHED")
             outcome = {"params": config.params(), "metrics": result.metrics,
                        "status": "FINISHED", "run_id": run_id}
@@ -180,7 +178,7 @@ def cmd_pareto(args) -> int:
           f"Pareto front ({', '.join(f'{k} {v}' for k, v in trials.objectives.items())}) -> {out}")
     for row in front:
         shown = ", ".join(f"{m} {row['metrics'][m]:.4g}" for m in trials.objectives)
-        print(f"  #{row['trial']} {row['name']}: {shown}")
+        print(f"  {row['name']}: {shown}")
     return 0
 
 

@@ -21,6 +21,11 @@ class TrialResult:
     cache: dict[str, str] = field(default_factory=dict)   # stage -> hit / miss
     info: dict[str, str] = field(default_factory=dict)    # device, target, ...
 
+    def tags(self) -> dict[str, str]:
+        """MLflow tags of the trial: `cache.<stage>` hit/miss and `dlas.<info>`."""
+        return {**{f"cache.{k}": v for k, v in self.cache.items()},
+                **{f"dlas.{k}": v for k, v in self.info.items()}}
+
 
 def run(cfg: TrialConfig, cache: StageCache | None = None) -> TrialResult:
     """Run one configuration through the six layers and measure it."""

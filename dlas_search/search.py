@@ -3,6 +3,7 @@ lands in MLflow. A trial that raises fails alone; the study goes on.
 """
 from __future__ import annotations
 
+import json
 import sys
 import time
 import traceback
@@ -97,16 +98,21 @@ def run_search(space: Space, *, study_name: str | None = None, trials: int | Non
     parent = tracker.open_study(space.objectives, space.path, space.text,
                                 {"dlas.storage": storage, "dlas.sampler": space.sampler["name"]})
     cache = StageCache(cache_dir if cache_dir is not None else tracking.TRACKING_DIR / "cache")
-    objective = _Objective(space, tracker, cache, total=trials)
+    objective = _Objective(space, tracker, cache)
+    budget = _Budget(trials)
     status = "FAILED"
     try:
-        study.optimize(objective, n_trials=trials, timeout=timeout_s or space.timeout_s,
-                       catch=(Exception,), show_progress_bar=True, gc_after_trial=True)
+        study.optimize(objective, timeout=timeout_s or space.timeout_s, catch=(Exception,),
+                       callbacks=[budget], gc_after_trial=True)
         status = "FINISHED"
     except KeyboardInterrupt:
         status = "KILLED"
         raise
     finally:
+        budget.bar.close()
+        if budget.exhausted:
+            _say(f"stopped early: the last {budget.duplicates} samples all repeated finished "
+                 "trials (the space looks exhausted)")
         out = Path(out_dir) if out_dir else tracking.TRACKING_DIR / "pareto" / name
         front = []
         try:
@@ -123,19 +129,54 @@ def run_search(space: Space, *, study_name: str | None = None, trials: int | Non
     return SearchOutcome(study, parent, out, front)
 
 
-class _Objective:
-    """One Optuna trial: sample, run the pipeline, log to MLflow; failures fail alone."""
+def _say(line: str) -> None:
+    """One line on stderr that does not tear the study's progress bar."""
+    from tqdm import tqdm
+    tqdm.write(line, file=sys.stderr)
 
-    def __init__(self, space: Space, tracker: tracking.Tracker, cache: StageCache, total: int):
-        self.space, self.tracker, self.cache, self.total = space, tracker, cache, total
-        self.done = 0
+
+class _Budget:
+    """Stops the study after `trials` trials that ran (complete or failed), or when the sampler
+    only proposes configurations that already ran (a small space is exhausted)."""
+
+    def __init__(self, trials: int, max_duplicates: int = 30):
+        from tqdm import tqdm
+        self.trials, self.max_duplicates = trials, max_duplicates
+        self.ran = self.duplicates = 0
+        self.exhausted = False
+        self.bar = tqdm(total=trials, desc="study", unit="trial", file=sys.stderr)
+
+    def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        if "duplicate_of" in trial.user_attrs:
+            self.duplicates += 1
+            self.exhausted = self.duplicates >= self.max_duplicates
+        else:
+            self.ran += 1
+            self.duplicates = 0
+            self.bar.update(1)
+        if self.ran >= self.trials or self.exhausted:
+            study.stop()
+
+
+class _Objective:
+    """One Optuna trial: sample, run the pipeline, log to MLflow; failures fail alone.
+    A configuration that already completed is pruned before any work (`duplicate_of`)."""
+
+    def __init__(self, space: Space, tracker: tracking.Tracker, cache: StageCache):
+        self.space, self.tracker, self.cache = space, tracker, cache
 
     def __call__(self, trial: optuna.Trial) -> list[float]:
         config = self.space.suggest(trial)
+        key = json.dumps(config.params(), sort_keys=True, default=str)
+        for earlier in trial.study.get_trials(deepcopy=False,
+                                              states=(optuna.trial.TrialState.COMPLETE,)):
+            if earlier.user_attrs.get("config") == key:
+                trial.set_user_attr("duplicate_of", earlier.number)
+                raise optuna.TrialPruned(f"same configuration as trial {earlier.number}")
+        trial.set_user_attr("config", key)
         run_id = self.tracker.start_trial(trial.number, config.summary(), config.params())
         trial.set_user_attr("mlflow_run_id", run_id)
         start = time.perf_counter()
-        self.done += 1
         try:
             result = pipeline.run(config, self.cache)
             values = [result.metrics[m] for m in self.space.objectives]
@@ -144,16 +185,13 @@ class _Objective:
             trial.set_user_attr("error", reason[:2000])
             self.tracker.fail_trial(run_id, traceback.format_exc(),
                                     "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
-            print(f"[trial {trial.number}] {config.summary()} FAILED: {reason}", file=sys.stderr)
+            _say(f"[trial {trial.number}] {config.summary()} FAILED: {reason}")
             raise
         result.metrics["trial_s"] = time.perf_counter() - start
-        tags = {f"cache.{k}": v for k, v in result.cache.items()}
-        tags.update({f"dlas.{k}": v for k, v in result.info.items()})
-        self.tracker.finish_trial(run_id, result.metrics, tags)
+        self.tracker.finish_trial(run_id, result.metrics, result.tags())
         for key in ("accuracy", "latency_ms", "size_mb", "speedup_vs_torch", "sparsity"):
             trial.set_user_attr(key, result.metrics[key])
         shown = ", ".join(f"{m} {result.metrics[m]:.4g}" for m in self.space.objectives)
-        print(f"[trial {trial.number}] {config.summary()}: {shown}, speedup_vs_torch "
-              f"{result.metrics['speedup_vs_torch']:.2f} ({result.metrics['trial_s']:.0f} s)",
-              file=sys.stderr)
+        _say(f"[trial {trial.number}] {config.summary()}: {shown}, speedup_vs_torch "
+             f"{result.metrics['speedup_vs_torch']:.2f} ({result.metrics['trial_s']:.0f} s)")
         return values

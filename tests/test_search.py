@@ -30,9 +30,13 @@ def test_study_persists_and_continues(tiny_space, cache_dir):
     assert len(first.study.trials) == 2
     second = run_search(space, trials=2, cache_dir=cache_dir)
     study = optuna.load_study(study_name="tiny", storage=default_storage())
-    assert len(study.trials) == 4 and second.study.study_name == "tiny"
+    assert second.study.study_name == "tiny"
     complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
-    assert len(complete) == 4
+    assert len(complete) == 4  # both runs' trials
+    assert len({t.user_attrs["config"] for t in complete}) == 4  # no configuration twice
+    for t in study.trials:
+        if t.state == optuna.trial.TrialState.PRUNED:  # a repeat, skipped before any work
+            assert t.user_attrs["duplicate_of"] in {c.number for c in complete}
 
     client, parents, children = child_runs("tiny")
     assert len(parents) == 1  # the continued study kept its parent run
@@ -69,9 +73,10 @@ def test_a_failing_trial_fails_alone(tiny_space, cache_dir, monkeypatch):
     monkeypatch.setattr(compiler, "compile", compile_that_breaks_once)
     outcome = run_search(load_space(tiny_space), study_name="faulty", trials=2,
                          cache_dir=cache_dir)
-    states = [t.state for t in outcome.study.trials]
-    assert states == [optuna.trial.TrialState.FAIL, optuna.trial.TrialState.COMPLETE]
-    failed = outcome.study.trials[0]
+    ran = [t for t in outcome.study.trials if t.state != optuna.trial.TrialState.PRUNED]
+    assert [t.state for t in ran] == [optuna.trial.TrialState.FAIL,
+                                      optuna.trial.TrialState.COMPLETE]
+    failed = ran[0]
     assert "injected compiler fault" in failed.user_attrs["error"]
 
     client, parents, children = child_runs("faulty")

@@ -1,0 +1,75 @@
+"""The command line and the MLproject entry points, run as a user runs them."""
+import csv
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from conftest import ROOT
+
+
+def run(argv, cwd, env=None, timeout=900):
+    return subprocess.run(argv, cwd=cwd, capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, **(env or {})})
+
+
+def test_trial_json_prints_exactly_one_object(tiny_space, workdir, cache_dir):
+    out = run([sys.executable, "-m", "dlas_search", "trial", "--space", str(tiny_space),
+               "--set", "compress.method=unstructured", "--set", "compress.amount=0.8",
+               "--cache-dir", str(cache_dir), "--json"], cwd=workdir)
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads(out.stdout)  # the whole of stdout is one JSON object
+    assert set(result) == {"params", "metrics", "status", "run_id"}
+    assert result["status"] == "FINISHED"
+    assert result["params"]["compress.amount"] == 0.8
+    assert result["metrics"]["sparsity"] == pytest.approx(0.8, abs=0.005)
+    client = MlflowClient(f"sqlite:///{workdir}/tracking/mlflow.db")
+    logged = client.get_run(result["run_id"])
+    assert logged.info.status == "FINISHED"
+    assert logged.data.params["compress.amount"] == "0.8"
+    assert logged.data.metrics["latency_ms"] == pytest.approx(result["metrics"]["latency_ms"])
+
+
+def test_mlflow_run_search_then_pareto(tiny_space, workdir):
+    """`mlflow run . -e search` on a minimal space, then `-e pareto` from MLflow alone."""
+    store = f"sqlite:///{workdir}/store/mlflow.db"
+    out_dir = workdir / "front"
+    env = {"MLFLOW_TRACKING_URI": f"sqlite:///{workdir}/launcher.db"}
+    search = run(["mlflow", "run", str(ROOT), "-e", "search", "--env-manager", "local",
+                  "-P", f"space={tiny_space}", "-P", "trials=2", "-P", f"tracking_uri={store}",
+                  "-P", f"storage=sqlite:///{workdir}/store/optuna.db",
+                  "-P", f"out={out_dir}"], cwd=workdir, env=env)
+    assert search.returncode == 0, search.stderr[-3000:]
+    assert "[trial 0]" in search.stderr and "[trial 1]" in search.stderr
+    front = json.loads((out_dir / "pareto.json").read_text())
+    assert front["study"] == "tiny" and front["trials"] == 2 and front["front"]
+    assert set(front["objectives"]) == {"accuracy", "latency_ms", "size_mb"}
+    with open(out_dir / "pareto.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == len(front["front"]) and float(rows[0]["latency_ms"]) > 0
+    assert "<html" in (out_dir / "pareto.html").read_text()[:1000].lower()
+
+    # the launcher's own run points at the study and carries the export
+    launcher = MlflowClient(env["MLFLOW_TRACKING_URI"])
+    runs = launcher.search_runs(["0"], "tags.`dlas.study` = 'tiny'")
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+    assert {a.path for a in launcher.list_artifacts(runs[0].info.run_id, "pareto")} >= \
+        {"pareto/pareto.json", "pareto/pareto.csv", "pareto/pareto.html"}
+
+    again = workdir / "again"
+    pareto = run(["mlflow", "run", str(ROOT), "-e", "pareto", "--env-manager", "local",
+                  "-P", "experiment=tiny", "-P", f"tracking_uri={store}", "-P", f"out={again}"],
+                 cwd=workdir, env=env)
+    assert pareto.returncode == 0, pareto.stderr[-3000:]
+    assert json.loads((again / "pareto.json").read_text())["front"] == front["front"]
+
+
+def test_space_show(tiny_space, workdir):
+    out = run([sys.executable, "-m", "dlas_search", "space", "show", str(tiny_space)], workdir)
+    assert out.returncode == 0
+    assert "compress" in out.stdout and "amount: one of 0.5, 0.8 when compress.method" in \
+        out.stdout
+    assert "size: 6" in out.stdout  # (none + 2 amounts) x 2 conv algorithms
