@@ -126,8 +126,10 @@ def cmd_trial(args) -> int:
     from . import pipeline, tracking
     from .cache import StageCache
 
+    from .search import check_config
     space = _load(args)
     config = space.defaults()
+    check_config(config)
     uri = tracking.check_tracking_uri(args.tracking_uri or tracking.default_tracking_uri())
     cache_dir = _cache_dir(args.cache_dir)
     with _stdout_to_stderr():

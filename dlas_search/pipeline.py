@@ -34,7 +34,7 @@ def run(cfg: TrialConfig, cache: StageCache | None = None) -> TrialResult:
     dataset = data.load(cfg.data, cfg.seed)                                    # L1
     stages = _Stages(cfg, cache, dataset)
     compressed, ft_hit = cache.get_or_make(                                    # L2 + L3
-        "finetune", cfg.key("data", "model", "compress", "finetune"), stages.compress)
+        "finetune", stages.key("compress", "finetune"), stages.compress)
     primitive = algorithms.plan(cfg.algo)                                      # L4
     built = compiler.compile(compressed.module, dataset.example(), primitive,  # L5
                              cfg.compiler, device.target)
@@ -43,6 +43,7 @@ def run(cfg: TrialConfig, cache: StageCache | None = None) -> TrialResult:
     if ft_hit:
         result.metrics["finetune_s"] = 0.0  # nothing was trained in this trial
     result.metrics.setdefault("train_s", stages.train_s)
+    result.info.update(models.describe(cfg.model))
     return result
 
 
@@ -53,11 +54,17 @@ class _Stages:
         self.cfg, self.cache, self.dataset = cfg, cache, dataset
         self.model_cache, self.train_s = "unused", 0.0
 
+    def key(self, *layers: str) -> str:
+        """Cache key of the layers from data down to `layers`; includes where the weights came
+        from (a checkpoint's hash), so an overwritten checkpoint is not mistaken for the old."""
+        weights = models.describe(self.cfg.model)["model.weights_source"]
+        return self.cfg.key("data", "model", *layers) + weights
+
     def compress(self) -> compression.Compressed:
         cfg = self.cfg
         start = time.perf_counter()
         trained, hit = self.cache.get_or_make(
-            "model", cfg.key("data", "model"), lambda: models.build(cfg.model, self.dataset, cfg.seed))
+            "model", self.key(), lambda: models.build(cfg.model, self.dataset, cfg.seed))
         self.model_cache, self.train_s = ("hit" if hit else "miss"), time.perf_counter() - start
         torch.manual_seed(cfg.seed)
         return compression.compress(cfg.compress, cfg.finetune, trained, self.dataset)

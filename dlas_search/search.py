@@ -15,10 +15,10 @@ import optuna
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
 
-from . import pareto, pipeline, tracking
+from . import data, models, pareto, pipeline, tracking
 from .cache import StageCache
 from .errors import BadInput
-from .space import Space
+from .space import Space, TrialConfig
 
 
 def default_storage() -> str:
@@ -35,6 +35,19 @@ def check_storage(url: str) -> str:
     if parsed.get_backend_name() == "sqlite":
         tracking._check_sqlite_path(url, "--storage")
     return url
+
+
+def preflight(space: Space) -> None:
+    """Checks that need no work (folders, packages, checkpoints) for every data and model
+    choice of the space: a missing dataset stops the study before it starts, not every trial."""
+    for config in space.layer_variants("data", "model"):
+        check_config(config)
+
+
+def check_config(config: TrialConfig) -> None:
+    """The layers' own early checks of one configuration (raise BadInput)."""
+    data.check(config.data)
+    models.check(config.model)
 
 
 def make_sampler(space: Space, already: int) -> optuna.samplers.BaseSampler:
@@ -76,6 +89,7 @@ def run_search(space: Space, *, study_name: str | None = None, trials: int | Non
     name = study_name or space.study
     storage = check_storage(storage or default_storage())
     tracking_uri = tracking.check_tracking_uri(tracking_uri or tracking.default_tracking_uri())
+    preflight(space)
     trials = trials if trials is not None else space.trials
     if trials < 1:
         raise BadInput(f"--trials {trials}: must be at least 1")

@@ -261,6 +261,21 @@ class Space:
                 chosen[name] = param.default
         return self.configure(chosen)
 
+    def layer_variants(self, *layers: str) -> list[TrialConfig]:
+        """Every combination of the categorical choices of `layers` (other parameters at their
+        defaults): what a pre-flight check of those layers must see."""
+        import itertools
+        names = [n for n, p in self.params.items()
+                 if n.split(".")[0] in layers and p.choices is not None and not p.fixed]
+        configs = []
+        for combo in itertools.product(*(self.params[n].choices for n in names)):
+            chosen: dict[str, Any] = {}
+            for name, param in self.params.items():
+                if param.applies(chosen):
+                    chosen[name] = dict(zip(names, combo)).get(name, param.default)
+            configs.append(self.configure(chosen))
+        return list({c.key(*layers): c for c in configs}.values())
+
     def size(self) -> int | None:
         """Number of distinct configurations, or None when a continuous range makes it
         infinite (conditional parameters counted where they apply)."""

@@ -87,3 +87,20 @@ def test_every_subcommand_has_help():
         out = subprocess.run([sys.executable, "-m", "dlas_search", *argv], capture_output=True,
                              text=True, timeout=120)
         assert out.returncode == 0 and "usage: dlas" in out.stdout, argv
+
+
+@pytest.mark.parametrize("old,new,words", [
+    ("name: digits,", "name: imagefolder, root: no_such_folder,", ["no_such_folder", "train"]),
+    ("arch: resnet18,", "arch: resnet18, weights: missing.pt,", ["missing.pt"]),
+])
+@pytest.mark.parametrize("command", ["search", "trial"])
+def test_missing_files_stop_before_anything_is_written(workdir, old, new, words, command,
+                                                      capsys):
+    """A dataset folder or checkpoint that is not there: found before the study starts."""
+    assert old in TINY_SPACE
+    path = write_space(workdir, TINY_SPACE.replace(old, new), "bad.yaml")
+    assert main([command, "--space", str(path)]) == 2
+    err = capsys.readouterr().err
+    for word in words:
+        assert word in err, (word, err)
+    assert sorted(p.name for p in workdir.iterdir()) == ["bad.yaml"]
