@@ -17,7 +17,7 @@ import torch
 import torchvision
 
 # Bump when what a stage stores changes shape (new metrics, new fields): old entries then miss.
-FORMAT = 1
+FORMAT = 2
 
 
 class StageCache:

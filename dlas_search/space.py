@@ -67,8 +67,9 @@ class TrialConfig:
     def summary(self) -> str:
         """A few words for run names and progress lines."""
         method = self.compress.method
-        if self.compress.amount is not None:
-            method += f"{self.compress.amount:g}"
+        for setting in (self.compress.amount, self.compress.ratio):
+            if setting is not None:
+                method += f"{setting:g}"
         return " ".join([self.model.arch, method, self.algo.conv, self.algo.format,
                          self.compiler.tuner, self.hw.target])
 
@@ -396,12 +397,16 @@ def _check_conditions(space: Space, where: str) -> None:
             if names.index(parent) > names.index(name):
                 raise BadInput(f"{where}space.{name}.when: {parent} comes later in the stack; "
                                "a condition can only refer to an earlier parameter")
-    # a method that needs an amount must have one wherever it can be chosen
-    if "unstructured" in (space.params.get("compress.method", Param("")).values() or ()):
-        amount = space.params.get("compress.amount")
-        if amount is None:
-            raise BadInput(f"{where}space.compress.amount: required when compress.method can "
-                           "be unstructured (give a value or a low/high range)")
+    # a parameter that exists only for some values of another (compress.amount for
+    # unstructured, compress.ratio for channel) must be given wherever those can be chosen
+    for name in _all_names():
+        implied = _field_info(name).metadata.get("when", {})
+        for parent, values in implied.items():
+            default = _field_info(parent).default
+            possible = space.params[parent].values() if parent in space.params else [default]
+            if name not in space.params and any(v in values for v in possible):
+                raise BadInput(f"{where}space.{name}: required when {parent} can be "
+                               f"{' or '.join(values)} (give a value or a low/high range)")
 
 
 def parse_assignment(text: str) -> tuple[str, Any]:

@@ -22,6 +22,8 @@ CASES = {
     "empty choices": (("conv: [direct, direct_nhwc]", "conv: []"), ["algo.conv", "empty"]),
     "unknown layer key": (("finetune: {epochs: 0}", "finetune: {epoch: 0}"),
                           ["space.finetune", "epoch", "epochs"]),
+    "missing ratio": (("method: [none, unstructured]", "method: [none, unstructured, channel]"),
+                      ["compress.ratio", "required", "channel"]),
     "out of range": (("amount: [0.5, 0.8]", "amount: [0.5, 1.5]"),
                      ["compress.amount", "1.5", "0.99"]),
 }
