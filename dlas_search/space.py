@@ -296,7 +296,7 @@ class Space:
     def show(self) -> str:
         """The space as a tree, by layer."""
         lines = [f"{self.study} ({self.path})",
-                 f"  objectives: " + ", ".join(f"{k} {v}" for k, v in self.objectives.items()),
+                 "  objectives: " + ", ".join(f"{k} {v}" for k, v in self.objectives.items()),
                  f"  sampler: {self.sampler['name']} seed {self.seed}; budget {self.trials} trials"]
         for layer in LAYERS:
             names = [n for n in self.params if n.startswith(layer + ".")]

@@ -6,6 +6,9 @@ import textwrap
 from pathlib import Path
 
 import pytest
+import torch
+
+from dlas_search import algorithms, compiler, hardware
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -48,3 +51,26 @@ def workdir(tmp_path, monkeypatch) -> Path:
 @pytest.fixture
 def tiny_space(workdir) -> Path:
     return write_space(workdir)
+
+
+def randomise_batchnorm(model: torch.nn.Module, seed: int = 1) -> torch.nn.Module:
+    """Non-trivial running statistics, so BatchNorm folding is really tested."""
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 2.0)
+    return model
+
+
+def compiled_error(model: torch.nn.Module, example: torch.Tensor, conv: str = "direct"):
+    """Compile `model` for the local CPU with primitive `conv`; return the build and the max
+    relative error of its output against PyTorch's (shapes must agree)."""
+    built = compiler.compile(model.eval(), example, algorithms.PRIMITIVES[conv],
+                             compiler.CompilerConfig(), hardware.local_target(1))
+    ours = hardware.run_tvm(built.executable, example)
+    with torch.no_grad():
+        reference = model(example).numpy()
+    assert ours.shape == reference.shape
+    return built, compiler.max_relative_error(ours, reference)

@@ -15,9 +15,11 @@ import pytest
 import torch
 from torch import nn
 
-from dlas_search import algorithms, compiler, hardware, models, space
+from dlas_search import hardware, models, space
 from dlas_search.errors import BadInput
 from dlas_search.models import ModelConfig
+
+from conftest import compiled_error, randomise_batchnorm
 
 SIZE = 32  # standard VGG and DenseNet need 32x32 (their five halvings reach 1x1)
 # the module whose output is the last feature map before global pooling
@@ -73,16 +75,6 @@ def test_both_stems_forward_and_cifar_keeps_resolution(make, x, arch):
         assert size_s == (1, 1) and size_c[0] >= 2 * size_s[0], (size_s, size_c)
 
 
-def _randomise_batchnorm(model: nn.Module) -> None:
-    """Non-trivial running statistics, so BatchNorm folding is really tested."""
-    torch.manual_seed(1)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.running_mean.uniform_(-0.5, 0.5)
-                m.running_var.uniform_(0.5, 2.0)
-
-
 @pytest.fixture(scope="module")
 def target():
     return hardware.local_target(1)
@@ -96,16 +88,11 @@ def test_exports_compiles_and_matches_pytorch(make, target, arch):
     """Cifar stem at 16x16 (VGG needs 32x32): torch.export -> TVM -> same outputs."""
     torch.set_num_threads(1)
     model = make(arch, "cifar")
-    _randomise_batchnorm(model)
+    randomise_batchnorm(model)
     size = SIZE if arch == "vgg16" else 16
     example = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(2))
-    built = compiler.compile(model, example, algorithms.PRIMITIVES["direct"],
-                             compiler.CompilerConfig(), target)
-    ours = hardware.run_tvm(built.executable, example)
-    with torch.no_grad():
-        reference = model(example).numpy()
-    assert ours.shape == reference.shape == (1, 10)
-    assert compiler.max_relative_error(ours, reference) < 1e-4
+    _, error = compiled_error(model, example)
+    assert error < 1e-4
 
 
 def test_other_torchvision_names(x):

@@ -2,7 +2,6 @@
 import json
 
 import optuna
-import pytest
 from mlflow.tracking import MlflowClient
 
 from dlas_search import compiler, tracking
