@@ -43,7 +43,7 @@ def run(cfg: TrialConfig, cache: StageCache | None = None) -> TrialResult:
     if ft_hit:
         result.metrics["finetune_s"] = 0.0  # nothing was trained in this trial
     result.metrics.setdefault("train_s", stages.train_s)
-    result.info.update(models.describe(cfg.model))
+    result.info.update(stages.provenance)
     return result
 
 
@@ -53,12 +53,12 @@ class _Stages:
     def __init__(self, cfg: TrialConfig, cache: StageCache, dataset: data.Data):
         self.cfg, self.cache, self.dataset = cfg, cache, dataset
         self.model_cache, self.train_s = "unused", 0.0
+        self.provenance = models.describe(cfg.model)  # hashes a checkpoint: once per trial
 
     def key(self, *layers: str) -> str:
         """Cache key of the layers from data down to `layers`; includes where the weights came
         from (a checkpoint's hash), so an overwritten checkpoint is not mistaken for the old."""
-        weights = models.describe(self.cfg.model)["model.weights_source"]
-        return self.cfg.key("data", "model", *layers) + weights
+        return self.cfg.key("data", "model", *layers) + self.provenance["model.weights_source"]
 
     def compress(self) -> compression.Compressed:
         cfg = self.cfg

@@ -39,7 +39,6 @@ OBJECTIVE_METRICS = ("accuracy", "latency_ms", "size_mb", "params", "sparsity",
 DIRECTIONS = ("maximize", "minimize")
 SAMPLERS = ("tpe", "nsga2", "random")
 TOP_LEVEL = ("study", "description", "seed", "objectives", "sampler", "budget", "space")
-ABSENT = "-"  # how a parameter that does not apply to a trial is logged
 
 
 @dataclass(frozen=True)

@@ -11,6 +11,7 @@ import math
 import os
 import platform
 import subprocess
+import time
 from pathlib import Path
 from typing import Any
 
@@ -79,6 +80,13 @@ def environment_tags() -> dict[str, str]:
     return tags
 
 
+def _metrics(values: dict[str, float]) -> list[Metric]:
+    """MLflow metrics stamped now; missing and non-finite values are left out."""
+    now = int(time.time() * 1000)
+    return [Metric(k, float(v), now, 0) for k, v in values.items()
+            if v is not None and math.isfinite(float(v))]
+
+
 def _param_value(value: Any) -> str:
     return ABSENT if value is None else str(value)
 
@@ -132,12 +140,8 @@ class Tracker:
         return run.info.run_id
 
     def finish_trial(self, run_id: str, metrics: dict[str, float], tags: dict[str, str]) -> None:
-        import time
-        now = int(time.time() * 1000)
-        self.client.log_batch(
-            run_id, metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()
-                             if v is not None and math.isfinite(float(v))],
-            tags=[RunTag(k, v) for k, v in tags.items()])
+        self.client.log_batch(run_id, metrics=_metrics(metrics),
+                              tags=[RunTag(k, v) for k, v in tags.items()])
         self.client.set_terminated(run_id, "FINISHED")
 
     def fail_trial(self, run_id: str, error: str, status: str = "FAILED") -> None:
@@ -154,10 +158,7 @@ class Tracker:
         if artifacts is not None and artifacts.exists():
             self.client.log_artifacts(self.parent_id, str(artifacts), "pareto")
         if metrics:
-            import time
-            now = int(time.time() * 1000)
-            self.client.log_batch(self.parent_id,
-                                  metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()])
+            self.client.log_batch(self.parent_id, metrics=_metrics(metrics))
         self.client.set_terminated(self.parent_id, status)
 
 
