@@ -1,7 +1,8 @@
 """Layer 5, systems software: a PyTorch module in, a compiled TVM Relax executable out.
 
-torch.export -> Relax (weights as constants) -> BatchNorm folded into convs -> the algorithm
-layer's rewrite and legalisation -> `tvm.compile` for the hardware layer's target.
+torch.export -> Relax (weights as constants; int8 convs and matmuls as integer arithmetic) ->
+fp16 mixed precision if asked -> BatchNorm folded into convs -> the algorithm layer's rewrite and
+legalisation -> `tvm.compile` for the hardware layer's target.
 """
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import tvm
 from tvm import relax
 from tvm.relax.frontend.torch import from_exported_program
 
+from . import lowering
 from .algorithms import Primitive
 
 TUNERS = ("none",)
@@ -30,17 +32,31 @@ class Compiled:
     """What layer 5 gives the hardware layer."""
     executable: relax.VMExecutable
     metrics: dict[str, float]
+    # input dtypes of the convs and matmuls as compiled, e.g. {"conv2d": {"uint8xint8"}}
+    arithmetic: dict[str, set[str]] = field(default_factory=dict)
 
 
 def _count(mod: tvm.IRModule, op_name: str) -> int:
     return str(mod).count(op_name)
 
 
-def import_module(module: torch.nn.Module, example: torch.Tensor) -> tvm.IRModule:
-    """Export with torch.export and import into Relax with the weights as constants."""
+def import_module(module: torch.nn.Module, example: torch.Tensor,
+                  precision: str = "fp32") -> tvm.IRModule:
+    """Export with torch.export and import into Relax with the weights as constants, keeping
+    the int8 arithmetic of a quantised model (see lowering.py); fp16 comes later, after
+    BatchNorm folding, so the folded weights are rounded once."""
+    if precision not in lowering.PRECISIONS:
+        raise ValueError(f"precision {precision!r}; allowed: {', '.join(lowering.PRECISIONS)}")
+    if hasattr(module, "for_export"):  # a wrapper whose PyTorch form TVM cannot import
+        module = module.for_export()  # (already in inference form)
+    else:
+        module = module.eval()
+    if precision == "int8":
+        lowering.register_quantized_ops()
     with torch.no_grad():
-        exported = torch.export.export(module.eval(), (example,))
-    return from_exported_program(exported)
+        exported = torch.export.export(module, (example,))
+    mod = from_exported_program(exported, custom_convert_map=lowering.INT8_CONVERTERS)
+    return relax.transform.DeadCodeElimination()(mod)  # the weights' unused dequantise ops
 
 
 def fold_batchnorm(mod: tvm.IRModule) -> tvm.IRModule:
@@ -51,14 +67,17 @@ def fold_batchnorm(mod: tvm.IRModule) -> tvm.IRModule:
 
 
 def compile(module: torch.nn.Module, example: torch.Tensor, algo: Primitive,
-            cfg: CompilerConfig, target: tvm.target.Target) -> Compiled:
-    """Compile `module` for `target`, lowering convs with the primitive `algo`."""
+            cfg: CompilerConfig, target: tvm.target.Target, precision: str = "fp32") -> Compiled:
+    """Compile `module` for `target` in `precision`, lowering convs with the primitive `algo`."""
     start = time.perf_counter()
-    mod = import_module(module, example)
+    mod = import_module(module, example, precision)
     batchnorms = _count(mod, "R.nn.batch_norm")
     mod = fold_batchnorm(mod)
+    if precision == "fp16":
+        mod = relax.transform.FoldConstant()(lowering.to_fp16(mod))
     mod = algo.rewrite(mod)
     convs = _count(mod, "R.nn.conv2d")  # before a custom legalisation lowers them away
+    dtypes = lowering.arithmetic_dtypes(mod)
     custom = algo.legalize_map()
     if custom:
         mod = relax.transform.LegalizeOps(customize_legalize_map=custom)(mod)
@@ -67,7 +86,7 @@ def compile(module: torch.nn.Module, example: torch.Tensor, algo: Primitive,
         "compile_s": time.perf_counter() - start,
         "batchnorm_folded": float(batchnorms),
         "conv_layers": float(convs),
-    })
+    }, dtypes)
 
 
 def max_relative_error(ours: np.ndarray, reference: np.ndarray) -> float:

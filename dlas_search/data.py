@@ -74,6 +74,15 @@ class Data:
     val: DataLoader
     input_shape: tuple[int, int, int, int]  # batch 1, NCHW: what the deployed model is timed on
     num_classes: int
+    seed: int = 0
+
+    def train_loader(self, batch_size: int | None = None) -> DataLoader:
+        """The training images in batches of `batch_size` (None: the dataset's own), shuffled
+        by the seed: fine-tuning may batch differently from training."""
+        if batch_size is None or batch_size == self.train.batch_size:
+            return self.train
+        return DataLoader(self.train.dataset, batch_size=batch_size, shuffle=True, num_workers=0,
+                          generator=torch.Generator().manual_seed(self.seed))
 
     def example(self) -> torch.Tensor:
         """One validation image, batch 1: the input used for export, checks and timing
@@ -100,7 +109,7 @@ def load(cfg: DataConfig, seed: int) -> Data:
     train_loader = DataLoader(train, batch_size=cfg.batch_size, shuffle=True, generator=generator,
                               num_workers=0)  # 2-core machine: workers would only compete
     val_loader = DataLoader(val, batch_size=256, shuffle=False, num_workers=0)
-    return Data(train_loader, val_loader, (1, *val[0][0].shape), num_classes)
+    return Data(train_loader, val_loader, (1, *val[0][0].shape), num_classes, seed)
 
 
 def _subset(data: Dataset, size: int, seed: int) -> Dataset:

@@ -37,13 +37,16 @@ def run(cfg: TrialConfig, cache: StageCache | None = None) -> TrialResult:
         "finetune", stages.key("compress", "finetune"), stages.compress)
     primitive = algorithms.plan(cfg.algo)                                      # L4
     built = compiler.compile(compressed.module, dataset.example(), primitive,  # L5
-                             cfg.compiler, device.target)
+                             cfg.compiler, device.target, compressed.precision)
     result = measure(compressed, built, dataset, device, cfg)                  # L6
     result.cache = {"model": stages.model_cache, "finetune": "hit" if ft_hit else "miss"}
     if ft_hit:
         result.metrics["finetune_s"] = 0.0  # nothing was trained in this trial
     result.metrics.setdefault("train_s", stages.train_s)
     result.info.update(stages.provenance)
+    result.info["precision"] = compressed.precision
+    result.info["arithmetic"] = "; ".join(  # what the compiled convs and matmuls multiply
+        f"{op} {', '.join(sorted(kinds))}" for op, kinds in built.arithmetic.items() if kinds)
     return result
 
 
