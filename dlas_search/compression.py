@@ -49,6 +49,9 @@ def method(name: str):
     return register
 
 
+CALIBRATION_IMAGES = 256
+
+
 def _with(technique: str) -> tuple[str, ...]:
     return tuple(c for c in CHOICES if technique in c.split("+"))
 
@@ -62,9 +65,9 @@ class CompressConfig:
     # Fraction of the channels removed from each prunable layer (channel pruning only).
     ratio: float | None = field(default=None, metadata={
         "min": 0.0, "max": 0.95, "when": {"compress.method": _with("channel")}})
-    # Training images that calibrate the int8 activation ranges.
-    calibration_images: int = field(default=256, metadata={
-        "min": 1, "max": 100_000, "when": {"compress.method": _with("int8")}})
+    # Training images that calibrate the int8 activation ranges (unset: 256).
+    calibration_images: int | None = field(default=None, metadata={
+        "min": 1, "max": 100_000, "when": {"compress.method": _with("int8")}, "unset": 256})
 
 
 @dataclass(frozen=True)
@@ -295,12 +298,12 @@ class Int8(Method):
         graph = torch.export.export(model.eval(), (batch,),
                                     dynamic_shapes=_any_batch()).module()
         prepared = prepare_pt2e(_split_shared_modules(graph), quantizer)
-        seen = 0
+        wanted, seen = cfg.calibration_images or CALIBRATION_IMAGES, 0
         with torch.no_grad():
             for images, _ in data.train:
-                prepared(images[:cfg.calibration_images - seen])
-                seen += min(len(images), cfg.calibration_images - seen)
-                if seen >= cfg.calibration_images:
+                prepared(images[:wanted - seen])
+                seen += min(len(images), wanted - seen)
+                if seen >= wanted:
                     break
         quantized = convert_pt2e(prepared)
         return Quantized(torch.export.export(quantized, (batch,),

@@ -65,10 +65,11 @@ class TrialConfig:
 
     def summary(self) -> str:
         """A few words for run names and progress lines."""
-        method = self.compress.method
-        for setting in (self.compress.amount, self.compress.ratio):
+        method = self.compress.method  # e.g. unstructured0.7+int8
+        for pruning, setting in (("unstructured", self.compress.amount),
+                                 ("channel", self.compress.ratio)):
             if setting is not None:
-                method += f"{setting:g}"
+                method = method.replace(pruning, f"{pruning}{setting:g}")
         return " ".join([self.model.arch, method, self.algo.conv, self.algo.format,
                          self.compiler.tuner, self.hw.target])
 
@@ -399,8 +400,10 @@ def _check_conditions(space: Space, where: str) -> None:
     # a parameter that exists only for some values of another (compress.amount for
     # unstructured, compress.ratio for channel) must be given wherever those can be chosen
     for name in _all_names():
-        implied = _field_info(name).metadata.get("when", {})
-        for parent, values in implied.items():
+        meta = _field_info(name).metadata
+        if "unset" in meta:  # optional: the method has its own default
+            continue
+        for parent, values in meta.get("when", {}).items():
             default = _field_info(parent).default
             possible = space.params[parent].values() if parent in space.params else [default]
             if name not in space.params and any(v in values for v in possible):

@@ -64,11 +64,12 @@ def randomise_batchnorm(model: torch.nn.Module, seed: int = 1) -> torch.nn.Modul
     return model
 
 
-def compiled_error(model: torch.nn.Module, example: torch.Tensor, conv: str = "direct"):
-    """Compile `model` for the local CPU with primitive `conv`; return the build and the max
-    relative error of its output against PyTorch's (shapes must agree)."""
+def compiled_error(model: torch.nn.Module, example: torch.Tensor, conv: str = "direct",
+                   precision: str = "fp32"):
+    """Compile `model` for the local CPU with primitive `conv` in `precision`; return the build
+    and the max relative error of its output against PyTorch's (shapes must agree)."""
     built = compiler.compile(model.eval(), example, algorithms.PRIMITIVES[conv],
-                             compiler.CompilerConfig(), hardware.local_target(1))
+                             compiler.CompilerConfig(), hardware.local_target(1), precision)
     ours = hardware.run_tvm(built.executable, example)
     with torch.no_grad():
         reference = model(example).numpy()

@@ -61,6 +61,28 @@ def test_pipeline_on_a_tiny_configuration(tiny_space, cache_dir):
     assert again.metrics["accuracy"] == m["accuracy"]
 
 
+@pytest.mark.parametrize("method,precision,arithmetic", [
+    ("unstructured+int8", "int8", "uint8xint8"), ("fp16", "fp16", "float16xfloat16")])
+def test_pipeline_keeps_reduced_precision_through_the_stack(tiny_space, cache_dir, method,
+                                                            precision, arithmetic):
+    config = load_space(tiny_space).pin({"compress.method": method,
+                                         "compress.amount": 0.9}).defaults()
+    result = pipeline.run(config, StageCache(cache_dir))
+    m = result.metrics
+    assert result.info["precision"] == precision
+    assert result.info["arithmetic"] == f"conv2d {arithmetic}; matmul {arithmetic}"
+    assert m["accuracy"] > 0.3 and m["latency_ms"] > 0 and m["torch_latency_ms"] > 0
+    if precision == "int8":  # 90% zeros in int8: CSR (5 bytes a value) beats dense (1 byte)
+        assert m["sparsity"] == pytest.approx(0.9, abs=0.005)
+        assert m["size_mb"] < 0.7 * m["size_dense_mb"] < 0.3 * 4 * m["params"] / 1e6
+    else:
+        assert m["size_mb"] == m["size_dense_mb"] < 0.55 * 4 * m["params"] / 1e6
+    again = pipeline.run(config, StageCache(cache_dir))  # the quantised model was cached
+    assert again.cache["finetune"] == "hit"
+    assert again.metrics["accuracy"] == m["accuracy"]
+    assert again.info["arithmetic"] == result.info["arithmetic"]
+
+
 def test_local_target_uses_only_features_the_os_reports():
     target = hardware.local_target(1)
     flags = hardware._cpuinfo_flags()
