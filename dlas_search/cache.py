@@ -17,7 +17,7 @@ import torch
 import torchvision
 
 # Bump when what a stage stores changes shape (new metrics, new fields): old entries then miss.
-FORMAT = 2
+FORMAT = 3
 
 
 class StageCache:

@@ -147,7 +147,9 @@ class Param:
         count = int(round((self.high - self.low) / self.step)) + 1
         return [type(self.low)(round(self.low + i * self.step, 10)) for i in range(count)]
 
-    def describe(self) -> str:
+    def describe(self, possible: dict[str, list] | None = None) -> str:
+        """One line; `possible` (parent -> values the space can take) trims the conditions
+        to values that can occur."""
         if self.fixed:
             text = repr(self.choices[0])
         elif self.choices is not None:
@@ -155,8 +157,11 @@ class Param:
         else:
             text = f"{self.low} to {self.high}" + (f" step {self.step}" if self.step else "") + \
                    (" (log)" if self.log else "")
-        if self.when:
-            text += " when " + ", ".join(f"{p} in {list(v)}" for p, v in self.when)
+        possible = possible or {}
+        conditions = [(p, [x for x in v if p not in possible or x in possible[p]] or list(v))
+                      for p, v in self.when]
+        if conditions:
+            text += " when " + ", ".join(f"{p} in {v}" for p, v in conditions)
         return text
 
 
@@ -302,7 +307,10 @@ class Space:
             names = [n for n in self.params if n.startswith(layer + ".")]
             if names:
                 lines.append(f"  {layer}")
-                lines += [f"    {n.split('.', 1)[1]}: {self.params[n].describe()}" for n in names]
+                possible = {p: param.values() for p, param in self.params.items()
+                            if param.choices is not None}
+                lines += [f"    {n.split('.', 1)[1]}: {self.params[n].describe(possible)}"
+                          for n in names]
         size = self.size()
         lines.append(f"  size: {size if size is not None else 'infinite (continuous ranges)'}")
         return "\n".join(lines)
