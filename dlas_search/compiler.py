@@ -32,7 +32,7 @@ class Compiled:
     """What layer 5 gives the hardware layer."""
     executable: relax.VMExecutable
     metrics: dict[str, float]
-    # input dtypes of the convs and matmuls as compiled, e.g. {"conv2d": {"uint8xint8"}}
+    # dtypes of the compiled conv and matmul kernels, e.g. {"conv2d": {"uint8xint8->int32"}}
     arithmetic: dict[str, set[str]] = field(default_factory=dict)
 
 
@@ -77,10 +77,8 @@ def compile(module: torch.nn.Module, example: torch.Tensor, algo: Primitive,
         mod = relax.transform.FoldConstant()(lowering.to_fp16(mod))
     mod = algo.rewrite(mod)
     convs = _count(mod, "R.nn.conv2d")  # before a custom legalisation lowers them away
-    dtypes = lowering.arithmetic_dtypes(mod)
-    custom = algo.legalize_map()
-    if custom:
-        mod = relax.transform.LegalizeOps(customize_legalize_map=custom)(mod)
+    mod = relax.transform.LegalizeOps(customize_legalize_map=algo.legalize_map() or None)(mod)
+    dtypes = lowering.arithmetic_dtypes(mod)  # of the TIR kernels tvm.compile builds
     executable = tvm.compile(mod, target)
     return Compiled(executable, {
         "compile_s": time.perf_counter() - start,

@@ -19,6 +19,7 @@ fp16 imports in fp32 (the importer hard-codes fp32 in conv/BatchNorm) and is the
 from __future__ import annotations
 
 import importlib
+import re
 
 import torch
 import tvm
@@ -171,18 +172,19 @@ def to_fp16(mod: tvm.IRModule) -> tvm.IRModule:
     return relax.transform.ToMixedPrecision(out_dtype="float32")(mod)
 
 
+_BUFFER = re.compile(r'T\.Buffer\(\(.*?\), "(\w+)"\)')
+
+
 def arithmetic_dtypes(mod: tvm.IRModule) -> dict[str, set[str]]:
-    """Input dtypes of every conv2d and matmul in a Relax module: what a reviewer checks to
-    see that int8 (or fp16) really computes in int8 (or fp16)."""
+    """What the compiled conv and matmul kernels compute in, read from the legalised TIR
+    functions' signatures: `inputs x weights -> accumulator`, e.g. `uint8xint8->int32`. What a
+    reviewer checks to see that int8 (or fp16) really computes in int8 (or fp16)."""
     found: dict[str, set[str]] = {"conv2d": set(), "matmul": set()}
-
-    def visit(expr):
-        if isinstance(expr, relax.Call) and isinstance(expr.op, tvm.ir.Op):
-            name = expr.op.name.split(".")[-1]
-            if name in found:
-                found[name].add("x".join(str(a.ty.dtype) for a in expr.args[:2]))
-
-    for func in mod.functions.values():
-        if isinstance(func, relax.Function):
-            relax.analysis.post_order_visit(func, visit)
+    for var, func in mod.functions.items():
+        kind = next((k for k in found if var.name_hint.startswith(k)), None)
+        if kind is None or isinstance(func, relax.Function):
+            continue
+        signature = func.script().split("):\n", 1)[0]
+        dtypes = _BUFFER.findall(signature)
+        found[kind].add(f"{dtypes[0]}x{dtypes[1]}->{dtypes[-1]}")
     return found

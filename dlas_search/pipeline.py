@@ -20,7 +20,9 @@ class TrialResult:
     metrics: dict[str, float]
     cache: dict[str, str] = field(default_factory=dict)   # stage -> hit / miss
     info: dict[str, str] = field(default_factory=dict)    # device, target, ...
-    built: compiler.Compiled | None = None                 # the compiled module itself
+    # what the trial built (for callers that look further: benchmarks, tests); not logged
+    compressed: compression.Compressed | None = None
+    built: compiler.Compiled | None = None
     dataset: data.Data | None = None
 
     def tags(self) -> dict[str, str]:
@@ -42,7 +44,7 @@ def run(cfg: TrialConfig, cache: StageCache | None = None) -> TrialResult:
                              cfg.compiler, device.target, compressed.precision)
     result = measure(compressed, built, dataset, device, cfg)                  # L6
     result.cache = {"model": stages.model_cache, "finetune": "hit" if ft_hit else "miss"}
-    result.built, result.dataset = built, dataset
+    result.compressed, result.built, result.dataset = compressed, built, dataset
     if ft_hit:
         result.metrics["finetune_s"] = 0.0  # nothing was trained in this trial
     result.metrics.setdefault("train_s", stages.train_s)

@@ -41,7 +41,9 @@ TECHNIQUES = {
     "int8": CompressConfig("int8", calibration_images=64),
     "fp16": CompressConfig("fp16"),
 }
-ARITHMETIC = {"fp32": "float32xfloat32", "fp16": "float16xfloat16", "int8": "uint8xint8"}
+# inputs x weights -> accumulator of every compiled conv and matmul kernel
+ARITHMETIC = {"fp32": "float32xfloat32->float32", "fp16": "float16xfloat16->float32",
+              "int8": "uint8xint8->int32"}
 
 
 @pytest.mark.parametrize("technique", list(TECHNIQUES))

@@ -62,7 +62,8 @@ def test_pipeline_on_a_tiny_configuration(tiny_space, cache_dir):
 
 
 @pytest.mark.parametrize("method,precision,arithmetic", [
-    ("unstructured+int8", "int8", "uint8xint8"), ("fp16", "fp16", "float16xfloat16")])
+    ("unstructured+int8", "int8", "uint8xint8->int32"),
+    ("fp16", "fp16", "float16xfloat16->float32")])
 def test_pipeline_keeps_reduced_precision_through_the_stack(tiny_space, cache_dir, method,
                                                             precision, arithmetic):
     config = load_space(tiny_space).pin({"compress.method": method,
