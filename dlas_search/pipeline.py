@@ -45,8 +45,8 @@ def run(cfg: TrialConfig, cache: StageCache | None = None) -> TrialResult:
     result = measure(compressed, built, dataset, device, cfg)                  # L6
     result.cache = {"model": stages.model_cache, "finetune": "hit" if ft_hit else "miss"}
     result.compressed, result.built, result.dataset = compressed, built, dataset
-    if ft_hit:
-        result.metrics["finetune_s"] = 0.0  # nothing was trained in this trial
+    if ft_hit:  # nothing was fine-tuned or quantised in this trial
+        result.metrics["finetune_s"] = result.metrics["convert_s"] = 0.0
     result.metrics.setdefault("train_s", stages.train_s)
     result.info.update(stages.provenance)
     result.info["precision"] = compressed.precision

@@ -80,6 +80,7 @@ def test_pipeline_keeps_reduced_precision_through_the_stack(tiny_space, cache_di
         assert m["size_mb"] == m["size_dense_mb"] < 0.55 * 4 * m["params"] / 1e6
     again = pipeline.run(config, StageCache(cache_dir))  # the quantised model was cached
     assert again.cache["finetune"] == "hit"
+    assert m["convert_s"] > 0 and again.metrics["convert_s"] == 0.0
     assert again.metrics["accuracy"] == m["accuracy"]
     assert again.info["arithmetic"] == result.info["arithmetic"]
 
