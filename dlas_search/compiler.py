@@ -40,6 +40,12 @@ def _count(mod: tvm.IRModule, op_name: str) -> int:
     return str(mod).count(op_name)
 
 
+def exportable(module: torch.nn.Module) -> torch.nn.Module:
+    """The form of `module` that torch.export takes: wrappers whose PyTorch form TVM cannot
+    import (half precision, a quantised graph) give their own (already in inference form)."""
+    return module.for_export() if hasattr(module, "for_export") else module.eval()
+
+
 def import_module(module: torch.nn.Module, example: torch.Tensor,
                   precision: str = "fp32") -> tvm.IRModule:
     """Export with torch.export and import into Relax with the weights as constants, keeping
@@ -47,10 +53,7 @@ def import_module(module: torch.nn.Module, example: torch.Tensor,
     BatchNorm folding, so the folded weights are rounded once."""
     if precision not in lowering.PRECISIONS:
         raise ValueError(f"precision {precision!r}; allowed: {', '.join(lowering.PRECISIONS)}")
-    if hasattr(module, "for_export"):  # a wrapper whose PyTorch form TVM cannot import
-        module = module.for_export()  # (already in inference form)
-    else:
-        module = module.eval()
+    module = exportable(module)
     if precision == "int8":
         lowering.register_quantized_ops()
     with torch.no_grad():

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from conftest import compiled_error, write_space
-from dlas_search import compression, data, hardware, models
+from dlas_search import compiler, compression, data, hardware, models
 from dlas_search.compression import CompressConfig, FinetuneConfig
 from dlas_search.errors import BadInput
 from dlas_search.space import load_space
@@ -81,8 +81,7 @@ def test_each_technique_on_each_paper_model(digits, arch, technique):
     with torch.no_grad():
         reference = result.module(x)
     assert reference.shape == (1, 10) and reference.dtype == torch.float32
-    exportable = getattr(result.module, "for_export", lambda: result.module)()
-    torch.export.export(exportable, (x,))
+    torch.export.export(compiler.exportable(result.module), (x,))
     built, error = compiled_error(result.module, x, precision=result.precision)
     expected = ARITHMETIC[result.precision]
     assert built.arithmetic["conv2d"] == {expected}
