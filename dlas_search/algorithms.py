@@ -1,23 +1,46 @@
 """Layer 4, algorithms and data formats: how each convolution is computed.
 
-A primitive is a small class registered by the name the YAML uses (`algo.conv`). It rewrites
-the imported Relax module before legalisation (a layout change) and/or supplies a custom
-legalisation for `relax.nn.conv2d` (a different TOPI compute). `algo.format` names the weight
-format; this release computes dense weights only.
+A primitive is a small class registered by the name the YAML uses (`algo.conv`):
+
+- `direct`       direct convolution in NCHW (TOPI's compute, what Relax lowers by default);
+- `direct_nhwc`  the same in NHWC with OHWI weights (a layout rewrite before legalisation);
+- `im2col_gemm`  explicit im2col matrix [C/g*kh*kw, OH*OW] per image and group, then a GEMM;
+- `spatial_pack` input packed to NCHW[c], weights to OIHW[i][o], a blocked conv, then unpacked;
+- `winograd`     Winograd F(4x4,3x3) (F(2x2,3x3) on small outputs) for 3x3 stride-1 convs.
+
+A trial lowers its convs through one `Plan` (`plan(cfg)`): its `legalize_map()` hands every
+`relax.nn.conv2d` to a dispatcher that tries the plan's lowerings in order (the place where a
+sparse kernel for pruned constant weights goes first) and falls back to `direct` for a conv
+none of them can express, counting the reason (`Plan.fallbacks`) and what lowered each conv
+(`Plan.lowered`). Weight transforms (packing, G·g·Gᵀ, reshapes) are computed at compile time
+when the weight is a constant (it is after import), so the kernels receive them as constants.
 """
 from __future__ import annotations
 
+import logging
+from collections import Counter
 from dataclasses import dataclass, field
+from functools import partial
+from typing import Callable
 
+import numpy as np
 import tvm
-from tvm import relax
+import tvm_ffi
+from tvm import relax, te, topi
+from tvm.topi.nn.winograd_util import winograd_transform_matrices
+
+from .errors import allowed
+
+log = logging.getLogger(__name__)
 
 PRIMITIVES: dict[str, "Primitive"] = {}
 FORMATS = ("dense",)
+BLOCK_SIZES = (16, 8, 4, 2, 1)  # spatial_pack channel blocks, largest that divides first
 
 
 def primitive(name: str):
     def register(cls):
+        cls.name = name
         PRIMITIVES[name] = cls()
         return cls
     return register
@@ -29,24 +52,138 @@ class AlgoConfig:
     format: str = field(default="dense", metadata={"choices": FORMATS})
 
 
+class CannotExpress(Exception):
+    """A primitive has no algorithm for this conv; the message is the short reason that the
+    plan counts (e.g. "kernel 1x1") before it falls back."""
+
+
+@dataclass(frozen=True)
+class Conv:
+    """One `relax.nn.conv2d` call with its attributes as plain Python values."""
+    call: relax.Call
+    data: relax.Expr
+    weight: relax.Expr
+    data_shape: tuple[int, ...]
+    weight_shape: tuple[int, ...]
+    strides: tuple[int, int]
+    padding: tuple[int, int, int, int]  # top, left, bottom, right
+    dilation: tuple[int, int]
+    groups: int
+    data_layout: str
+    kernel_layout: str
+    out_layout: str
+    dtype: str         # of the data
+    weight_dtype: str
+    out_dtype: str     # of the result (int32 for uint8 x int8, float32 for fp16 x fp16)
+
+    @classmethod
+    def of(cls, call: relax.Call) -> "Conv":
+        data, weight = call.args
+        attrs = call.attrs
+        padding = _ints(attrs.padding)
+        padding = {1: padding * 4, 2: padding * 2}.get(len(padding), padding)
+        return cls(call, data, weight, _static_shape(data), _static_shape(weight),
+                   _ints(attrs.strides), padding, _ints(attrs.dilation), int(attrs.groups),
+                   str(attrs.data_layout), str(attrs.kernel_layout), str(attrs.out_layout),
+                   str(data.ty.dtype), str(weight.ty.dtype), str(call.ty.dtype))
+
+    @property
+    def kernel(self) -> tuple[int, int]:
+        return self.weight_shape[2], self.weight_shape[3]  # in OIHW
+
+    @property
+    def output_size(self) -> tuple[int, int]:
+        (_, _, h, w), (kh, kw) = self.data_shape, self.kernel
+        (sh, sw), (dh, dw), (pt, pl, pb, pr) = self.strides, self.dilation, self.padding
+        return ((h + pt + pb - dh * (kh - 1) - 1) // sh + 1,
+                (w + pl + pr - dw * (kw - 1) - 1) // sw + 1)
+
+    def require_nchw(self) -> None:
+        """The NCHW-only primitives' first check."""
+        if not (self.data_shape and self.weight_shape):
+            raise CannotExpress("dynamic shape")
+        if (self.data_layout, self.kernel_layout, self.out_layout) != ("NCHW", "OIHW", "NCHW"):
+            raise CannotExpress(f"layout {self.data_layout}/{self.kernel_layout}")
+
+
+def _ints(values) -> tuple[int, ...]:
+    return tuple(int(v) for v in values)
+
+
+def _static_shape(expr: relax.Expr) -> tuple[int, ...]:
+    """The shape as ints, or () when any dimension is symbolic."""
+    shape = expr.ty.shape
+    if shape is None or not all(isinstance(d, (int, tvm.tirx.IntImm)) for d in shape):
+        return ()
+    return _ints(shape)
+
+
 class Primitive:
-    """Contract for a conv primitive: `rewrite` runs on the imported module (weights are
-    constants, so weight transforms fold away); `legalize_map` overrides TOPI lowering."""
+    """A conv algorithm: `rewrite` runs on the imported module (a layout change), `lower`
+    turns one conv into TE kernels or raises CannotExpress."""
+    name = ""
 
     def rewrite(self, mod: tvm.IRModule) -> tvm.IRModule:
         return mod
 
-    def legalize_map(self) -> dict:
-        return {}
+    def lower(self, bb: relax.BlockBuilder, conv: Conv) -> relax.Expr:
+        raise NotImplementedError
 
+    def legalize_map(self) -> dict:
+        """A one-off plan's map, so a bare primitive still plugs into the compiler; use
+        `plan()` to read what was lowered and what fell back."""
+        return Plan(self).legalize_map()
+
+
+# --- weight transforms: computed once at compile time ------------------------------------------
+
+_EVALUATED: dict = {}  # StructuralKey(PrimFunc) -> compiled: shapes repeat across a network
+
+
+def transform_weight(bb: relax.BlockBuilder, fcompute: Callable, weight: relax.Expr,
+                     name: str) -> relax.Expr:
+    """`fcompute(w)` (a TE compute) applied to the conv weight. A constant weight is
+    transformed here, so the kernel gets the result as a constant (no FoldConstant pass
+    needed after legalisation); a weight that is a graph input gets a kernel call."""
+    if not isinstance(weight, tvm.ir.expr.Constant):
+        return bb.emit(bb.call_te(fcompute, weight, primfunc_name_hint=name))
+    value = weight.value
+    w = te.placeholder(tuple(value.shape), str(value.dtype), "w")
+    result = fcompute(w)
+    func = te.create_prim_func([w, result])
+    key = tvm_ffi.StructuralKey(func)
+    if key not in _EVALUATED:
+        _EVALUATED[key] = tvm.compile(func, target=tvm.target.Target({"kind": "llvm"}))
+    compiled = _EVALUATED[key]
+    out = tvm.runtime.tensor(np.empty([int(d) for d in result.shape], str(result.dtype)))
+    compiled(value, out)
+    return relax.const(out.numpy())
+
+
+def _pad(x: te.Tensor, before, after, name="data_pad") -> te.Tensor:
+    return topi.nn.pad(x, before, after, name=name) if any(before) or any(after) else x
+
+
+# --- primitives ----------------------------------------------------------------------------------
 
 @primitive("direct")
-class DirectNCHW(Primitive):
-    """Direct convolution in NCHW, TOPI's default lowering of `relax.nn.conv2d`."""
+class Direct(Primitive):
+    """Direct convolution (TOPI's compute) in whatever layout the conv has: NCHW unless a
+    rewrite changed it. Expresses every conv, so it is the fallback of all the others."""
+
+    def lower(self, bb, conv):
+        if conv.out_layout != conv.data_layout:
+            raise CannotExpress(f"output layout {conv.out_layout}")
+        return bb.call_te(topi.nn.conv, conv.data, conv.weight, conv.strides, conv.padding,
+                          conv.dilation, conv.groups, conv.data_layout, conv.kernel_layout,
+                          conv.out_dtype, primfunc_name_hint="conv2d")
+
+
+DIRECT = PRIMITIVES["direct"]
 
 
 @primitive("direct_nhwc")
-class DirectNHWC(Primitive):
+class DirectNHWC(Direct):
     """Direct convolution in NHWC (channels innermost, OHWI weights): vectorises along C."""
 
     def rewrite(self, mod):
@@ -54,6 +191,256 @@ class DirectNHWC(Primitive):
         return relax.transform.FoldConstant()(mod)
 
 
-def plan(cfg: AlgoConfig) -> Primitive:
-    """The primitive that lowers every conv of the trial."""
-    return PRIMITIVES[cfg.conv]
+@primitive("im2col_gemm")
+class Im2colGemm(Primitive):
+    """Explicit im2col: per image and group a [C/g*kh*kw, OH*OW] matrix of input patches, then
+    a GEMM with the [O, C/g*kh*kw] weight matrix (each output channel reads its group's
+    patches), its [O, OH*OW] result written as NCHW. Trades memory (kh*kw copies of the
+    input) for a plain matrix product."""
+
+    def lower(self, bb, conv):
+        conv.require_nchw()
+        n, c, _, _ = conv.data_shape
+        o, cg, kh, kw = conv.weight_shape
+        g, og = conv.groups, o // conv.groups
+        (oh, ow), (sh, sw), (dh, dw) = conv.output_size, conv.strides, conv.dilation
+        pt, pl, pb, pr = conv.padding
+        k_len, positions = cg * kh * kw, oh * ow
+
+        def im2col(x):
+            x = _pad(x, (0, 0, pt, pl), (0, 0, pb, pr))
+            return te.compute(
+                (n, g, k_len, positions),
+                lambda b, gi, k, p: x[b, gi * cg + k // (kh * kw),
+                                      p // ow * sh + k // kw % kh * dh,
+                                      p % ow * sw + k % kw * dw],
+                name="im2col")
+
+        def group_of(oc):  # 0 without groups: affine indices let TVM fuse bias/ReLU in
+            return oc // og if g > 1 else 0
+
+        def gemm(cols, weights):  # [O, K] x [K, OH*OW] per image, written as NCHW
+            k = te.reduce_axis((0, k_len), name="k")
+            return te.compute(
+                (n, o, oh, ow),
+                lambda b, oc, y, x: te.sum(
+                    cols[b, group_of(oc), k, y * ow + x].astype(conv.out_dtype)
+                    * weights[oc, k].astype(conv.out_dtype), axis=k),
+                name="gemm")
+
+        cols = bb.emit(bb.call_te(im2col, conv.data, primfunc_name_hint="im2col"))
+        weights = transform_weight(bb, lambda w: topi.reshape(w, (o, k_len)), conv.weight,
+                                   "weight_matrix")
+        return bb.call_te(gemm, cols, weights, primfunc_name_hint="conv2d_im2col_gemm")
+
+
+def _block(channels: int) -> int:
+    return next(b for b in BLOCK_SIZES if channels % b == 0)
+
+
+@primitive("spatial_pack")
+class SpatialPack(Primitive):
+    """Blocked (NCHWc) convolution: the input is packed to NCHW[ic_bn]c and the weights to
+    OIHW[ic_bn]i[oc_bn]o so the innermost loops run over contiguous channel blocks (vector
+    lanes); the output is unpacked to NCHW. Blocks are the largest of 16/8/4/2/1 dividing the
+    channels per group; depthwise convs block the channels themselves."""
+
+    def lower(self, bb, conv):
+        conv.require_nchw()
+        n, c, _, _ = conv.data_shape
+        o, cg, kh, kw = conv.weight_shape
+        g = conv.groups
+        depthwise = g == c == o and cg == 1
+        ic_bn = _block(c) if depthwise else _block(cg)
+        oc_bn = ic_bn if depthwise else _block(o // g)
+        (oh, ow), (sh, sw), (dh, dw) = conv.output_size, conv.strides, conv.dilation
+        pt, pl, pb, pr = conv.padding
+        out = conv.out_dtype
+
+        def pack_data(x):
+            _, _, h, w = x.shape
+            return te.compute((n, c // ic_bn, h, w, ic_bn),
+                              lambda b, ci, y, x_, cb: x[b, ci * ic_bn + cb, y, x_],
+                              name="pack_data")
+
+        def pack_weight(w):
+            if depthwise:  # [C/bn, kh, kw, bn]
+                return te.compute((c // ic_bn, kh, kw, ic_bn),
+                                  lambda ci, y, x_, cb: w[ci * ic_bn + cb, 0, y, x_],
+                                  name="pack_weight")
+            return te.compute((o // oc_bn, cg // ic_bn, kh, kw, ic_bn, oc_bn),
+                              lambda oc, ic, y, x_, ib, ob: w[oc * oc_bn + ob, ic * ic_bn + ib,
+                                                               y, x_],
+                              name="pack_weight")
+
+        def conv_nchwc(x, w):
+            x = _pad(x, (0, 0, pt, pl, 0), (0, 0, pb, pr, 0))
+            ry = te.reduce_axis((0, kh), name="ry")
+            rx = te.reduce_axis((0, kw), name="rx")
+            if depthwise:
+                return te.compute(
+                    (n, c // ic_bn, oh, ow, ic_bn),
+                    lambda b, ci, y, x_, cb: te.sum(
+                        x[b, ci, y * sh + ry * dh, x_ * sw + rx * dw, cb].astype(out)
+                        * w[ci, ry, rx, cb].astype(out), axis=[ry, rx]),
+                    name="conv2d_NCHWc")
+            ric = te.reduce_axis((0, cg), name="ric")
+            oc_chunks_per_group, ic_chunks_per_group = o // g // oc_bn, cg // ic_bn
+            return te.compute(
+                (n, o // oc_bn, oh, ow, oc_bn),
+                lambda b, oc, y, x_, ob: te.sum(
+                    x[b, oc // oc_chunks_per_group * ic_chunks_per_group + ric // ic_bn,
+                      y * sh + ry * dh, x_ * sw + rx * dw, ric % ic_bn].astype(out)
+                    * w[oc, ric // ic_bn, ry, rx, ric % ic_bn, ob].astype(out),
+                    axis=[ric, ry, rx]),
+                name="conv2d_NCHWc")
+
+        def unpack(y):
+            return te.compute((n, o, oh, ow), lambda b, oc, y_, x_: y[b, oc // oc_bn, y_, x_,
+                                                                        oc % oc_bn],
+                              name="unpack_output")
+
+        data = bb.emit(bb.call_te(pack_data, conv.data, primfunc_name_hint="pack_nchwc"))
+        weight = transform_weight(bb, pack_weight, conv.weight, "pack_weight")
+        packed = bb.emit(bb.call_te(conv_nchwc, data, weight, primfunc_name_hint="conv2d_nchwc"))
+        return bb.call_te(unpack, packed, primfunc_name_hint="unpack_nchwc")
+
+
+@primitive("winograd")
+class Winograd(Primitive):
+    """Winograd F(m x m, 3x3) in NCHW: input tiles transformed by Bᵀ·d·B, a batched GEMM over
+    channels with the transformed weights U = G·g·Gᵀ (computed at compile time), and the
+    inverse transform Aᵀ·M·A. m = 4 (36 multiplies per 16 outputs instead of 144), or 2 when
+    the output is smaller than 8 pixels on a side (a 4x4 tile would mostly compute padding).
+    Only 3x3, stride 1, dilation 1, groups 1, float32 convs; the stage structure and
+    schedule_rule names follow TOPI's, so MetaSchedule's Winograd rules apply."""
+
+    def lower(self, bb, conv):
+        conv.require_nchw()
+        if conv.kernel != (3, 3):
+            raise CannotExpress(f"kernel {conv.kernel[0]}x{conv.kernel[1]}")
+        if conv.strides != (1, 1):
+            raise CannotExpress(f"stride {conv.strides[0]}x{conv.strides[1]}")
+        if conv.dilation != (1, 1):
+            raise CannotExpress(f"dilation {conv.dilation[0]}x{conv.dilation[1]}")
+        if conv.groups != 1:
+            raise CannotExpress("depthwise" if conv.weight_shape[1] == 1 else "groups")
+        if {conv.dtype, conv.weight_dtype, conv.out_dtype} != {"float32"}:
+            raise CannotExpress(f"dtype {conv.dtype}")
+        oh, ow = conv.output_size
+        m = 4 if min(oh, ow) >= 8 else 2
+        u = transform_weight(bb, partial(winograd_weight_transform, m=m), conv.weight,
+                             "winograd_weight_transform")
+        return bb.call_te(winograd_conv, conv.data, u, conv.padding, m,
+                          primfunc_name_hint="conv2d_winograd")
+
+
+def winograd_weight_transform(weight: te.Tensor, m: int) -> te.Tensor:
+    """U[eps, nu, ci, co] = (G·g[co, ci]·Gᵀ)[eps, nu] for an OIHW 3x3 weight (TOPI's own
+    transform fails in TVM 0.27)."""
+    o, c, kh, kw = weight.shape
+    _, _, g = winograd_transform_matrices(m, 3, str(weight.dtype))
+    alpha = m + 2
+    ry = te.reduce_axis((0, kh), name="ry")
+    rx = te.reduce_axis((0, kw), name="rx")
+    return te.compute(
+        (alpha, alpha, c, o),
+        lambda eps, nu, ci, co: te.sum(g[eps, ry] * weight[co, ci, ry, rx] * g[nu, rx],
+                                       axis=[ry, rx]),
+        name="winograd_weight")
+
+
+def winograd_conv(data: te.Tensor, u: te.Tensor, padding, m: int) -> te.Tensor:
+    """NCHW Winograd convolution with pre-transformed weights `u` [alpha, alpha, C, O]."""
+    n, c, h, w = (int(d) for d in data.shape)
+    alpha, _, _, o = (int(d) for d in u.shape)
+    pt, pl, pb, pr = padding
+    oh, ow = h + pt + pb - 2, w + pl + pr - 2
+    tiles_h, tiles_w = -(-oh // m), -(-ow // m)
+    tiles = n * tiles_h * tiles_w
+    a_mat, b_mat, _ = winograd_transform_matrices(m, 3, str(data.dtype))
+    # pad on to whole tiles, so the last tiles read zeros, never past the buffer
+    data_pad = _pad(data, (0, 0, pt, pl), (0, 0, tiles_h * m + 2 - h - pt,
+                                           tiles_w * m + 2 - w - pl))
+    input_tile = te.compute(
+        (c, tiles, alpha, alpha),
+        lambda ci, p, eps, nu: data_pad[p // (tiles_h * tiles_w), ci,
+                                        p // tiles_w % tiles_h * m + eps, p % tiles_w * m + nu],
+        name="input_tile", attrs={"schedule_rule": "None"})
+    ra = te.reduce_axis((0, alpha), "r_a")
+    rb = te.reduce_axis((0, alpha), "r_b")
+    data_pack = te.compute(
+        (alpha, alpha, c, tiles),
+        lambda eps, nu, ci, p: te.sum(input_tile[ci, p, ra, rb] * b_mat[ra, eps]
+                                      * b_mat[rb, nu], axis=[ra, rb]),
+        name="data_pack", attrs={"schedule_rule": "conv2d_nchw_winograd_data_pack"})
+    rc = te.reduce_axis((0, c), name="ci")
+    bgemm = te.compute(
+        (alpha, alpha, o, tiles),
+        lambda eps, nu, co, p: te.sum(data_pack[eps, nu, rc, p] * u[eps, nu, rc, co], axis=rc),
+        name="bgemm")
+    ra = te.reduce_axis((0, alpha), "r_a")
+    rb = te.reduce_axis((0, alpha), "r_b")
+    inverse = te.compute(
+        (o, tiles, m, m),
+        lambda co, p, vh, vw: te.sum(bgemm[ra, rb, co, p] * a_mat[ra, vh] * a_mat[rb, vw],
+                                     axis=[ra, rb]),
+        name="inverse", attrs={"schedule_rule": "conv2d_nchw_winograd_inverse"})
+    return te.compute(
+        (n, o, oh, ow),
+        lambda b, co, y, x: inverse[co, b * tiles_h * tiles_w + y // m * tiles_w + x // m,
+                                    y % m, x % m],
+        name="conv2d_winograd")
+
+
+# --- one trial's dispatcher ----------------------------------------------------------------------
+
+class Plan:
+    """How one trial lowers its convs: each conv goes to the first of `lowerings` that can
+    express it (a sparse kernel can go before the dense primitive), else to `direct`.
+    `lowered` counts convs per lowering name; `fallbacks` counts each refusal by
+    "<name>: <reason>" (e.g. "winograd: kernel 1x1"). The compiler calls `rewrite(mod)` before
+    and `LegalizeOps(customize_legalize_map=legalize_map())` for legalisation."""
+
+    def __init__(self, *lowerings: Primitive):
+        self.lowerings = lowerings
+        self.lowered: dict[str, int] = Counter()
+        self.fallbacks: dict[str, int] = Counter()
+
+    def rewrite(self, mod: tvm.IRModule) -> tvm.IRModule:
+        for lowering in self.lowerings:
+            mod = lowering.rewrite(mod)
+        return mod
+
+    def legalize_map(self) -> dict:
+        return {"relax.nn.conv2d": self.lower}
+
+    def lower(self, bb: relax.BlockBuilder, call: relax.Call) -> relax.Expr:
+        conv = Conv.of(call)
+        chain = self.lowerings + (() if DIRECT in self.lowerings else (DIRECT,))
+        for lowering in chain:
+            try:
+                lowered = lowering.lower(bb, conv)
+            except CannotExpress as why:
+                reason = f"{lowering.name}: {why}"
+                self.fallbacks[reason] += 1
+                log.info("conv %s -> %s: falls back (%s)", conv.data_shape,
+                         list(conv.weight_shape), reason)
+                continue
+            self.lowered[lowering.name] += 1
+            return lowered
+        return call  # not even direct: LegalizeOps leaves it and the build says why
+
+
+def primitive_named(name: str) -> Primitive:
+    """The registered primitive `name`, or BadInput listing the allowed names."""
+    if name not in PRIMITIVES:
+        raise allowed("algo.conv", name, PRIMITIVES)
+    return PRIMITIVES[name]
+
+
+def plan(cfg: AlgoConfig) -> Plan:
+    """A fresh dispatcher for one trial (its counters start at zero)."""
+    if cfg.format not in FORMATS:
+        raise allowed("algo.format", cfg.format, FORMATS)
+    return Plan(primitive_named(cfg.conv))

@@ -1,0 +1,269 @@
+"""Layer 4's conv primitives against PyTorch: single convs over a grid of shapes and dtypes,
+whole models, and which convs fall back to `direct` and why."""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+import tvm
+from tvm import relax
+
+from dlas_search import algorithms, compiler, hardware, lowering, models
+from dlas_search.algorithms import AlgoConfig, CannotExpress, Plan, plan
+from dlas_search.errors import BadInput
+
+from conftest import compiled_error, randomise_batchnorm
+
+NAMES = ["direct", "direct_nhwc", "im2col_gemm", "spatial_pack", "winograd"]
+# The PrimFunc each primitive's conv kernel is named after.
+KERNEL = {"direct": "conv2d", "direct_nhwc": "conv2d", "im2col_gemm": "conv2d_im2col_gemm",
+          "spatial_pack": "conv2d_nchwc", "winograd": "conv2d_winograd"}
+# Weight transforms, computed at compile time: none may be left as a kernel in the module.
+WEIGHT_KERNELS = ("weight_matrix", "pack_weight", "winograd_weight_transform")
+
+
+@pytest.fixture(scope="module")
+def target():
+    return hardware.local_target(1)
+
+
+@dataclass(frozen=True)
+class Case:
+    data: tuple[int, int, int, int]  # NCHW
+    out_channels: int
+    kernel: int
+    stride: int = 1
+    padding: tuple[int, int, int, int] = (0, 0, 0, 0)  # top, left, bottom, right
+    dilation: int = 1
+    groups: int = 1
+    winograd_refuses: str | None = None  # the reason winograd falls back, if it does
+
+
+CASES = {
+    "1x1": Case((1, 8, 6, 6), 16, 1, winograd_refuses="kernel 1x1"),
+    "3x3 batch 2 non-square (F2x2)": Case((2, 8, 9, 7), 8, 3, padding=(1, 1, 1, 1)),
+    "3x3 odd channels partial tiles (F4x4)": Case((1, 5, 12, 12), 7, 3),
+    "3x3 16->32 (F4x4)": Case((1, 16, 12, 12), 32, 3, padding=(1, 1, 1, 1)),
+    "3x3 asymmetric padding": Case((1, 4, 8, 8), 6, 3, padding=(1, 0, 0, 1)),
+    "3x3 stride 2": Case((1, 6, 9, 9), 8, 3, 2, (1, 1, 1, 1), winograd_refuses="stride 2x2"),
+    "5x5": Case((1, 3, 10, 10), 4, 5, padding=(2, 2, 2, 2), winograd_refuses="kernel 5x5"),
+    "7x7 stride 2 odd": Case((1, 3, 15, 15), 5, 7, 2, (3, 3, 3, 3),
+                             winograd_refuses="kernel 7x7"),
+    "groups 2": Case((1, 4, 8, 8), 6, 3, padding=(1, 1, 1, 1), groups=2,
+                     winograd_refuses="groups"),
+    "depthwise": Case((1, 6, 8, 8), 6, 3, padding=(1, 1, 1, 1), groups=6,
+                      winograd_refuses="depthwise"),
+    "depthwise stride 2 batch 2": Case((2, 7, 9, 9), 7, 3, 2, (1, 1, 1, 1), groups=7,
+                                       winograd_refuses="stride 2x2"),
+    "dilation 2": Case((1, 4, 10, 10), 4, 3, padding=(2, 2, 2, 2), dilation=2,
+                       winograd_refuses="dilation 2x2"),
+}
+
+
+def conv_module(case: Case, weight: np.ndarray, dtype="float32", out_dtype=None,
+                weight_as_input=False) -> tvm.IRModule:
+    """main(x) = conv2d(x, weight) with the weight a constant (as after import) or an input."""
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType(case.data, dtype))
+    w = relax.Var("w", relax.TensorType(weight.shape, str(weight.dtype)))
+    with bb.function("main", [x, w] if weight_as_input else [x]):
+        with bb.dataflow():
+            y = bb.emit(relax.op.nn.conv2d(
+                x, w if weight_as_input else relax.const(weight), strides=case.stride,
+                padding=case.padding, dilation=case.dilation, groups=case.groups,
+                out_dtype=out_dtype))
+            out = bb.emit_output(y)
+        bb.emit_func_output(out)
+    return bb.get()
+
+
+def lower(conv_plan: Plan, mod: tvm.IRModule) -> tvm.IRModule:
+    """What the compiler does with a plan."""
+    mod = conv_plan.rewrite(mod)
+    return relax.transform.LegalizeOps(customize_legalize_map=conv_plan.legalize_map())(mod)
+
+
+def run(mod: tvm.IRModule, target, *inputs: np.ndarray) -> np.ndarray:
+    vm = relax.VirtualMachine(tvm.compile(mod, target), tvm.cpu())
+    return vm["main"](*(tvm.runtime.tensor(a) for a in inputs)).numpy()
+
+
+def reference(case: Case, x: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """PyTorch's conv in float64 (exact for the integer and fp16 inputs used here)."""
+    top, left, bottom, right = case.padding
+    padded = F.pad(torch.from_numpy(x.astype("float64")), (left, right, top, bottom))
+    return F.conv2d(padded, torch.from_numpy(w.astype("float64")), stride=case.stride,
+                    dilation=case.dilation, groups=case.groups).numpy()
+
+
+def random_case(case: Case, seed=0):
+    rng = np.random.default_rng(seed)
+    n, c, _, _ = case.data
+    x = rng.standard_normal(case.data).astype("float32")
+    w = rng.standard_normal((case.out_channels, c // case.groups, case.kernel, case.kernel))
+    return x, w.astype("float32")
+
+
+def relative_error(ours, ref) -> float:
+    return float(np.abs(ours - ref).max() / np.abs(ref).max())
+
+
+def kernel_names(mod: tvm.IRModule) -> set[str]:
+    return {gv.name_hint for gv, f in mod.functions.items() if not isinstance(f, relax.Function)}
+
+
+def expected_lowering(name: str, case: Case) -> tuple[str, dict]:
+    """(what lowers the conv, fallbacks counted) for primitive `name` on `case`."""
+    if name == "winograd" and case.winograd_refuses:
+        return "direct", {f"winograd: {case.winograd_refuses}": 1}
+    return name, {}
+
+
+@pytest.mark.parametrize("case_id", list(CASES))
+@pytest.mark.parametrize("name", NAMES)
+def test_primitive_matches_pytorch_on_single_conv(name, case_id, target):
+    case = CASES[case_id]
+    x, w = random_case(case)
+    conv_plan = plan(AlgoConfig(conv=name))
+    mod = lower(conv_plan, conv_module(case, w))
+    assert relative_error(run(mod, target, x), reference(case, x, w)) <= 1e-4
+    used, fallbacks = expected_lowering(name, case)
+    assert conv_plan.lowered == {used: 1}
+    assert conv_plan.fallbacks == fallbacks
+    assert KERNEL[used] in kernel_names(mod)
+    assert not kernel_names(mod) & set(WEIGHT_KERNELS)  # weight transforms were folded
+
+
+def test_direct_nhwc_really_computes_in_nhwc(target):
+    case = CASES["3x3 batch 2 non-square (F2x2)"]
+    x, w = random_case(case)
+    mod = lower(plan(AlgoConfig(conv="direct_nhwc")), conv_module(case, w))
+    signature = re.sub(r"T\.int64\((\d+)\)", r"\1", mod["conv2d"].script().split("):\n", 1)[0])
+    n, c, h, wd = case.data
+    assert f'T.Buffer(({n}, {h}, {wd}, {c}), "float32")' in signature  # the data, NHWC
+
+
+@pytest.mark.parametrize("name", ["im2col_gemm", "spatial_pack", "winograd"])
+def test_weight_transform_runs_as_a_kernel_when_the_weight_is_an_input(name, target):
+    case = CASES["3x3 odd channels partial tiles (F4x4)"]
+    x, w = random_case(case)
+    mod = lower(plan(AlgoConfig(conv=name)), conv_module(case, w, weight_as_input=True))
+    assert kernel_names(mod) & set(WEIGHT_KERNELS)
+    assert relative_error(run(mod, target, x, w), reference(case, x, w)) <= 1e-4
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_int8_conv_is_exact_in_integer_arithmetic(name, target):
+    """uint8 x int8 -> int32 as the int8 importer emits it (padding done before the conv)."""
+    case = Case((1, 8, 8, 8), 8, 3)
+    rng = np.random.default_rng(1)
+    x = rng.integers(0, 256, case.data).astype("uint8")
+    w = rng.integers(-128, 128, (8, 8, 3, 3)).astype("int8")
+    conv_plan = plan(AlgoConfig(conv=name))
+    mod = lower(conv_plan, conv_module(case, w, "uint8", "int32"))
+    out = run(mod, target, x)
+    assert out.dtype == np.int32
+    np.testing.assert_array_equal(out, reference(case, x, w).astype("int64"))
+    used, reason = (("direct", {"winograd: dtype uint8": 1}) if name == "winograd"
+                    else (name, {}))
+    assert conv_plan.lowered == {used: 1} and conv_plan.fallbacks == reason
+    assert lowering.arithmetic_dtypes(mod)["conv2d"] == {"uint8xint8->int32"}
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_fp16_conv_multiplies_in_fp16_and_accumulates_in_fp32(name, target):
+    """fp16 x fp16 -> fp32 as ToMixedPrecision emits it."""
+    case = CASES["3x3 batch 2 non-square (F2x2)"]
+    x, w = (a.astype("float16") for a in random_case(case))
+    conv_plan = plan(AlgoConfig(conv=name))
+    mod = lower(conv_plan, conv_module(case, w, "float16", "float32"))
+    out = run(mod, target, x)
+    assert out.dtype == np.float32
+    assert relative_error(out, reference(case, x, w)) <= 1e-4
+    used, reason = (("direct", {"winograd: dtype float16": 1}) if name == "winograd"
+                    else (name, {}))
+    assert conv_plan.lowered == {used: 1} and conv_plan.fallbacks == reason
+    assert lowering.arithmetic_dtypes(mod)["conv2d"] == {"float16xfloat16->float32"}
+
+
+class RefuseAll(algorithms.Primitive):
+    """Stands for a sparse lowering that declines a dense weight."""
+    name = "sparse"
+
+    def lower(self, bb, conv):
+        raise CannotExpress("dense weight")
+
+
+def test_plan_tries_its_lowerings_in_order_then_falls_back_to_direct():
+    case = CASES["1x1"]
+    _, w = random_case(case)
+    first = Plan(RefuseAll(), algorithms.PRIMITIVES["winograd"])
+    lower(first, conv_module(case, w))
+    assert first.lowered == {"direct": 1}
+    assert first.fallbacks == {"sparse: dense weight": 1, "winograd: kernel 1x1": 1}
+    second = Plan(RefuseAll(), algorithms.PRIMITIVES["spatial_pack"])
+    lower(second, conv_module(case, w))
+    assert second.lowered == {"spatial_pack": 1} and second.fallbacks == {"sparse: dense weight": 1}
+
+
+def test_unknown_primitive_is_bad_input_listing_the_names():
+    with pytest.raises(BadInput) as error:
+        plan(AlgoConfig(conv="fft"))
+    for word in ["algo.conv", "'fft'", *NAMES]:
+        assert word in str(error.value)
+    assert isinstance(error.value, ValueError)
+
+
+def test_every_primitive_is_tested():
+    assert sorted(algorithms.PRIMITIVES) == sorted(NAMES)
+    assert set(AlgoConfig.__dataclass_fields__["conv"].metadata["choices"]) == set(NAMES)
+
+
+# --- whole models ------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def small_models():
+    torch.manual_seed(0)
+    return {arch: randomise_batchnorm(models.create(models.ModelConfig(arch=arch), 10)).eval()
+            for arch in ("resnet18", "mobilenet_v2")}
+
+
+# resnet18 has 20 convs: 13 are 3x3 stride 1; the stem (7x7), three 3x3 stride-2 convs and
+# three 1x1 downsamples are not Winograd's. mobilenet_v2 has 52 (17 depthwise).
+MODEL_CASES = {
+    ("resnet18", "direct"): ({"direct": 20}, {}),
+    ("resnet18", "direct_nhwc"): ({"direct_nhwc": 20}, {}),
+    ("resnet18", "im2col_gemm"): ({"im2col_gemm": 20}, {}),
+    ("resnet18", "spatial_pack"): ({"spatial_pack": 20}, {}),
+    ("resnet18", "winograd"): ({"winograd": 13, "direct": 7},
+                               {"winograd: kernel 7x7": 1, "winograd: stride 2x2": 3,
+                                "winograd: kernel 1x1": 3}),
+    ("mobilenet_v2", "im2col_gemm"): ({"im2col_gemm": 52}, {}),
+    ("mobilenet_v2", "spatial_pack"): ({"spatial_pack": 52}, {}),
+}
+
+
+@pytest.mark.parametrize("arch,name", list(MODEL_CASES))
+def test_primitive_matches_pytorch_on_a_model(arch, name, small_models, target):
+    model, example = small_models[arch], torch.randn(1, 3, 32, 32)
+    conv_plan = plan(AlgoConfig(conv=name))
+    built = compiler.compile(model, example, conv_plan, compiler.CompilerConfig(), target)
+    with torch.no_grad():
+        ref = model(example).numpy()
+    assert compiler.max_relative_error(hardware.run_tvm(built.executable, example), ref) <= 1e-4
+    assert (conv_plan.lowered, conv_plan.fallbacks) == MODEL_CASES[arch, name]
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_a_bare_primitive_still_plugs_into_the_compiler(name):
+    """conftest.compiled_error passes PRIMITIVES[name] itself, not a plan."""
+    torch.manual_seed(0)
+    model = randomise_batchnorm(torch.nn.Sequential(
+        torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.BatchNorm2d(8), torch.nn.ReLU(),
+        torch.nn.Conv2d(8, 4, 1)))
+    _, error = compiled_error(model, torch.randn(1, 3, 10, 10), conv=name)
+    assert error <= 1e-4
