@@ -9,11 +9,21 @@ A primitive is a small class registered by the name the YAML uses (`algo.conv`):
 - `winograd`     Winograd F(4x4,3x3) (F(2x2,3x3) on small outputs) for 3x3 stride-1 convs.
 
 A trial lowers its convs through one `Plan` (`plan(cfg)`): its `legalize_map()` hands every
-`relax.nn.conv2d` to a dispatcher that tries the plan's lowerings in order (the place where a
-sparse kernel for pruned constant weights goes first) and falls back to `direct` for a conv
-none of them can express, counting the reason (`Plan.fallbacks`) and what lowered each conv
-(`Plan.lowered`). Weight transforms (packing, G·g·Gᵀ, reshapes) are computed at compile time
-when the weight is a constant (it is after import), so the kernels receive them as constants.
+`relax.nn.conv2d` to a dispatcher that tries the plan's lowerings in order and falls back to
+`direct` for a conv none of them can express, counting the reason (`Plan.fallbacks`) and what
+lowered each conv (`Plan.lowered`). Weight transforms (packing, G·g·Gᵀ, reshapes) are computed
+at compile time when the weight is a constant (it is after import), so the kernels receive them
+as constants.
+
+`algo.format: sparse` puts a `SparseLowering` first: each conv and linear layer (`relax.matmul`
+with a constant 2-D weight) whose weight has at least `algo.threshold` zeros is stored as CSR
+(`algo.block: 1x1`) or BSR (`4x1`, ...) and computed by our own kernels (sparse.py, NCHW fp32);
+the others go on to the dense primitive, counted as fallbacks ("sparse direct: sparsity 0.31 <
+0.5"). The sparse kernel follows the dense primitive: `im2col_gemm` -> sparse im2col, every
+other primitive -> sparse direct (no im2col buffer). Winograd has no sparse form (G·g·Gᵀ fills
+in the zeros), so with `winograd` the pruned layers run sparse direct and the rest Winograd;
+with `direct_nhwc` the sparse layers stay in NCHW and only the dense ones are converted to NHWC.
+The space allows `sparse` only for unstructured-pruned fp32 models (space.infeasible).
 """
 from __future__ import annotations
 
@@ -29,12 +39,17 @@ import tvm_ffi
 from tvm import relax, te, topi
 from tvm.topi.nn.winograd_util import winograd_transform_matrices
 
-from .errors import allowed
+from . import sparse
+from .errors import BadInput, allowed
 
 log = logging.getLogger(__name__)
 
 PRIMITIVES: dict[str, "Primitive"] = {}
-FORMATS = ("dense",)
+FORMATS = ("dense", "sparse")
+# BSR block shapes for `algo.block`, rows x columns of the [out, in*kh*kw] weight matrix:
+# 1x1 is CSR; row blocks (4x1, 8x1) share each input load across output channels.
+SPARSE_BLOCKS = ("1x1", "2x1", "4x1", "8x1", "16x1", "1x4", "2x2", "4x4")
+DEFAULT_BLOCK, DEFAULT_THRESHOLD = "1x1", 0.5
 BLOCK_SIZES = (16, 8, 4, 2, 1)  # spatial_pack channel blocks, largest that divides first
 
 
@@ -50,6 +65,14 @@ def primitive(name: str):
 class AlgoConfig:
     conv: str = field(default="direct", metadata={"choices": PRIMITIVES})
     format: str = field(default="dense", metadata={"choices": FORMATS})
+    # CSR (1x1) or BSR block of the sparse weights (sparse format only; unset: 1x1).
+    block: str | None = field(default=None, metadata={
+        "choices": SPARSE_BLOCKS, "when": {"algo.format": ("sparse",)}, "unset": DEFAULT_BLOCK})
+    # Least fraction of zero weights for a layer to go sparse; denser layers stay dense
+    # (sparse format only; unset: 0.5).
+    threshold: float | None = field(default=None, metadata={
+        "min": 0.0, "max": 1.0, "when": {"algo.format": ("sparse",)},
+        "unset": DEFAULT_THRESHOLD})
 
 
 class CannotExpress(Exception):
@@ -120,14 +143,29 @@ def _static_shape(expr: relax.Expr) -> tuple[int, ...]:
 
 class Primitive:
     """A conv algorithm: `rewrite` runs on the imported module (a layout change), `lower`
-    turns one conv into TE kernels or raises CannotExpress."""
+    turns one conv into TE kernels or raises CannotExpress. `ops` are the Relax ops it
+    lowers; `sparse_kernel` is the sparse.py kernel that stands in for it on pruned layers."""
     name = ""
+    ops: tuple[str, ...] = ("relax.nn.conv2d",)
+    sparse_kernel = "direct"
 
-    def rewrite(self, mod: tvm.IRModule) -> tvm.IRModule:
+    def rewrite(self, mod: tvm.IRModule,
+                claimed: Callable[[relax.Call], bool] = lambda call: False) -> tvm.IRModule:
+        """`claimed(call)`: a conv an earlier lowering of the plan takes, which a layout
+        rewrite must leave as it is."""
         return mod
+
+    def claims(self, call: relax.Call) -> bool:
+        """Whether `lower` takes this conv (asked before the layout rewrites of later
+        lowerings, which then leave it alone)."""
+        return False
 
     def lower(self, bb: relax.BlockBuilder, conv: Conv) -> relax.Expr:
         raise NotImplementedError
+
+    def metrics(self) -> dict[str, float]:
+        """Totals of what it lowered, added into `Plan.metrics` (none for the dense ones)."""
+        return {}
 
     def legalize_map(self) -> dict:
         """A one-off plan's map, so a bare primitive still plugs into the compiler; use
@@ -186,8 +224,15 @@ DIRECT = PRIMITIVES["direct"]
 class DirectNHWC(Direct):
     """Direct convolution in NHWC (channels innermost, OHWI weights): vectorises along C."""
 
-    def rewrite(self, mod):
-        mod = relax.transform.ConvertLayout({"relax.nn.conv2d": ["NHWC", "OHWI"]})(mod)
+    def rewrite(self, mod, claimed=lambda call: False):
+        nhwc, as_is = {"relax.nn.conv2d": ["NHWC", "OHWI"]}, {"relax.nn.conv2d": ["NCHW", "OIHW"]}
+
+        def layouts(call):  # convs an earlier lowering claims (sparse ones) stay NCHW
+            if getattr(call.op, "name", None) != "relax.nn.conv2d":
+                return {}
+            return as_is if claimed(call) else nhwc
+
+        mod = relax.transform.ConvertLayout({}, layouts)(mod)
         return relax.transform.FoldConstant()(mod)
 
 
@@ -197,6 +242,7 @@ class Im2colGemm(Primitive):
     a GEMM with the [O, C/g*kh*kw] weight matrix (each output channel reads its group's
     patches), its [O, OH*OW] result written as NCHW. Trades memory (kh*kw copies of the
     input) for a plain matrix product."""
+    sparse_kernel = "im2col"
 
     def lower(self, bb, conv):
         conv.require_nchw()
@@ -393,43 +439,190 @@ def winograd_conv(data: te.Tensor, u: te.Tensor, padding, m: int) -> te.Tensor:
         name="conv2d_winograd")
 
 
+# --- sparse weights ------------------------------------------------------------------------------
+
+class SparseLowering(Primitive):
+    """Pruned constant weights as CSR/BSR, computed by sparse.py's kernels. Goes first in a
+    plan: a conv (or a linear layer: `relax.matmul` by a constant 2-D weight) whose weight is a
+    float32 constant with at least `threshold` zeros is lowered to the sparse `kernel`
+    ("direct" or "im2col") in NCHW; any other layer is refused with the reason, so the plan
+    counts it and hands it on to the dense primitive. Keeps the totals `Plan.metrics` reports
+    (layers made sparse, their bytes as sparse constants and as dense weights)."""
+    ops = ("relax.nn.conv2d", "relax.matmul")
+    linear_name = "sparse linear"
+
+    def __init__(self, kernel: str = "direct", block: sparse.BlockShape = sparse.BlockShape(),
+                 threshold: float = DEFAULT_THRESHOLD):
+        if kernel not in sparse.KERNELS:
+            raise ValueError(f"unknown sparse kernel {kernel!r}; choose from {sparse.KERNELS}")
+        self.kernel, self.block, self.threshold = kernel, block, threshold
+        self.name = f"sparse {kernel}"
+        self.layers = self.sparse_bytes = self.dense_bytes = 0
+
+    def claims(self, call):
+        try:
+            self._sparse_enough(Conv.of(call))
+        except CannotExpress:
+            return False
+        return True
+
+    def lower(self, bb, conv):
+        weight = self._sparse_enough(conv)
+        try:
+            return self._counted(sparse.emit_conv(bb, conv.call, self.kernel, self.block), weight)
+        except NotImplementedError as e:  # what the checks above missed
+            raise CannotExpress(str(e)) from None
+
+    def lower_matmul(self, bb: relax.BlockBuilder, call: relax.Call) -> relax.Expr:
+        """y = x @ W for a 2-D float32 x and a constant W [in, out] (how a torch Linear imports,
+        the bias added after)."""
+        x, weight = call.args
+        self._check_dtypes(str(weight.ty.dtype), str(x.ty.dtype), str(call.ty.dtype))
+        value = _constant_weight(weight)
+        if x.ty.ndim != 2 or value.ndim != 2:
+            raise CannotExpress(f"{x.ty.ndim}-D input" if x.ty.ndim != 2 else
+                                f"{value.ndim}-D weight")
+        self._check_sparsity(value)
+        try:
+            return self._counted(sparse.emit_linear(bb, x, value.T, self.block), value)
+        except NotImplementedError as e:
+            raise CannotExpress(str(e)) from None
+
+    def _sparse_enough(self, conv: Conv) -> np.ndarray:
+        """The conv's weight if the sparse kernels take it, else CannotExpress saying why."""
+        self._check_dtypes(conv.weight_dtype, conv.dtype, conv.out_dtype)
+        weight = _constant_weight(conv.weight)
+        self._check_sparsity(weight)
+        conv.require_nchw()
+        return weight
+
+    @staticmethod
+    def _check_dtypes(weight: str, data: str, out: str) -> None:
+        """The kernels are fp32; the reason names the first other dtype (e.g. "int8")."""
+        other = next((d for d in (weight, data, out) if d != "float32"), None)
+        if other:
+            raise CannotExpress(other)
+
+    def _check_sparsity(self, weight: np.ndarray) -> None:
+        zeros = sparse.sparsity(weight)
+        if zeros < self.threshold:
+            raise CannotExpress(f"sparsity {zeros:.2f} < {self.threshold:g}")
+
+    def _counted(self, call: relax.Call, weight: np.ndarray) -> relax.Call:
+        """Adds the layer to the totals: the kernel's constants (values, offsets, indptr)
+        against the dense float32 weight."""
+        constants = call.args[1].fields[1:]
+        self.layers += 1
+        self.sparse_bytes += sum(c.value.numpy().nbytes for c in constants)
+        self.dense_bytes += weight.nbytes
+        return call
+
+    def metrics(self) -> dict[str, float]:
+        return {"sparse_layers": float(self.layers),
+                "sparse_weight_bytes": float(self.sparse_bytes),
+                "dense_weight_bytes": float(self.dense_bytes)}
+
+
+def _constant_weight(weight: relax.Expr) -> np.ndarray:
+    value = sparse.constant_array(weight)
+    if value is None:
+        raise CannotExpress("weight not constant")
+    return value
+
+
+def block_shape(text: str) -> sparse.BlockShape:
+    """`algo.block` ("4x1": 4 rows, 1 column) as a BlockShape; BadInput listing the allowed."""
+    if text not in SPARSE_BLOCKS:
+        raise allowed("algo.block", text, SPARSE_BLOCKS)
+    rows, cols = text.split("x")
+    return sparse.BlockShape(int(rows), int(cols))
+
+
 # --- one trial's dispatcher ----------------------------------------------------------------------
 
 class Plan:
     """How one trial lowers its convs: each conv goes to the first of `lowerings` that can
-    express it (a sparse kernel can go before the dense primitive), else to `direct`.
-    `lowered` counts convs per lowering name; `fallbacks` counts each refusal by
-    "<name>: <reason>" (e.g. "winograd: kernel 1x1"). The compiler calls `rewrite(mod)` before
-    and `LegalizeOps(customize_legalize_map=legalize_map())` for legalisation."""
+    express it (a sparse lowering goes before the dense primitive), else to `direct`.
+    `lowered` counts layers per lowering name (convs, and linear layers a sparse lowering
+    took: "sparse linear"); `fallbacks` counts each refusal by "<name>: <reason>" (e.g.
+    "winograd: kernel 1x1", "sparse direct: sparsity 0.31 < 0.5"). A matmul no lowering takes
+    gets Relax's own legalisation. The compiler calls `rewrite(mod)` before and
+    `LegalizeOps(customize_legalize_map=legalize_map())` for legalisation; `metrics()` is what
+    the trial logs."""
 
     def __init__(self, *lowerings: Primitive):
         self.lowerings = lowerings
+        self.chain = lowerings + (() if DIRECT in lowerings else (DIRECT,))
         self.lowered: dict[str, int] = Counter()
         self.fallbacks: dict[str, int] = Counter()
 
     def rewrite(self, mod: tvm.IRModule) -> tvm.IRModule:
-        for lowering in self.lowerings:
-            mod = lowering.rewrite(mod)
+        for i, lowering in enumerate(self.lowerings):
+            earlier = self.lowerings[:i]
+            mod = lowering.rewrite(mod, claimed=lambda call: any(e.claims(call) for e in earlier))
         return mod
 
     def legalize_map(self) -> dict:
-        return {"relax.nn.conv2d": self.lower}
+        handlers = {"relax.nn.conv2d": self.lower}
+        if self._matmul_lowerings():
+            handlers["relax.matmul"] = self.lower_matmul
+        return handlers
 
     def lower(self, bb: relax.BlockBuilder, call: relax.Call) -> relax.Expr:
         conv = Conv.of(call)
-        chain = self.lowerings + (() if DIRECT in self.lowerings else (DIRECT,))
-        for lowering in chain:
+        for lowering in self.chain:
             try:
                 lowered = lowering.lower(bb, conv)
             except CannotExpress as why:
-                reason = f"{lowering.name}: {why}"
-                self.fallbacks[reason] += 1
-                log.info("conv %s -> %s: falls back (%s)", conv.data_shape,
-                         list(conv.weight_shape), reason)
+                self._refused(lowering.name, why, f"conv {conv.data_shape} "
+                                                   f"{list(conv.weight_shape)}")
                 continue
             self.lowered[lowering.name] += 1
             return lowered
         return call  # not even direct: LegalizeOps leaves it and the build says why
+
+    def lower_matmul(self, bb: relax.BlockBuilder, call: relax.Call) -> relax.Expr:
+        for lowering in self._matmul_lowerings():
+            try:
+                lowered = lowering.lower_matmul(bb, call)
+            except CannotExpress as why:
+                self._refused(lowering.linear_name, why, f"matmul {call.ty}")
+                continue
+            self.lowered[lowering.linear_name] += 1
+            return lowered
+        return tvm.ir.Op.get("relax.matmul").get_attr("FLegalize")(bb, call)  # Relax's own
+
+    def _matmul_lowerings(self) -> list[Primitive]:
+        return [lowering for lowering in self.lowerings if "relax.matmul" in lowering.ops]
+
+    def _refused(self, name: str, why: CannotExpress, what: str) -> None:
+        reason = f"{name}: {why}"
+        self.fallbacks[reason] += 1
+        log.info("%s: falls back (%s)", what, reason)
+
+    def metrics(self) -> dict[str, float]:
+        """Flat numbers for MLflow: `convs_<lowering>` for every conv lowering of the plan,
+        `conv_fallbacks` (refusals), `linears_sparse`, and `sparse_layers`,
+        `sparse_weight_bytes`, `dense_weight_bytes` of the layers made sparse (zeros for a
+        dense plan, so every trial has the same keys)."""
+        linear_names = {getattr(lowering, "linear_name", None) for lowering in self.lowerings}
+        metrics = {f"convs_{_metric_name(lowering.name)}": float(self.lowered[lowering.name])
+                   for lowering in self.chain}
+        metrics["conv_fallbacks"] = float(sum(
+            count for reason, count in self.fallbacks.items()
+            if reason.split(": ", 1)[0] not in linear_names))
+        metrics["linears_sparse"] = float(sum(self.lowered[name] for name in linear_names
+                                              if name))
+        metrics.update({"sparse_layers": 0.0, "sparse_weight_bytes": 0.0,
+                        "dense_weight_bytes": 0.0})
+        for lowering in self.lowerings:
+            for key, value in lowering.metrics().items():
+                metrics[key] = metrics.get(key, 0.0) + value
+        return metrics
+
+
+def _metric_name(name: str) -> str:
+    return name.lower().replace(" ", "_")
 
 
 def primitive_named(name: str) -> Primitive:
@@ -440,7 +633,16 @@ def primitive_named(name: str) -> Primitive:
 
 
 def plan(cfg: AlgoConfig) -> Plan:
-    """A fresh dispatcher for one trial (its counters start at zero)."""
+    """A fresh dispatcher for one trial (its counters start at zero). Sparse format puts a
+    SparseLowering (the dense primitive's sparse kernel, `algo.block`, `algo.threshold`)
+    before the dense primitive."""
+    dense = primitive_named(cfg.conv)
     if cfg.format not in FORMATS:
         raise allowed("algo.format", cfg.format, FORMATS)
-    return Plan(primitive_named(cfg.conv))
+    if cfg.format == "dense":
+        return Plan(dense)
+    threshold = DEFAULT_THRESHOLD if cfg.threshold is None else cfg.threshold
+    if not 0.0 <= threshold <= 1.0:
+        raise BadInput(f"algo.threshold: {threshold!r} is out of range; allowed: 0.0 to 1.0")
+    block = block_shape(DEFAULT_BLOCK if cfg.block is None else cfg.block)
+    return Plan(SparseLowering(dense.sparse_kernel, block, threshold), dense)

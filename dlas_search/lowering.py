@@ -173,6 +173,9 @@ def to_fp16(mod: tvm.IRModule) -> tvm.IRModule:
 
 
 _BUFFER = re.compile(r'T\.Buffer\(\(.*?\), "(\w+)"\)')
+# kernel name prefix -> kind (the sparse kernels of algorithms.SparseLowering included)
+_KERNEL_KINDS = {"conv2d": "conv2d", "matmul": "matmul", "sparse_conv2d": "conv2d",
+                 "sparse_linear": "matmul"}
 
 
 def arithmetic_dtypes(mod: tvm.IRModule) -> dict[str, set[str]]:
@@ -181,7 +184,8 @@ def arithmetic_dtypes(mod: tvm.IRModule) -> dict[str, set[str]]:
     reviewer checks to see that int8 (or fp16) really computes in int8 (or fp16)."""
     found: dict[str, set[str]] = {"conv2d": set(), "matmul": set()}
     for var, func in mod.functions.items():
-        kind = next((k for k in found if var.name_hint.startswith(k)), None)
+        kind = next((kind for prefix, kind in _KERNEL_KINDS.items()
+                     if var.name_hint.startswith(prefix)), None)
         if kind is None or isinstance(func, relax.Function):
             continue
         signature = func.script().split("):\n", 1)[0]

@@ -270,9 +270,16 @@ class Space:
     def layer_variants(self, *layers: str) -> list[TrialConfig]:
         """Every combination of the categorical choices of `layers` (other parameters at their
         defaults): what a pre-flight check of those layers must see."""
+        return self.variants(*(n for n in self.params if n.split(".")[0] in layers))
+
+    def variants(self, *names: str) -> list[TrialConfig]:
+        """Every combination of the categorical choices of the parameters `names` (others at
+        their defaults), one per distinct setting of their layers."""
         import itertools
-        names = [n for n, p in self.params.items()
-                 if n.split(".")[0] in layers and p.choices is not None and not p.fixed]
+        layers = {n.split(".")[0] for n in names}
+        names = [n for n in names
+                 if n in self.params and self.params[n].choices is not None
+                 and not self.params[n].fixed]
         configs = []
         for combo in itertools.product(*(self.params[n].choices for n in names)):
             chosen: dict[str, Any] = {}
@@ -282,9 +289,18 @@ class Space:
             configs.append(self.configure(chosen))
         return list({c.key(*layers): c for c in configs}.values())
 
+    def ruled_out(self) -> str | None:
+        """Why no configuration of the space can run, when the constraints rule out every one
+        (e.g. `algo.format: sparse` with `compress.method: none`); None when some can."""
+        reasons = [infeasible(c) for c in self.variants(*CONSTRAINED)]
+        if reasons and all(reasons):
+            return (f"{self.path}: the space's constraints rule out every configuration: "
+                    f"{reasons[0]}")
+        return None
+
     def size(self) -> int | None:
-        """Number of distinct configurations, or None when a continuous range makes it
-        infinite (conditional parameters counted where they apply)."""
+        """Number of distinct configurations the constraints allow, or None when a continuous
+        range makes it infinite (conditional parameters counted where they apply)."""
         configs = [{}]
         for name, param in self.params.items():
             if param.choices is None and param.step is None:
@@ -296,7 +312,7 @@ class Space:
                 else:
                     nxt.append(chosen)
             configs = nxt
-        return len(configs)
+        return sum(infeasible(self.configure(chosen)) is None for chosen in configs)
 
     def show(self) -> str:
         """The space as a tree, by layer."""
@@ -314,6 +330,30 @@ class Space:
         size = self.size()
         lines.append(f"  size: {size if size is not None else 'infinite (continuous ranges)'}")
         return "\n".join(lines)
+
+
+# --- constraints: combinations of valid values that cannot run together ----------------------
+
+def _sparse_needs_unstructured_fp32(config: TrialConfig) -> str | None:
+    """The sparse kernels store zeros left by unstructured pruning and compute in fp32."""
+    method = config.compress.method
+    if config.algo.format != "sparse" or method == "unstructured":
+        return None
+    problem = ("no unstructured pruning" if "unstructured" not in method.split("+") else
+               f"{compression.technique(method).precision} arithmetic; the sparse kernels are "
+               "fp32")
+    return (f"algo.format sparse needs an unstructured-pruned fp32 model: compress.method "
+            f"unstructured (got {method}: {problem}); otherwise use algo.format dense")
+
+
+CONSTRAINTS = (_sparse_needs_unstructured_fp32,)
+CONSTRAINED = ("compress.method", "algo.format")  # the parameters the constraints read
+
+
+def infeasible(config: TrialConfig) -> str | None:
+    """Why the space rules this configuration out (naming the problem and what is allowed),
+    or None. A search prunes such a sample before any work; `dlas trial` refuses it."""
+    return next((reason for rule in CONSTRAINTS if (reason := rule(config))), None)
 
 
 def _all_names() -> list[str]:

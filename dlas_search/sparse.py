@@ -143,9 +143,11 @@ def _element_columns(sm: SparseMatrix) -> np.ndarray:
 
 
 def _mark_scheduled(func: tvm.tirx.PrimFunc) -> tvm.tirx.PrimFunc:
-    """Hand-scheduled: MetaSchedule and dlight skip it; opaque: FuseOps leaves it alone."""
+    """Hand-scheduled: MetaSchedule and dlight skip it; opaque: FuseOps leaves it alone.
+    Private (no global symbol of its own), so a module can hold one kernel per layer: the
+    build names each after its unique GlobalVar."""
     return func.with_attrs({"tirx.is_scheduled": True, "tir.is_scheduled": True,
-                            "op_pattern": 8, "tirx.noalias": True})
+                            "op_pattern": 8, "tirx.noalias": True}).without_attr("global_symbol")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -12,9 +12,12 @@ import torch.nn.functional as F
 import tvm
 from tvm import relax
 
-from dlas_search import algorithms, compiler, hardware, lowering, models
+from torch.nn.utils import prune
+
+from dlas_search import algorithms, compiler, compression, hardware, lowering, models, sparse
 from dlas_search.algorithms import AlgoConfig, CannotExpress, Plan, plan
 from dlas_search.errors import BadInput
+from dlas_search.space import LAYERS, TrialConfig, infeasible
 
 from conftest import compiled_error, randomise_batchnorm
 
@@ -267,3 +270,177 @@ def test_a_bare_primitive_still_plugs_into_the_compiler(name):
         torch.nn.Conv2d(8, 4, 1)))
     _, error = compiled_error(model, torch.randn(1, 3, 10, 10), conv=name)
     assert error <= 1e-4
+
+
+# --- sparse format -----------------------------------------------------------------------------
+
+def sparse_plan(conv="direct", block="1x1", threshold=None) -> Plan:
+    return plan(AlgoConfig(conv=conv, format="sparse", block=block, threshold=threshold))
+
+
+def pruned_cnn() -> torch.nn.Module:
+    """Three convs and a linear layer, magnitude-pruned: the 3x3 stem 70% (BatchNorm folded into
+    it keeps its zeros), a 3x3 stride-2 conv only 20% (below the 0.5 threshold: stays dense),
+    a 1x1 conv 80% and the classifier 60%."""
+    torch.manual_seed(0)
+    nn = torch.nn
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                          nn.Conv2d(8, 8, 3, stride=2, padding=1), nn.ReLU(),
+                          nn.Conv2d(8, 16, 1), nn.ReLU(),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 5))
+    for index, amount in ((0, 0.7), (3, 0.2), (5, 0.8), (9, 0.6)):
+        prune.l1_unstructured(model[index], "weight", amount)
+        prune.remove(model[index], "weight")
+    return randomise_batchnorm(model).eval()
+
+
+SPARSE_LAYERS = (0, 5, 9)  # the layers above the threshold, in pruned_cnn
+SPARSE_MODEL_CASES = {  # (algo.conv, algo.block): the sparse conv kernel, the dense primitive
+    ("direct", "1x1"): ("sparse direct", "direct"),
+    ("im2col_gemm", "4x1"): ("sparse im2col", "im2col_gemm"),
+    ("direct_nhwc", "1x1"): ("sparse direct", "direct_nhwc"),
+    ("winograd", "8x1"): ("sparse direct", "direct"),  # winograd refuses the stride-2 conv
+}
+
+
+@pytest.mark.parametrize("conv,block", list(SPARSE_MODEL_CASES))
+def test_sparse_plan_matches_pytorch_on_a_pruned_cnn(conv, block, target):
+    model, example = pruned_cnn(), torch.randn(2, 3, 10, 10)
+    conv_plan = sparse_plan(conv, block)
+    built = compiler.compile(model, example, conv_plan, compiler.CompilerConfig(), target)
+    with torch.no_grad():
+        ref = model(example).numpy()
+    assert compiler.max_relative_error(hardware.run_tvm(built.executable, example), ref) <= 1e-4
+
+    sparse_kernel, dense = SPARSE_MODEL_CASES[conv, block]
+    assert conv_plan.lowered == {sparse_kernel: 2, dense: 1, "sparse linear": 1}
+    refused = {f"{sparse_kernel}: sparsity 0.20 < 0.5": 1}
+    if conv == "winograd":
+        refused["winograd: stride 2x2"] = 1
+    assert conv_plan.fallbacks == refused
+    assert built.arithmetic["matmul"] == {"float32xfloat32->float32"}  # the sparse linear
+
+    # bytes: the kernels' constants (values, offsets, indptr: as CSR/BSR with one column per
+    # block) against the dense fp32 weights of the three sparse layers
+    rows, cols = map(int, block.split("x"))
+    weights = [model[i].weight.detach().numpy() for i in SPARSE_LAYERS]
+    stored = sum((sparse.conv_weight_to_sparse(w, 1, sparse.BlockShape(rows, cols)) if w.ndim == 4
+                  else sparse.to_sparse(w, sparse.BlockShape(rows, cols))).stored_bytes
+                 for w in weights)
+    metrics = conv_plan.metrics()
+    assert metrics["sparse_layers"] == 3 and metrics["linears_sparse"] == 1
+    assert metrics[f"convs_{sparse_kernel.replace(' ', '_')}"] == 2
+    assert metrics["conv_fallbacks"] == len(refused)
+    assert metrics["sparse_weight_bytes"] == stored
+    assert metrics["dense_weight_bytes"] == 4 * sum(w.size for w in weights)
+    if block == "1x1":  # CSR of 20-40% nonzeros: 8 bytes each, less than the dense 4 x all
+        assert metrics["sparse_weight_bytes"] < metrics["dense_weight_bytes"]
+
+
+def test_direct_nhwc_converts_only_the_dense_convs():
+    """The sparse kernels are NCHW: the convs the sparse lowering claims keep that layout."""
+    example = torch.randn(1, 3, 10, 10)
+    mod = compiler.fold_batchnorm(compiler.import_module(pruned_cnn(), example))
+    text = str(sparse_plan("direct_nhwc").rewrite(mod))
+    assert text.count('data_layout="NHWC"') == 1 and text.count('data_layout="NCHW"') == 2
+
+
+def half_zero_weight(case: Case) -> np.ndarray:
+    """A weight with exactly half its entries zero."""
+    _, w = random_case(case)
+    w.flat[np.random.default_rng(2).permutation(w.size)[:w.size // 2]] = 0
+    return w
+
+
+@pytest.mark.parametrize("threshold,sparse_conv", [(0.5, True), (0.75, False)])
+def test_threshold_decides_which_layers_go_sparse(threshold, sparse_conv, target):
+    case = CASES["3x3 asymmetric padding"]
+    x, w = random_case(case)[0], half_zero_weight(case)
+    conv_plan = sparse_plan(threshold=threshold)
+    mod = lower(conv_plan, conv_module(case, w))
+    assert relative_error(run(mod, target, x), reference(case, x, w)) <= 1e-4
+    if sparse_conv:  # sparsity 0.5 >= 0.5
+        assert conv_plan.lowered == {"sparse direct": 1} and not conv_plan.fallbacks
+        assert "sparse_conv2d_direct" in kernel_names(mod)
+    else:
+        assert conv_plan.lowered == {"direct": 1}
+        assert conv_plan.fallbacks == {"sparse direct: sparsity 0.50 < 0.75": 1}
+        assert not any(name.startswith("sparse") for name in kernel_names(mod))
+    assert conv_plan.metrics()["sparse_layers"] == float(sparse_conv)
+
+
+@pytest.mark.parametrize("dtype,out_dtype,weight_as_input,reason", [
+    ("uint8", "int32", False, "int8"),
+    ("float16", "float32", False, "float16"),
+    ("float32", None, True, "weight not constant"),
+])
+def test_sparse_refuses_what_its_kernels_cannot_compute(dtype, out_dtype, weight_as_input,
+                                                        reason):
+    case = CASES["1x1"]
+    w = half_zero_weight(case).astype("int8" if dtype == "uint8" else dtype)
+    conv_plan = sparse_plan(threshold=0.0)
+    lower(conv_plan, conv_module(case, w, dtype, out_dtype, weight_as_input))
+    assert conv_plan.lowered == {"direct": 1}
+    assert conv_plan.fallbacks == {f"sparse direct: {reason}": 1}
+
+
+def test_matmul_without_a_constant_weight_keeps_relax_legalisation():
+    bb = relax.BlockBuilder()
+    x, y = (relax.Var(n, relax.TensorType((2, 8), "float32")) for n in "xy")
+    with bb.function("main", [x, y]):
+        with bb.dataflow():
+            out = bb.emit_output(relax.op.matmul(x, relax.op.permute_dims(y)))
+        bb.emit_func_output(out)
+    conv_plan = sparse_plan(threshold=0.0)
+    assert set(conv_plan.legalize_map()) == {"relax.nn.conv2d", "relax.matmul"}
+    mod = lower(conv_plan, bb.get())
+    assert conv_plan.fallbacks == {"sparse linear: weight not constant": 1}
+    assert not conv_plan.lowered and "matmul" in kernel_names(mod)
+
+
+def test_dense_plan_reports_the_same_metric_names_with_zeros():
+    case = CASES["1x1"]
+    conv_plan = plan(AlgoConfig(conv="direct"))
+    lower(conv_plan, conv_module(case, random_case(case)[1]))
+    assert list(conv_plan.legalize_map()) == ["relax.nn.conv2d"]
+    assert conv_plan.metrics() == {"convs_direct": 1.0, "conv_fallbacks": 0.0,
+                                   "linears_sparse": 0.0, "sparse_layers": 0.0,
+                                   "sparse_weight_bytes": 0.0, "dense_weight_bytes": 0.0}
+
+
+def test_bad_sparse_settings_are_bad_input_listing_what_is_allowed():
+    with pytest.raises(BadInput) as error:
+        sparse_plan(block="3x3")
+    for word in ["algo.block", "'3x3'", "1x1", "4x1", "4x4"]:
+        assert word in str(error.value)
+    with pytest.raises(BadInput, match="algo.threshold: 1.5 is out of range; allowed: 0.0 to 1.0"):
+        sparse_plan(threshold=1.5)
+    with pytest.raises(BadInput, match="algo.format: 'csr' is not allowed; allowed: dense, sparse"):
+        plan(AlgoConfig(format="csr"))
+    block = AlgoConfig.__dataclass_fields__["block"].metadata
+    assert block["when"] == {"algo.format": ("sparse",)} and block["unset"] == "1x1"
+    assert [algorithms.block_shape(b) for b in ("1x1", "4x1", "1x4")] == [
+        sparse.BlockShape(1, 1), sparse.BlockShape(4, 1), sparse.BlockShape(1, 4)]
+
+
+def trial_config(method: str, fmt: str = "sparse") -> TrialConfig:
+    groups = {layer: cls() for layer, cls in LAYERS.items()}
+    groups["compress"] = compression.CompressConfig(
+        method, amount=0.8 if "unstructured" in method else None)
+    groups["algo"] = AlgoConfig(format=fmt)
+    return TrialConfig(**groups)
+
+
+def test_sparse_format_needs_an_unstructured_pruned_fp32_model():
+    assert infeasible(trial_config("unstructured")) is None
+    assert infeasible(trial_config("none", "dense")) is None
+    assert infeasible(trial_config("int8", "dense")) is None
+    assert infeasible(trial_config("none")) == (
+        "algo.format sparse needs an unstructured-pruned fp32 model: compress.method "
+        "unstructured (got none: no unstructured pruning); otherwise use algo.format dense")
+    for method, problem in (("int8", "no unstructured pruning"),
+                            ("channel", "no unstructured pruning"),
+                            ("unstructured+int8", "int8 arithmetic"),
+                            ("unstructured+fp16", "fp16 arithmetic")):
+        reason = infeasible(trial_config(method))
+        assert f"(got {method}: {problem}" in reason and "compress.method unstructured" in reason

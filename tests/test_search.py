@@ -2,9 +2,13 @@
 import json
 
 import optuna
+import pytest
 from mlflow.tracking import MlflowClient
 
-from dlas_search import compiler, tracking
+from conftest import TINY_SPACE, write_space
+from dlas_search import compiler, pipeline, tracking
+from dlas_search.cli import main
+from dlas_search.errors import BadInput
 from dlas_search.search import default_storage, run_search
 from dlas_search.space import load_space
 
@@ -90,3 +94,55 @@ def test_a_failing_trial_fails_alone(tiny_space, cache_dir, monkeypatch):
     assert "Traceback" in text and "injected compiler fault" in text
     assert parents[0].info.status == "FINISHED"
     assert len(outcome.front) >= 1  # the finished trial still makes a front
+
+
+# sparse format only for unstructured-pruned fp32 models: a constraint across two layers
+SPARSE_SPACE = TINY_SPACE.replace("amount: [0.5, 0.8]", "amount: 0.8").replace(
+    "algo: {conv: [direct, direct_nhwc]}", "algo: {conv: [direct, im2col_gemm], format: sparse}")
+NEEDS_PRUNING = "algo.format sparse needs an unstructured-pruned fp32 model"
+
+
+def test_search_prunes_ruled_out_samples_before_any_work(workdir, monkeypatch):
+    """Half the space (compress.method none with sparse format) is ruled out: those samples
+    are pruned with the reason, get no MLflow run and do not count against the budget."""
+    ran = []
+
+    def run_instantly(config, cache=None):  # the pipeline is not what is tested here
+        ran.append(config)
+        return pipeline.TrialResult({"accuracy": 0.5, "latency_ms": float(len(ran)),
+                                     "size_mb": 1.0, "speedup_vs_torch": 1.0, "sparsity": 0.8})
+
+    monkeypatch.setattr(pipeline, "run", run_instantly)
+    space = load_space(write_space(workdir, SPARSE_SPACE))
+    storage = f"sqlite:///{workdir}/optuna.db"
+    study = optuna.create_study(study_name="sparse", storage=storage,
+                                directions=space.directions)
+    study.enqueue_trial({"compress.method": "none", "algo.conv": "direct"})  # sampled first
+    outcome = run_search(space, study_name="sparse", trials=2, storage=storage)
+    trials = outcome.study.trials
+    ruled_out = [t for t in trials if "infeasible" in t.user_attrs]
+    complete = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
+    assert ruled_out and len(complete) == 2
+    for t in ruled_out:
+        assert t.state == optuna.trial.TrialState.PRUNED
+        assert t.params["compress.method"] == "none"
+        assert t.user_attrs["infeasible"].startswith(NEEDS_PRUNING)
+        assert "mlflow_run_id" not in t.user_attrs
+    assert [c.compress.method for c in ran] == ["unstructured", "unstructured"]
+    _, _, children = child_runs("sparse")
+    assert len(children) == 2
+
+
+@pytest.mark.parametrize("command", ["search", "trial"])
+def test_a_ruled_out_configuration_is_bad_input_before_anything_is_written(workdir, command,
+                                                                          capsys):
+    """`dlas trial` on a ruled-out configuration, and `dlas search` on a space that has only
+    ruled-out ones (sparse format, method none): exit 2 with the reason, nothing written."""
+    path = write_space(workdir, SPARSE_SPACE.replace("method: [none, unstructured]",
+                                                     "method: [none, int8]"), "bad.yaml")
+    with pytest.raises(BadInput, match=NEEDS_PRUNING):
+        run_search(load_space(path))
+    assert main([command, "--space", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert NEEDS_PRUNING in err and "got none" in err
+    assert sorted(p.name for p in workdir.iterdir()) == ["bad.yaml"]
