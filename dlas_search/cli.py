@@ -149,7 +149,8 @@ def cmd_trial(args) -> int:
                        "run_id": run_id, "error": f"{type(e).__name__}: {e}"}
             code = 1
         else:
-            tracker.finish_trial(run_id, result.metrics, result.tags())
+            tracker.finish_trial(run_id, result.metrics, result.tags(), result.artifacts)
+            result.discard_artifacts()
             tracker.close_study("FINISHED")
             outcome = {"params": config.params(), "metrics": result.metrics,
                        "status": "FINISHED", "run_id": run_id}

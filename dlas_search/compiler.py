@@ -2,12 +2,16 @@
 
 torch.export -> Relax (weights as constants; int8 convs and matmuls as integer arithmetic) ->
 fp16 mixed precision if asked -> BatchNorm folded into convs -> the algorithm layer's rewrite and
-legalisation -> `tvm.compile` for the hardware layer's target.
+legalisation -> MetaSchedule tuning if asked (tuning.py) -> `tvm.compile` for the hardware
+layer's target. `compiler.backend: torch` skips all of it: PyTorch eager runs the model, timed
+under the same protocol, so a search can find where TVM does not pay.
 """
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -15,16 +19,28 @@ import tvm
 from tvm import relax
 from tvm.relax.frontend.torch import from_exported_program
 
-from . import lowering
+from . import lowering, tuning
 from .algorithms import Primitive
+from .errors import BadInput
 
-TUNERS = ("none",)
+BACKENDS = ("tvm", "torch")
+TUNERS = ("none", "metaschedule")
+DEFAULT_TRIALS = 200
+DEFAULT_DATABASE = "tracking/tuning"
 
 
 @dataclass(frozen=True)
 class CompilerConfig:
-    backend: str = field(default="tvm", metadata={"choices": ("tvm",)})
+    backend: str = field(default="tvm", metadata={"choices": BACKENDS})
+    # `none`: TVM's default lowering (plain loops); `metaschedule`: tuned schedules.
     tuner: str = field(default="none", metadata={"choices": TUNERS})
+    # MetaSchedule's measurement budget for the model's tasks not yet in the database.
+    trials: int | None = field(default=None, metadata={
+        "min": 1, "max": 1_000_000, "when": {"compiler.tuner": ("metaschedule",)},
+        "unset": DEFAULT_TRIALS})
+    # Tuning database folder (one subfolder per target); unset: tracking/tuning.
+    database: str | None = field(default=None, metadata={
+        "when": {"compiler.tuner": ("metaschedule",)}, "unset": "tracking/tuning"})
 
 
 @dataclass
@@ -34,6 +50,20 @@ class Compiled:
     metrics: dict[str, float]
     # dtypes of the compiled conv and matmul kernels, e.g. {"conv2d": {"uint8xint8->int32"}}
     arithmetic: dict[str, set[str]] = field(default_factory=dict)
+    tuning: tuning.TuningReport | None = None
+
+
+def check(cfg: CompilerConfig) -> None:
+    """Checks that need no work: a tuning database must be a folder this user can write."""
+    if cfg.tuner != "metaschedule":
+        return
+    path = Path(cfg.database or DEFAULT_DATABASE)
+    if path.exists() and not path.is_dir():
+        raise BadInput(f"compiler.database: {path} is not a folder; give a folder (it holds a "
+                       "JSON database per target), e.g. tracking/tuning")
+    existing = next((p for p in (path, *path.parents) if p.exists()), Path("."))
+    if not os.access(existing, os.W_OK):
+        raise BadInput(f"compiler.database: cannot write in {existing}; give a writable folder")
 
 
 def _count(mod: tvm.IRModule, op_name: str) -> int:
@@ -70,8 +100,10 @@ def fold_batchnorm(mod: tvm.IRModule) -> tvm.IRModule:
 
 
 def compile(module: torch.nn.Module, example: torch.Tensor, algo: Primitive,
-            cfg: CompilerConfig, target: tvm.target.Target, precision: str = "fp32") -> Compiled:
-    """Compile `module` for `target` in `precision`, lowering convs with the primitive `algo`."""
+            cfg: CompilerConfig, target: tvm.target.Target, precision: str = "fp32",
+            records_to: Path | None = None) -> Compiled:
+    """Compile `module` for `target` in `precision`, lowering convs with `algo` (a primitive
+    or a Plan) and tuning with `cfg.tuner`; `records_to` receives the tuning records used."""
     start = time.perf_counter()
     mod = import_module(module, example, precision)
     batchnorms = _count(mod, "R.nn.batch_norm")
@@ -80,14 +112,22 @@ def compile(module: torch.nn.Module, example: torch.Tensor, algo: Primitive,
         mod = relax.transform.FoldConstant()(lowering.to_fp16(mod))
     mod = algo.rewrite(mod)
     convs = _count(mod, "R.nn.conv2d")  # before a custom legalisation lowers them away
-    mod = relax.transform.LegalizeOps(customize_legalize_map=algo.legalize_map() or None)(mod)
+    with target:  # the sparse kernels read their vector width from the target
+        mod = relax.transform.LegalizeOps(
+            customize_legalize_map=algo.legalize_map() or None)(mod)
     dtypes = lowering.arithmetic_dtypes(mod)  # of the TIR kernels tvm.compile builds
+    report = None
+    if cfg.tuner == "metaschedule":
+        threads = int(target.attrs.get("num-cores", 1))
+        mod, report = tuning.tune(mod, target, cfg.trials or DEFAULT_TRIALS,
+                                  cfg.database or DEFAULT_DATABASE, threads=threads,
+                                  export_to=records_to)
     executable = tvm.compile(mod, target)
-    return Compiled(executable, {
-        "compile_s": time.perf_counter() - start,
-        "batchnorm_folded": float(batchnorms),
-        "conv_layers": float(convs),
-    }, dtypes)
+    metrics = {"compile_s": time.perf_counter() - start,
+               "batchnorm_folded": float(batchnorms), "conv_layers": float(convs),
+               **(algo.metrics() if hasattr(algo, "metrics") else {}),
+               **(report.metrics() if report else {})}
+    return Compiled(executable, metrics, dtypes, report)
 
 
 def max_relative_error(ours: np.ndarray, reference: np.ndarray) -> float:

@@ -5,14 +5,18 @@
 """
 from __future__ import annotations
 
+import shutil
+import tempfile
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
 from . import algorithms, compiler, compression, data, hardware, models
 from .cache import StageCache
-from .space import TrialConfig
+from .errors import BadInput
+from .space import TrialConfig, infeasible
 
 
 @dataclass
@@ -24,6 +28,15 @@ class TrialResult:
     compressed: compression.Compressed | None = None
     built: compiler.Compiled | None = None
     dataset: data.Data | None = None
+    # folders the trial's run keeps as artifacts (name -> folder), e.g. the tuning records
+    artifacts: dict[str, Path] = field(default_factory=dict)
+
+    def discard_artifacts(self) -> None:
+        """Remove the artifact folders once they are logged (they live in temporary space)."""
+        for folder in self.artifacts.values():
+            shutil.rmtree(folder.parent if folder.parent.name.startswith("dlas-") else folder,
+                          ignore_errors=True)
+        self.artifacts.clear()
 
     def tags(self) -> dict[str, str]:
         """MLflow tags of the trial: `cache.<stage>` hit/miss and `dlas.<info>`."""
@@ -34,15 +47,27 @@ class TrialResult:
 def run(cfg: TrialConfig, cache: StageCache | None = None) -> TrialResult:
     """Run one configuration through the six layers and measure it."""
     cache = cache or StageCache(None)
+    reason = infeasible(cfg)  # before any work (a search prunes these before calling run)
+    if reason:
+        raise BadInput(reason)
     device = hardware.resolve(cfg.hw)                                          # L6 target
     dataset = data.load(cfg.data, cfg.seed)                                    # L1
     stages = _Stages(cfg, cache, dataset)
     compressed, ft_hit = cache.get_or_make(                                    # L2 + L3
         "finetune", stages.key("compress", "finetune"), stages.compress)
-    primitive = algorithms.plan(cfg.algo)                                      # L4
-    built = compiler.compile(compressed.module, dataset.example(), primitive,  # L5
-                             cfg.compiler, device.target, compressed.precision)
-    result = measure(compressed, built, dataset, device, cfg)                  # L6
+    if cfg.compiler.backend == "torch":                                        # L5: eager
+        result, built = measure_eager(compressed, dataset, device, cfg), None
+    else:
+        primitive = algorithms.plan(cfg.algo)                                  # L4
+        records = Path(tempfile.mkdtemp(prefix="dlas-records-")) / "tuning"
+        built = compiler.compile(compressed.module, dataset.example(), primitive,  # L5
+                                 cfg.compiler, device.target, compressed.precision,
+                                 records_to=records if cfg.compiler.tuner != "none" else None)
+        result = measure(compressed, built, dataset, device, cfg)              # L6
+        if records.exists():
+            result.artifacts["tuning"] = records
+        if built.tuning is not None and built.tuning.untuned:
+            result.info["untuned_tasks"] = ", ".join(built.tuning.untuned)[:5000]
     result.cache = {"model": stages.model_cache, "finetune": "hit" if ft_hit else "miss"}
     result.compressed, result.built, result.dataset = compressed, built, dataset
     if ft_hit:  # nothing was fine-tuned or quantised in this trial
@@ -50,8 +75,9 @@ def run(cfg: TrialConfig, cache: StageCache | None = None) -> TrialResult:
     result.metrics.setdefault("train_s", stages.train_s)
     result.info.update(stages.provenance)
     result.info["precision"] = compressed.precision
-    result.info["arithmetic"] = "; ".join(  # what the compiled convs and matmuls multiply
-        f"{op} {', '.join(sorted(kinds))}" for op, kinds in built.arithmetic.items() if kinds)
+    if built is not None:
+        result.info["arithmetic"] = "; ".join(  # what the compiled convs and matmuls multiply
+            f"{op} {', '.join(sorted(kinds))}" for op, kinds in built.arithmetic.items() if kinds)
     return result
 
 
@@ -76,6 +102,21 @@ class _Stages:
         self.model_cache, self.train_s = ("hit" if hit else "miss"), time.perf_counter() - start
         torch.manual_seed(cfg.seed)
         return compression.compress(cfg.compress, cfg.finetune, trained, self.dataset)
+
+
+def measure_eager(compressed: compression.Compressed, dataset: data.Data,
+                  device: hardware.Device, cfg: TrialConfig) -> TrialResult:
+    """Layer 6 for `compiler.backend: torch`: PyTorch eager is the deployed code; it is timed
+    once, under the protocol that times TVM, and is its own baseline."""
+    start = time.perf_counter()
+    eager = hardware.time_torch(compressed.module, dataset.example(), cfg.hw)
+    metrics = {**compressed.metrics, "compile_s": 0.0,
+               "latency_ms": eager.median_ms, "latency_std_ms": eager.std_ms,
+               "latency_p90_ms": eager.p90_ms, "torch_latency_ms": eager.median_ms,
+               "torch_latency_std_ms": eager.std_ms, "speedup_vs_torch": 1.0,
+               "measure_s": time.perf_counter() - start}
+    return TrialResult(metrics, info={"device": device.description, "target": "torch eager",
+                                      "threads": str(device.threads)})
 
 
 def measure(compressed: compression.Compressed, built: compiler.Compiled, dataset: data.Data,

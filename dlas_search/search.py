@@ -15,10 +15,10 @@ import optuna
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
 
-from . import data, models, pareto, pipeline, tracking
+from . import compiler, data, models, pareto, pipeline, tracking
 from .cache import StageCache
 from .errors import BadInput
-from .space import Space, TrialConfig
+from .space import Space, TrialConfig, infeasible
 
 
 def default_storage() -> str:
@@ -39,15 +39,28 @@ def check_storage(url: str) -> str:
 
 def preflight(space: Space) -> None:
     """Checks that need no work (folders, packages, checkpoints) for every data and model
-    choice of the space: a missing dataset stops the study before it starts, not every trial."""
-    for config in space.layer_variants("data", "model"):
-        check_config(config)
+    choice of the space: a missing dataset stops the study before it starts, not every trial;
+    so does a space whose constraints rule out every configuration."""
+    for config in space.layer_variants("data", "model", "compiler"):
+        _check_layers(config)
+    reason = space.ruled_out()
+    if reason:
+        raise BadInput(reason)
 
 
 def check_config(config: TrialConfig) -> None:
-    """The layers' own early checks of one configuration (raise BadInput)."""
+    """The early checks of one configuration to run (raise BadInput): the layers' own, and
+    the space's constraints (e.g. sparse format only for unstructured-pruned fp32 models)."""
+    _check_layers(config)
+    reason = infeasible(config)
+    if reason:
+        raise BadInput(reason)
+
+
+def _check_layers(config: TrialConfig) -> None:
     data.check(config.data)
     models.check(config.model)
+    compiler.check(config.compiler)
 
 
 def make_sampler(space: Space, already: int) -> optuna.samplers.BaseSampler:
@@ -125,8 +138,9 @@ def run_search(space: Space, *, study_name: str | None = None, trials: int | Non
     finally:
         budget.bar.close()
         if budget.exhausted:
-            _say(f"stopped early: the last {budget.duplicates} samples all repeated finished "
-                 "trials (the space looks exhausted)")
+            _say(f"stopped early: the last {budget.skipped} samples all repeated finished "
+                 "trials or were ruled out by the space's constraints (the space looks "
+                 "exhausted)")
         out = Path(out_dir) if out_dir else tracking.TRACKING_DIR / "pareto" / name
         front = []
         try:
@@ -151,22 +165,23 @@ def _say(line: str) -> None:
 
 class _Budget:
     """Stops the study after `trials` trials that ran (complete or failed), or when the sampler
-    only proposes configurations that already ran (a small space is exhausted)."""
+    only proposes configurations that already ran or that the space rules out (`max_skipped`
+    in a row: a small space is exhausted). Skipped samples do not count against the budget."""
 
-    def __init__(self, trials: int, max_duplicates: int = 30):
+    def __init__(self, trials: int, max_skipped: int = 30):
         from tqdm import tqdm
-        self.trials, self.max_duplicates = trials, max_duplicates
-        self.ran = self.duplicates = 0
+        self.trials, self.max_skipped = trials, max_skipped
+        self.ran = self.skipped = 0
         self.exhausted = False
         self.bar = tqdm(total=trials, desc="study", unit="trial", file=sys.stderr)
 
     def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
-        if "duplicate_of" in trial.user_attrs:
-            self.duplicates += 1
-            self.exhausted = self.duplicates >= self.max_duplicates
+        if {"duplicate_of", "infeasible"} & set(trial.user_attrs):
+            self.skipped += 1
+            self.exhausted = self.skipped >= self.max_skipped
         else:
             self.ran += 1
-            self.duplicates = 0
+            self.skipped = 0
             self.bar.update(1)
         if self.ran >= self.trials or self.exhausted:
             study.stop()
@@ -174,13 +189,18 @@ class _Budget:
 
 class _Objective:
     """One Optuna trial: sample, run the pipeline, log to MLflow; failures fail alone.
-    A configuration that already completed is pruned before any work (`duplicate_of`)."""
+    A configuration the space's constraints rule out (`infeasible`: the reason) or that
+    already completed (`duplicate_of`) is pruned before any work, with no MLflow run."""
 
     def __init__(self, space: Space, tracker: tracking.Tracker, cache: StageCache):
         self.space, self.tracker, self.cache = space, tracker, cache
 
     def __call__(self, trial: optuna.Trial) -> list[float]:
         config = self.space.suggest(trial)
+        reason = infeasible(config)
+        if reason:
+            trial.set_user_attr("infeasible", reason)
+            raise optuna.TrialPruned(reason)
         key = json.dumps(config.params(), sort_keys=True, default=str)
         for earlier in trial.study.get_trials(deepcopy=False,
                                               states=(optuna.trial.TrialState.COMPLETE,)):
@@ -202,7 +222,8 @@ class _Objective:
             _say(f"[trial {trial.number}] {config.summary()} FAILED: {reason}")
             raise
         result.metrics["trial_s"] = time.perf_counter() - start
-        self.tracker.finish_trial(run_id, result.metrics, result.tags())
+        self.tracker.finish_trial(run_id, result.metrics, result.tags(), result.artifacts)
+        result.discard_artifacts()
         for key in ("accuracy", "latency_ms", "size_mb", "speedup_vs_torch", "sparsity"):
             trial.set_user_attr(key, result.metrics[key])
         shown = ", ".join(f"{m} {result.metrics[m]:.4g}" for m in self.space.objectives)

@@ -139,9 +139,14 @@ class Tracker:
                               params=[Param(k, _param_value(v)) for k, v in params.items()])
         return run.info.run_id
 
-    def finish_trial(self, run_id: str, metrics: dict[str, float], tags: dict[str, str]) -> None:
+    def finish_trial(self, run_id: str, metrics: dict[str, float], tags: dict[str, str],
+                     artifacts: dict[str, Path] | None = None) -> None:
+        """Log the trial's results and keep its artifact folders (e.g. `tuning`: the records
+        its compiled schedules came from), then end the run."""
         self.client.log_batch(run_id, metrics=_metrics(metrics),
                               tags=[RunTag(k, v) for k, v in tags.items()])
+        for name, folder in (artifacts or {}).items():
+            self.client.log_artifacts(run_id, str(folder), name)
         self.client.set_terminated(run_id, "FINISHED")
 
     def fail_trial(self, run_id: str, error: str, status: str = "FAILED") -> None:

@@ -1,0 +1,184 @@
+"""Layers 4-5 against PyTorch eager: untuned and MetaSchedule-tuned TVM, dense and sparse.
+
+Two tables, each measured side by side in one process on the local CPU, batch 1, in
+interleaved rounds (every round times every variant once), so machine noise hits all alike.
+Latencies are medians over rounds of the protocol's per-round median (hardware.time_tvm /
+time_torch); the spread is the min-max over rounds.
+
+    # tuned vs untuned vs PyTorch (tuning records kept in --database and reused)
+    python bench/compiler.py tuned --models resnet18,mobilenet_v2 --sizes 224,32 --trials 1000
+    # resnet18 pruned: sparse vs dense per primitive under one tuning setting
+    python bench/compiler.py sparse --size 224 --sparsities 0.5,0.7,0.9,0.95
+
+Tuning wall time and trial counts are those of the run that tuned (kept beside the database in
+bench-tuning.json), so a re-run that reuses the records still reports what tuning cost.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from dlas_search import algorithms, compiler, hardware, models, tuning
+
+
+def spread(values: list[float]) -> str:
+    return f"{statistics.median(values):.2f} ({min(values):.2f}-{max(values):.2f})"
+
+
+def interleaved(rounds: int, timers: dict[str, callable]) -> dict[str, list[float]]:
+    """Each timer once per round, in turn; returns ms per name over rounds."""
+    out = {name: [] for name in timers}
+    for _ in range(rounds):
+        for name, timer in timers.items():
+            out[name].append(timer())
+    return out
+
+
+def build(model, example, conv: str, tuner: str, args, target, fmt: str = "dense",
+          **algo) -> compiler.Compiled:
+    cfg = compiler.CompilerConfig(tuner=tuner, trials=args.trials if tuner != "none" else None,
+                                  database=args.database if tuner != "none" else None)
+    plan = algorithms.plan(algorithms.AlgoConfig(conv=conv, format=fmt, **algo))
+    built = compiler.compile(model, example, plan, cfg, target)
+    built.plan = plan
+    return built
+
+
+def tuning_log(args) -> tuple[Path, dict]:
+    path = Path(args.database) / "bench-tuning.json"
+    return path, (json.loads(path.read_text()) if path.exists() else {})
+
+
+def record_tuning(args, key: str, report: tuning.TuningReport) -> dict:
+    """What tuning cost, kept across runs: a run that only reuses records adds nothing."""
+    path, book = tuning_log(args)
+    entry = book.get(key, {"trials": 0, "tune_s": 0.0})
+    if report.new_trials:
+        entry = {"trials": entry["trials"] + report.new_trials,
+                 "tune_s": round(entry["tune_s"] + report.tune_s, 1)}
+        book[key] = entry
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(book, indent=1, sort_keys=True))
+    return entry
+
+
+def tuned_table(args, hw, device) -> None:
+    print("| model | input | conv | PyTorch eager ms | TVM untuned ms | untuned / PyTorch | "
+          "TVM tuned ms | tuned / PyTorch | trials (tuning wall time) | tasks tuned |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |", flush=True)
+    for size in args.sizes:
+        for arch in args.models:
+            torch.manual_seed(0)
+            model = models.create(models.ModelConfig(arch=arch), 1000).eval()
+            example = torch.randn(1, 3, size, size)
+            conv = args.conv
+            untuned = build(model, example, conv, "none", args, device.target)
+            tuned = build(model, example, conv, "metaschedule", args, device.target)
+            report = tuned.tuning
+            cost = record_tuning(args, f"{arch}-{size}-{conv}-{device.threads}t", report)
+            ref = model(example).detach().numpy()
+            error = compiler.max_relative_error(hardware.run_tvm(tuned.executable, example), ref)
+            assert error < 1e-3, f"tuned {arch} differs from PyTorch: {error:.2e}"
+            times = interleaved(args.rounds, {
+                "eager": lambda: hardware.time_torch(model, example, hw).median_ms,
+                "untuned": lambda: hardware.time_tvm(untuned.executable, example, hw).median_ms,
+                "tuned": lambda: hardware.time_tvm(tuned.executable, example, hw).median_ms})
+            ratio = {k: [t / e for t, e in zip(times[k], times["eager"])]
+                     for k in ("untuned", "tuned")}
+            print(f"| {arch} | {size}x{size} | {conv} | {spread(times['eager'])} | "
+                  f"{spread(times['untuned'])} | {spread(ratio['untuned'])} | "
+                  f"{spread(times['tuned'])} | {spread(ratio['tuned'])} | "
+                  f"{cost['trials']} ({cost['tune_s'] / 60:.0f} min) | "
+                  f"{report.scheduled}/{report.scheduled + len(report.untuned)} |", flush=True)
+
+
+def prune(model: torch.nn.Module, amount: float) -> torch.nn.Module:
+    """Magnitude pruning of every conv and linear weight, layer by layer (unstructured)."""
+    import copy
+    pruned = copy.deepcopy(model)
+    with torch.no_grad():
+        for module in pruned.modules():
+            if isinstance(module, (torch.nn.Conv2d, torch.nn.Linear)):
+                w = module.weight
+                k = int(amount * w.numel())
+                if k:
+                    cut = w.abs().flatten().kthvalue(k).values
+                    w[w.abs() <= cut] = 0.0
+    return pruned.eval()
+
+
+def sparse_table(args, hw, device) -> None:
+    tuner = args.tuner
+    print(f"resnet18 {args.size}x{args.size}, magnitude-pruned per layer; tuner {tuner}"
+          + (f" ({args.trials} trials per model, records reused)" if tuner != "none" else ""))
+    print("| sparsity | conv | dense ms | sparse ms | sparse / dense | sparse / best dense | "
+          "layers sparse | PyTorch eager ms |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |", flush=True)
+    torch.manual_seed(0)
+    base = models.create(models.ModelConfig(arch="resnet18"), 1000).eval()
+    example = torch.randn(1, 3, args.size, args.size)
+    for amount in args.sparsities:
+        model = prune(base, amount)
+        ref = model(example).detach().numpy()
+        builds = {}
+        for conv in args.primitives:
+            builds[(conv, "dense")] = build(model, example, conv, tuner, args, device.target)
+            builds[(conv, "sparse")] = build(model, example, conv, tuner, args, device.target,
+                                             "sparse", block=args.block,
+                                             threshold=args.threshold)
+        for key, built in builds.items():
+            error = compiler.max_relative_error(hardware.run_tvm(built.executable, example), ref)
+            assert error < 1e-3, f"{key} differs from PyTorch: {error:.2e}"
+        timers = {key: (lambda b=b: hardware.time_tvm(b.executable, example, hw).median_ms)
+                  for key, b in builds.items()}
+        timers["eager"] = lambda: hardware.time_torch(model, example, hw).median_ms
+        times = interleaved(args.rounds, timers)
+        best_dense = min(args.primitives,
+                         key=lambda c: statistics.median(times[(c, "dense")]))
+        for conv in args.primitives:
+            dense, sparse = times[(conv, "dense")], times[(conv, "sparse")]
+            vs_best = [s / d for s, d in zip(sparse, times[(best_dense, "dense")])]
+            sparse_layers = builds[(conv, "sparse")].metrics.get("sparse_layers", float("nan"))
+            print(f"| {amount:.0%} | {conv} | {spread(dense)} | {spread(sparse)} | "
+                  f"{spread([s / d for s, d in zip(sparse, dense)])} | "
+                  f"{spread(vs_best)} ({best_dense}) | {sparse_layers:.0f} | "
+                  f"{spread(times['eager'])} |", flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("table", choices=("tuned", "sparse"))
+    parser.add_argument("--models", type=lambda s: s.split(","),
+                        default=["resnet18", "mobilenet_v2"])
+    parser.add_argument("--sizes", type=lambda s: [int(x) for x in s.split(",")],
+                        default=[224, 32])
+    parser.add_argument("--size", type=int, default=224, help="input size of the sparse table")
+    parser.add_argument("--conv", default="direct_nhwc", help="conv primitive of the tuned table")
+    parser.add_argument("--primitives", type=lambda s: s.split(","),
+                        default=["direct", "im2col_gemm"])
+    parser.add_argument("--sparsities", type=lambda s: [float(x) for x in s.split(",")],
+                        default=[0.5, 0.7, 0.9, 0.95])
+    parser.add_argument("--block", default="1x1")
+    parser.add_argument("--threshold", type=float, default=0.3)
+    parser.add_argument("--tuner", default="none", choices=compiler.TUNERS)
+    parser.add_argument("--trials", type=int, default=1000)
+    parser.add_argument("--database", default="tracking/tuning")
+    parser.add_argument("--threads", type=int, default=0, help="0: all cores")
+    parser.add_argument("--rounds", type=int, default=5)
+    args = parser.parse_args()
+    import os
+    threads = args.threads or os.cpu_count()
+    hw = hardware.HardwareConfig(threads=threads, repeat=10, min_repeat_ms=100)
+    device = hardware.resolve(hw)
+    print(f"# {device.description}; target {device.target}; batch 1; {args.rounds} "
+          f"interleaved rounds; torch {torch.__version__}; {time.strftime('%Y-%m-%d %H:%M')}\n")
+    (tuned_table if args.table == "tuned" else sparse_table)(args, hw, device)
+
+
+if __name__ == "__main__":
+    main()

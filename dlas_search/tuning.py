@@ -1,0 +1,200 @@
+"""Layer 5, tuning: MetaSchedule schedules for a model's task functions, kept and reused.
+
+    tuned, report = tune(mod, target, trials=200, database_dir="tracking/tuning")
+
+`mod` is a legalised Relax module (the algorithm layer has lowered its convs). It is fused
+with the "zero" pipeline first (MetaSchedule finds no tasks in an unfused module), each fused
+TIR function is a task, and the database is applied with `MetaScheduleApplyDatabase` (not
+`compile_relax`, which re-fuses and misses records). The database lives in one folder per
+target under `database_dir`, so its records are keyed by workload (MetaSchedule's structural
+hash) and target: a task with a record there is reused and spends no new trials. Functions
+that carry their own schedule (our sparse kernels, `tirx.is_scheduled`) are not tasks.
+
+Kept free of torch so the builder and runner worker processes start quickly.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import re
+import shutil
+import sys
+import tempfile
+import time
+import types
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+
+import tvm
+from tvm import relax
+from tvm.ir.utils import derived_object
+from tvm.s_tir import meta_schedule as ms
+
+log = logging.getLogger(__name__)
+
+SCHEDULED = "tirx.is_scheduled"
+# Tensor-intrinsic tables the builder workers import but an x86 build never uses; the CUDA one
+# alone took 20-50 s to import here, past the builder's time-out (TVM.md, pitfall 2).
+_FOREIGN_INTRINSICS = ("cuda", "rocm", "hexagon", "arm_cpu", "riscv_cpu", "metal")
+
+
+def _stub_foreign_intrinsics() -> None:
+    """Empty modules in place of the non-x86 intrinsic tables: in the builder workers (their
+    initializer) and in this process before a CPU tuning run (the schedule rules import the
+    tables: 38 s here, nearly all of it CUDA's)."""
+    for name in _FOREIGN_INTRINSICS:
+        sys.modules.setdefault(f"tvm.s_tir.tensor_intrin.{name}",
+                               types.ModuleType(f"tvm.s_tir.tensor_intrin.{name}"))
+
+
+def _set_threads(threads: int) -> None:
+    """Runner worker initializer: measure with the trial's thread count."""
+    tvm.get_global_func("runtime.config_threadpool")(1, threads)
+
+
+@dataclass
+class TuningReport:
+    """What tuning did, for the trial's metrics and for the user who asks "was it tuned?"."""
+    tasks: int                  # fused TIR functions MetaSchedule could tune
+    hand_scheduled: int         # functions with their own schedule (sparse kernels)
+    reused: int                 # tasks whose schedule came from the database as it was
+    tuned: int                  # tasks tuned in this call
+    scheduled: int              # task functions that received a schedule in the end
+    untuned: list[str] = field(default_factory=list)  # task functions left without one
+    new_trials: int = 0         # measurements added to the database by this call
+    tune_s: float = 0.0
+    database: Path | None = None
+
+    def metrics(self) -> dict[str, float]:
+        return {"tuning_tasks": float(self.tasks), "tuning_tasks_scheduled": float(self.scheduled),
+                "tuning_tasks_untuned": float(len(self.untuned)),
+                "tuning_tasks_reused": float(self.reused),
+                "tuning_new_trials": float(self.new_trials), "tune_s": self.tune_s,
+                "hand_scheduled_kernels": float(self.hand_scheduled)}
+
+
+def target_folder(database_dir: str | Path, target: tvm.target.Target) -> Path:
+    """The database folder of one target: records only match the target they were tuned for
+    (MetaSchedule's own lookup ignores the target)."""
+    text = str(target)
+    kind = tvm.target.Target(target).kind.name
+    mcpu = str(target.attrs.get("mcpu", "")) or "generic"
+    slug = re.sub(r"[^A-Za-z0-9_.-]+", "-", f"{kind}-{mcpu}")
+    return Path(database_dir) / f"{slug}-{hashlib.sha256(text.encode()).hexdigest()[:10]}"
+
+
+def open_database(folder: Path) -> ms.database.JSONDatabase:
+    folder.mkdir(parents=True, exist_ok=True)
+    return ms.database.JSONDatabase(work_dir=str(folder), module_equality="structural")
+
+
+def fuse(mod: tvm.IRModule) -> tvm.IRModule:
+    """Legalise what is left and fuse into the task functions MetaSchedule tunes."""
+    return relax.get_pipeline("zero")(mod)
+
+
+def _is_scheduled(func) -> bool:
+    return func.attrs is not None and SCHEDULED in func.attrs and bool(func.attrs[SCHEDULED])
+
+
+def task_functions(mod: tvm.IRModule) -> tuple[list[str], list[str]]:
+    """Names of the module's TIR functions: (to tune, carrying their own schedule)."""
+    tunable, hand = [], []
+    for gv, func in mod.functions.items():
+        if isinstance(func, tvm.tirx.PrimFunc):
+            (hand if _is_scheduled(func) else tunable).append(gv.name_hint)
+    return sorted(tunable), sorted(hand)
+
+
+def _has_record(db: ms.database.Database, task: ms.ExtractedTask) -> bool:
+    """A committed record for the task's workload (has_workload first: lookups commit)."""
+    return bool(db.has_workload(task.mod)) and \
+        bool(db.get_top_k(db.commit_workload(task.mod), 1))
+
+
+@derived_object
+class _Progress(ms.measure_callback.PyMeasureCallback):
+    """A progress line per measured batch: trials so far of the budget, and failures."""
+
+    def __init__(self, budget: int, names: list[str]) -> None:
+        self.budget, self.names, self.done, self.failed = budget, names, 0, 0
+        self.start = time.perf_counter()
+
+    def apply(self, task_scheduler, task_id, measure_candidates, builder_results,
+              runner_results) -> None:
+        self.done += len(runner_results)
+        self.failed += sum(1 for b, r in zip(builder_results, runner_results)
+                           if b.error_msg or r.error_msg)
+        print(f"  tuning {self.done}/{self.budget} trials ({self.failed} failed) "
+              f"{time.perf_counter() - self.start:.0f} s, last task {self.names[task_id]}",
+              file=sys.stderr, flush=True)
+
+
+def tune(mod: tvm.IRModule, target: tvm.target.Target, trials: int,
+         database_dir: str | Path, threads: int = 1, seed: int = 0, progress: bool = True,
+         export_to: Path | None = None) -> tuple[tvm.IRModule, TuningReport]:
+    """Tune the tasks of `mod` not yet in the database (a global budget of `trials`
+    measurements) and return the fused module with every recorded schedule applied;
+    `export_to` receives the best record of each task as a database of its own."""
+    start = time.perf_counter()
+    if target.kind.name == "llvm":
+        _stub_foreign_intrinsics()
+    mod = fuse(mod)
+    tunable, hand = task_functions(mod)
+    folder = target_folder(database_dir, target)
+    db = open_database(folder)
+    tasks = [t for t in ms.relax_integration.extract_tasks(mod, target)
+             if not any(_is_scheduled(f) for f in t.mod.functions.values())]
+    todo = [t for t in tasks if not _has_record(db, t)]
+    before = len(db.get_all_tuning_records())
+    if todo and trials > 0:
+        log.info("tuning %d of %d tasks with %d trials (database %s)", len(todo), len(tasks),
+                 trials, folder)
+        with tempfile.TemporaryDirectory(prefix="dlas-tune-") as work_dir:
+            contexts, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(
+                todo, work_dir, num_threads=max(1, threads), seed=seed)
+            callbacks = ms.measure_callback.MeasureCallback.create("default")
+            if progress:
+                callbacks = [*callbacks, _Progress(trials, [t.task_name for t in todo])]
+            ms.tune.tune_tasks(
+                tasks=contexts, task_weights=weights, work_dir=work_dir,
+                max_trials_global=trials, num_trials_per_iter=min(64, trials),
+                builder=ms.builder.LocalBuilder(max_workers=max(1, threads), timeout_sec=120,
+                                                initializer=_stub_foreign_intrinsics),
+                runner=ms.runner.LocalRunner(
+                    timeout_sec=60, initializer=partial(_set_threads, threads),
+                    evaluator_config=ms.runner.EvaluatorConfig(
+                        number=3, repeat=1, min_repeat_ms=50, enable_cpu_cache_flush=False)),
+                database=db, measure_callbacks=callbacks)
+    with target, db, tvm.transform.PassContext(opt_level=3):
+        applied = relax.transform.MetaScheduleApplyDatabase(enable_warning=False)(mod)
+    unscheduled, _ = task_functions(applied)
+    report = TuningReport(
+        tasks=len(tasks), hand_scheduled=len(hand),
+        reused=len(tasks) - len(todo), tuned=len(todo) if trials > 0 else 0,
+        scheduled=len(tunable) - len(unscheduled), untuned=unscheduled,
+        new_trials=len(db.get_all_tuning_records()) - before,
+        tune_s=time.perf_counter() - start, database=folder)
+    if export_to is not None:
+        export_records(db, tasks, export_to)
+    if report.untuned:
+        log.warning("%d of %d task functions have no tuned schedule: %s", len(report.untuned),
+                    len(tunable), ", ".join(report.untuned))
+    return applied, report
+
+
+def export_records(source: ms.database.Database, tasks: list[ms.ExtractedTask],
+                   destination: Path) -> Path:
+    """The best record of each task, as a JSON database of its own (a run artifact a user
+    can point another study at)."""
+    if destination.exists():
+        shutil.rmtree(destination)
+    out = open_database(destination)
+    for task in tasks:
+        if source.has_workload(task.mod):
+            for record in source.get_top_k(source.commit_workload(task.mod), 1):
+                out.commit_tuning_record(ms.database.TuningRecord(
+                    record.trace, out.commit_workload(task.mod), record.run_secs,
+                    record.target, record.args_info))
+    return destination

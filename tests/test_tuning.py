@@ -1,0 +1,151 @@
+"""Layer 5: MetaSchedule tuning, its database (kept, reused, exported) and the torch backend.
+
+One small real tuning run (a conv, 16 trials) is shared by the tests of this module; the rest
+read its database or compile with zero new trials."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import tvm
+from tvm.s_tir import meta_schedule as ms
+
+from dlas_search import algorithms, compiler, hardware, space, tuning
+from dlas_search.errors import BadInput
+
+TRIALS = 16
+pytestmark = pytest.mark.xdist_group("tuning")  # one worker: the tuning fixture runs once
+
+
+def conv_relu(in_ch: int = 8, out_ch: int = 16) -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Conv2d(in_ch, out_ch, 3, padding=1),
+                               torch.nn.ReLU()).eval()
+
+
+def records_in(folder: Path) -> list[str]:
+    text = (folder / "database_tuning_record.json").read_text()
+    return [line for line in text.splitlines() if line.strip()]
+
+
+def legalised(model: torch.nn.Module, example: torch.Tensor) -> tvm.IRModule:
+    mod = compiler.fold_batchnorm(compiler.import_module(model, example))
+    plan = algorithms.plan(algorithms.AlgoConfig())
+    return tvm.relax.transform.LegalizeOps(customize_legalize_map=plan.legalize_map())(mod)
+
+
+@pytest.fixture(scope="module")
+def tuned(tmp_path_factory):
+    """A conv compiled with 16 MetaSchedule trials into a fresh database."""
+    root = tmp_path_factory.mktemp("tuning")
+    model, example = conv_relu(), torch.randn(1, 8, 12, 12)
+    cfg = compiler.CompilerConfig(tuner="metaschedule", trials=TRIALS,
+                                  database=str(root / "db"))
+    built = compiler.compile(model, example, algorithms.plan(algorithms.AlgoConfig()), cfg,
+                             hardware.local_target(1), records_to=root / "export")
+    return model, example, cfg, built, root
+
+
+def test_a_small_tuning_run_produces_records_and_a_fully_scheduled_module(tuned):
+    model, example, _, built, root = tuned
+    report = built.tuning
+    assert report.tasks >= 1 and report.tuned == report.tasks and report.reused == 0
+    assert report.untuned == [] and report.scheduled == report.tasks
+    assert report.new_trials >= TRIALS  # MetaSchedule may finish its last batch
+    assert len(records_in(report.database)) == report.new_trials
+    assert built.metrics["tuning_tasks_scheduled"] == report.tasks
+    with torch.no_grad():
+        reference = model(example).numpy()
+    ours = hardware.run_tvm(built.executable, example)
+    assert compiler.max_relative_error(ours, reference) <= 1e-5
+    # the run artifact: the best record of each task, readable as a database of its own
+    exported = ms.database.JSONDatabase(work_dir=str(root / "export"))
+    assert len(exported.get_all_tuning_records()) == report.tasks
+
+
+def test_a_second_compile_reuses_the_records_and_measures_nothing(tuned):
+    model, example, cfg, first, _ = tuned
+    folder = first.tuning.database
+    before = (folder / "database_tuning_record.json").read_bytes()
+    again = compiler.compile(model, example, algorithms.plan(algorithms.AlgoConfig()), cfg,
+                             hardware.local_target(1))
+    assert again.tuning.new_trials == 0 and again.tuning.tuned == 0
+    assert again.tuning.reused == first.tuning.tasks and again.tuning.untuned == []
+    assert (folder / "database_tuning_record.json").read_bytes() == before
+
+
+def test_records_are_kept_per_target(tuned):
+    """MetaSchedule's lookup ignores the target: each target gets its own folder."""
+    *_, built, root = tuned
+    one, two = hardware.local_target(1), hardware.local_target(2)
+    assert tuning.target_folder(root / "db", one) == built.tuning.database
+    assert tuning.target_folder(root / "db", two) != built.tuning.database
+
+
+def test_the_report_names_task_functions_left_without_a_schedule(tuned):
+    """A model with the tuned conv and a new one, tuned with no budget: the known task is
+    reused, the new conv's task is reported untuned, and nothing is measured."""
+    *_, cfg, first, _ = tuned
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(conv_relu(), torch.nn.Conv2d(16, 4, 1)).eval()
+    mod = legalised(model, torch.randn(1, 8, 12, 12))
+    applied, report = tuning.tune(mod, hardware.local_target(1), 0, cfg.database,
+                                  progress=False)
+    assert report.reused == first.tuning.tasks and report.new_trials == 0
+    assert len(report.untuned) == report.tasks - report.reused >= 1
+    assert all("conv2d" in name or "add" in name for name in report.untuned)
+    unscheduled, _ = tuning.task_functions(applied)
+    assert unscheduled == report.untuned
+
+
+def test_hand_scheduled_functions_are_not_tuning_tasks():
+    """Functions that carry `tirx.is_scheduled` (our sparse kernels) are counted apart and
+    are not extracted as tasks."""
+    mod = tuning.fuse(legalised(conv_relu(), torch.randn(1, 8, 12, 12)))
+    tunable, hand = tuning.task_functions(mod)
+    assert tunable and hand == []
+    marked = tvm.IRModule({gv: (f.with_attr("tirx.is_scheduled", True)
+                                if gv.name_hint == tunable[0] else f)
+                           for gv, f in mod.functions.items()})
+    assert tuning.task_functions(marked) == (tunable[1:], [tunable[0]])
+
+
+def test_torch_backend_is_timed_like_tvm(tiny_space, cache_dir):
+    from dlas_search import pipeline
+    config = space.load_space(tiny_space).pin({"compiler.backend": "torch",
+                                               "compress.method": "none"}).defaults()
+    from dlas_search.cache import StageCache
+    result = pipeline.run(config, StageCache(cache_dir))
+    assert result.built is None and result.info["target"] == "torch eager"
+    assert result.metrics["latency_ms"] == result.metrics["torch_latency_ms"] > 0
+    assert result.metrics["speedup_vs_torch"] == 1.0 and "accuracy" in result.metrics
+
+
+def test_tuning_artifacts_are_logged_with_the_trial(tuned, tmp_path):
+    from dlas_search import tracking
+    *_, root = tuned
+    tracker = tracking.Tracker(f"sqlite:///{tmp_path / 'mlflow.db'}", "tuning-artifacts")
+    tracker.open_study({"latency_ms": "minimize"}, "space.yaml", "study: x", {})
+    run_id = tracker.start_trial(0, "t", {})
+    tracker.finish_trial(run_id, {"latency_ms": 1.0}, {}, {"tuning": root / "export"})
+    names = {f.path for f in tracker.client.list_artifacts(run_id, "tuning")}
+    assert names == {"tuning/database_tuning_record.json", "tuning/database_workload.json"}
+
+
+@pytest.mark.parametrize("name, value, problem", [
+    ("compiler.tuner", "autotvm", "allowed: none, metaschedule"),
+    ("compiler.trials", 0, "out of range"),
+    ("compiler.backend", "onnxruntime", "allowed: tvm, torch"),
+])
+def test_bad_compiler_settings_are_refused_with_what_is_allowed(name, value, problem):
+    with pytest.raises(BadInput, match=problem):
+        space.check_value(name, value)
+
+
+def test_a_database_path_that_is_a_file_is_refused(tmp_path):
+    path = tmp_path / "records.json"
+    path.write_text(json.dumps({}))
+    with pytest.raises(BadInput, match="compiler.database.*not a folder"):
+        compiler.check(compiler.CompilerConfig(tuner="metaschedule", database=str(path)))
