@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 import torch
+import tvm
 
 from dlas_search import algorithms, compiler, hardware, models, tuning
 
@@ -67,7 +68,43 @@ def record_tuning(args, key: str, report: tuning.TuningReport) -> dict:
     return entry
 
 
+def peak_gflops(device, fma_units: int = 2) -> tuple[float, str]:
+    """fp32 roofline: cores x SIMD lanes x FMA units x 2 flops x clock."""
+    features = tvm.target.codegen.llvm_get_cpu_features(device.target)
+    lanes = 16 if "avx512f" in features else 8 if "avx2" in features else 4
+    ghz = 0.0
+    with open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("cpu MHz"):
+                ghz = float(line.split(":")[1]) / 1000
+                break
+    peak = device.threads * lanes * fma_units * 2 * ghz
+    return peak, (f"{device.threads} cores x {lanes} fp32 lanes x {fma_units} FMA x 2 x "
+                  f"{ghz:.2f} GHz = {peak:.0f} GFLOP/s")
+
+
+def breakdown(name: str, report: tuning.TuningReport, peak: float, top: int = 8) -> list[str]:
+    """The tasks that dominate the tuned model (by count x best measured time) and their
+    distance from the fp32 roofline."""
+    rows = [r for r in report.task_table if r["best_us"]]
+    total = sum(r["count"] * r["best_us"] for r in rows)
+    flops = sum(r["count"] * r["flops"] for r in report.task_table)
+    lines = [f"\n{name}: {flops / 1e9:.2f} GFLOP per image; sum of best task times "
+             f"{total / 1e3:.2f} ms = {flops / max(total, 1e-9) / 1e3:.1f} GFLOP/s "
+             f"({100 * flops / max(total, 1e-9) / 1e3 / peak:.0f}% of peak)",
+             "| task | count | MFLOP | best us | GFLOP/s | % of peak | share of time |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
+    for r in sorted(rows, key=lambda r: -r["count"] * r["best_us"])[:top]:
+        rate = r["flops"] / r["best_us"] / 1e3
+        lines.append(f"| {r['task']} | {r['count']} | {r['flops'] / 1e6:.1f} | "
+                     f"{r['best_us']:.0f} | {rate:.1f} | {100 * rate / peak:.0f}% | "
+                     f"{100 * r['count'] * r['best_us'] / total:.0f}% |")
+    return lines
+
+
 def tuned_table(args, hw, device) -> None:
+    peak, peak_text = peak_gflops(device)
+    notes = [f"\nfp32 roofline of this machine: {peak_text}"]
     print("| model | input | conv | PyTorch eager ms | TVM untuned ms | untuned / PyTorch | "
           "TVM tuned ms | tuned / PyTorch | trials (tuning wall time) | tasks tuned |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |", flush=True)
@@ -95,6 +132,8 @@ def tuned_table(args, hw, device) -> None:
                   f"{spread(times['tuned'])} | {spread(ratio['tuned'])} | "
                   f"{cost['trials']} ({cost['tune_s'] / 60:.0f} min) | "
                   f"{report.scheduled}/{report.scheduled + len(report.untuned)} |", flush=True)
+            notes += breakdown(f"{arch} {size}x{size} {conv}", report, peak)
+    print("\n".join(notes))
 
 
 def prune(model: torch.nn.Module, amount: float) -> torch.nn.Module:
@@ -113,12 +152,14 @@ def prune(model: torch.nn.Module, amount: float) -> torch.nn.Module:
 
 
 def sparse_table(args, hw, device) -> None:
-    tuner = args.tuner
-    print(f"resnet18 {args.size}x{args.size}, magnitude-pruned per layer; tuner {tuner}"
-          + (f" ({args.trials} trials per model, records reused)" if tuner != "none" else ""))
-    print("| sparsity | conv | dense ms | sparse ms | sparse / dense | sparse / best dense | "
-          "layers sparse | PyTorch eager ms |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- |", flush=True)
+    settings = [(conv, "none") for conv in args.primitives] + \
+        [(conv, "metaschedule") for conv in args.tuned_primitives]
+    print(f"resnet18 {args.size}x{args.size}, magnitude-pruned per layer, block {args.block}, "
+          f"threshold {args.threshold}; metaschedule: up to {args.trials} trials per build, "
+          f"records reused from {args.database}")
+    print("| sparsity | conv | tuner | dense ms | sparse ms | sparse / dense | "
+          "sparse / best dense | layers sparse | PyTorch eager ms |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |", flush=True)
     torch.manual_seed(0)
     base = models.create(models.ModelConfig(arch="resnet18"), 1000).eval()
     example = torch.randn(1, 3, args.size, args.size)
@@ -126,11 +167,12 @@ def sparse_table(args, hw, device) -> None:
         model = prune(base, amount)
         ref = model(example).detach().numpy()
         builds = {}
-        for conv in args.primitives:
-            builds[(conv, "dense")] = build(model, example, conv, tuner, args, device.target)
-            builds[(conv, "sparse")] = build(model, example, conv, tuner, args, device.target,
-                                             "sparse", block=args.block,
-                                             threshold=args.threshold)
+        for conv, tuner in settings:
+            builds[(conv, tuner, "dense")] = build(model, example, conv, tuner, args,
+                                                   device.target)
+            builds[(conv, tuner, "sparse")] = build(model, example, conv, tuner, args,
+                                                    device.target, "sparse", block=args.block,
+                                                    threshold=args.threshold)
         for key, built in builds.items():
             error = compiler.max_relative_error(hardware.run_tvm(built.executable, example), ref)
             assert error < 1e-3, f"{key} differs from PyTorch: {error:.2e}"
@@ -138,15 +180,15 @@ def sparse_table(args, hw, device) -> None:
                   for key, b in builds.items()}
         timers["eager"] = lambda: hardware.time_torch(model, example, hw).median_ms
         times = interleaved(args.rounds, timers)
-        best_dense = min(args.primitives,
-                         key=lambda c: statistics.median(times[(c, "dense")]))
-        for conv in args.primitives:
-            dense, sparse = times[(conv, "dense")], times[(conv, "sparse")]
-            vs_best = [s / d for s, d in zip(sparse, times[(best_dense, "dense")])]
-            sparse_layers = builds[(conv, "sparse")].metrics.get("sparse_layers", float("nan"))
-            print(f"| {amount:.0%} | {conv} | {spread(dense)} | {spread(sparse)} | "
+        best = min((k for k in builds if k[2] == "dense"),
+                   key=lambda k: statistics.median(times[k]))
+        for conv, tuner in settings:
+            dense, sparse = times[(conv, tuner, "dense")], times[(conv, tuner, "sparse")]
+            vs_best = [s / d for s, d in zip(sparse, times[best])]
+            layers = builds[(conv, tuner, "sparse")].metrics.get("sparse_layers", float("nan"))
+            print(f"| {amount:.0%} | {conv} | {tuner} | {spread(dense)} | {spread(sparse)} | "
                   f"{spread([s / d for s, d in zip(sparse, dense)])} | "
-                  f"{spread(vs_best)} ({best_dense}) | {sparse_layers:.0f} | "
+                  f"{spread(vs_best)} ({best[0]} {best[1]}) | {layers:.0f} | "
                   f"{spread(times['eager'])} |", flush=True)
 
 
@@ -163,6 +205,8 @@ def main() -> None:
                         default=["direct", "im2col_gemm"])
     parser.add_argument("--sparsities", type=lambda s: [float(x) for x in s.split(",")],
                         default=[0.5, 0.7, 0.9, 0.95])
+    parser.add_argument("--tuned-primitives", type=lambda s: s.split(",") if s else [],
+                        default=["direct_nhwc"], help="sparse table: also these, tuned")
     parser.add_argument("--block", default="1x1")
     parser.add_argument("--threshold", type=float, default=0.3)
     parser.add_argument("--tuner", default="none", choices=compiler.TUNERS)

@@ -66,8 +66,10 @@ def run(cfg: TrialConfig, cache: StageCache | None = None) -> TrialResult:
         result = measure(compressed, built, dataset, device, cfg)              # L6
         if records.exists():
             result.artifacts["tuning"] = records
-        if built.tuning is not None and built.tuning.untuned:
-            result.info["untuned_tasks"] = ", ".join(built.tuning.untuned)[:5000]
+        if built.tuning is not None:
+            result.info["tuning_database"] = str(built.tuning.database)
+            if built.tuning.untuned:
+                result.info["untuned_tasks"] = ", ".join(built.tuning.untuned)[:5000]
     result.cache = {"model": stages.model_cache, "finetune": "hit" if ft_hit else "miss"}
     result.compressed, result.built, result.dataset = compressed, built, dataset
     if ft_hit:  # nothing was fine-tuned or quantised in this trial

@@ -14,6 +14,7 @@ Kept free of torch so the builder and runner worker processes start quickly.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import re
@@ -29,6 +30,7 @@ from pathlib import Path
 import tvm
 from tvm import relax
 from tvm.ir.utils import derived_object
+from tvm.s_tir.analysis import estimate_tir_flops
 from tvm.s_tir import meta_schedule as ms
 
 log = logging.getLogger(__name__)
@@ -65,6 +67,8 @@ class TuningReport:
     new_trials: int = 0         # measurements added to the database by this call
     tune_s: float = 0.0
     database: Path | None = None
+    # per task: name, count in the model, FLOPs of one call, best measured us (None: no record)
+    task_table: list[dict] = field(default_factory=list)
 
     def metrics(self) -> dict[str, float]:
         return {"tuning_tasks": float(self.tasks), "tuning_tasks_scheduled": float(self.scheduled),
@@ -113,6 +117,17 @@ def _has_record(db: ms.database.Database, task: ms.ExtractedTask) -> bool:
         bool(db.get_top_k(db.commit_workload(task.mod), 1))
 
 
+def _task_row(db: ms.database.Database, task: ms.ExtractedTask) -> dict:
+    """What one task costs: where the time goes, and how far it is from the machine's peak."""
+    best = None
+    if db.has_workload(task.mod):
+        top = db.get_top_k(db.commit_workload(task.mod), 1)
+        if top and top[0].run_secs:
+            best = 1e6 * sum(float(s) for s in top[0].run_secs) / len(top[0].run_secs)
+    return {"task": task.task_name, "count": int(task.weight),
+            "flops": float(estimate_tir_flops(task.dispatched[0])), "best_us": best}
+
+
 @derived_object
 class _Progress(ms.measure_callback.PyMeasureCallback):
     """A progress line per measured batch: trials so far of the budget, and failures."""
@@ -151,7 +166,9 @@ def tune(mod: tvm.IRModule, target: tvm.target.Target, trials: int,
     if todo and trials > 0:
         log.info("tuning %d of %d tasks with %d trials (database %s)", len(todo), len(tasks),
                  trials, folder)
-        with tempfile.TemporaryDirectory(prefix="dlas-tune-") as work_dir:
+        # MetaSchedule's loggers print task tables on stdout: keep stdout for results (--json)
+        with tempfile.TemporaryDirectory(prefix="dlas-tune-") as work_dir, \
+                contextlib.redirect_stdout(sys.stderr):
             contexts, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(
                 todo, work_dir, num_threads=max(1, threads), seed=seed)
             callbacks = ms.measure_callback.MeasureCallback.create("default")
@@ -159,7 +176,9 @@ def tune(mod: tvm.IRModule, target: tvm.target.Target, trials: int,
                 callbacks = [*callbacks, _Progress(trials, [t.task_name for t in todo])]
             ms.tune.tune_tasks(
                 tasks=contexts, task_weights=weights, work_dir=work_dir,
-                max_trials_global=trials, num_trials_per_iter=min(64, trials),
+                # batches small enough that the budget reaches every task at least once
+                max_trials_global=trials,
+                num_trials_per_iter=max(1, min(64, trials // len(todo))),
                 builder=ms.builder.LocalBuilder(max_workers=max(1, threads), timeout_sec=120,
                                                 initializer=_stub_foreign_intrinsics),
                 runner=ms.runner.LocalRunner(
@@ -176,6 +195,7 @@ def tune(mod: tvm.IRModule, target: tvm.target.Target, trials: int,
         scheduled=len(tunable) - len(unscheduled), untuned=unscheduled,
         new_trials=len(db.get_all_tuning_records()) - before,
         tune_s=time.perf_counter() - start, database=folder)
+    report.task_table = [_task_row(db, task) for task in tasks]
     if export_to is not None:
         export_records(db, tasks, export_to)
     if report.untuned:

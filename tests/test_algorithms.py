@@ -2,6 +2,7 @@
 whole models, and which convs fall back to `direct` and why."""
 from __future__ import annotations
 
+import logging
 import re
 from dataclasses import dataclass
 
@@ -444,3 +445,19 @@ def test_sparse_format_needs_an_unstructured_pruned_fp32_model():
                             ("unstructured+fp16", "fp16 arithmetic")):
         reason = infeasible(trial_config(method))
         assert f"(got {method}: {problem}" in reason and "compress.method unstructured" in reason
+
+
+def test_winograd_on_a_1x1_conv_falls_back_to_direct_and_logs_why(caplog):
+    model = torch.nn.Conv2d(8, 16, 1).eval()
+    example = torch.randn(1, 8, 6, 6)
+    plan = algorithms.plan(algorithms.AlgoConfig(conv="winograd"))
+    with caplog.at_level(logging.INFO, logger="dlas_search.algorithms"):
+        built = compiler.compile(model, example, plan, compiler.CompilerConfig(),
+                                 hardware.local_target(1))
+    assert plan.lowered == {"direct": 1} and plan.fallbacks == {"winograd: kernel 1x1": 1}
+    assert any("winograd: kernel 1x1" in r.getMessage() for r in caplog.records)
+    assert built.metrics["conv_fallbacks"] == 1
+    with torch.no_grad():
+        reference = model(example).numpy()
+    assert compiler.max_relative_error(hardware.run_tvm(built.executable, example),
+                                       reference) <= 1e-5
