@@ -214,10 +214,11 @@ def main() -> None:
     parser.add_argument("--database", default="tracking/tuning")
     parser.add_argument("--threads", type=int, default=0, help="0: all cores")
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--repeat", type=int, default=10, help="timed repeats per measurement")
     args = parser.parse_args()
     import os
     threads = args.threads or os.cpu_count()
-    hw = hardware.HardwareConfig(threads=threads, repeat=10, min_repeat_ms=100)
+    hw = hardware.HardwareConfig(threads=threads, repeat=args.repeat, min_repeat_ms=100)
     device = hardware.resolve(hw)
     print(f"# {device.description}; target {device.target}; batch 1; {args.rounds} "
           f"interleaved rounds; torch {torch.__version__}; {time.strftime('%Y-%m-%d %H:%M')}\n")

@@ -19,6 +19,14 @@ from tvm import relax
 
 TARGETS = ("local",)
 
+# TVM sizes its thread pool once, at first use, from TVM_NUM_THREADS (else half the hardware
+# threads on x86: 1 on a 2-core machine, whatever `hw.threads` asks) and pins the calling thread
+# to CPU 0, a mask every later thread and child process (PyTorch's workers, MetaSchedule's
+# builders and runners) inherits. A pool as large as the machine, unpinned, and
+# `runtime.config_threadpool` choosing how many of it run keeps `hw.threads` true for both.
+os.environ.setdefault("TVM_NUM_THREADS", str(os.cpu_count() or 1))
+os.environ.setdefault("TVM_BIND_THREADS", "0")
+
 # LLVM feature names that /proc/cpuinfo reports under another spelling.
 _CPUINFO_ALIASES = {"sha_ni": "sha", "pclmulqdq": "pclmul", "pni": "sse3", "sse4_1": "sse4.1",
                     "sse4_2": "sse4.2", "bmi1": "bmi", "abm": "lzcnt"}

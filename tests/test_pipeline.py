@@ -98,3 +98,18 @@ def test_local_target_uses_only_features_the_os_reports():
 def tvm_features(target) -> set:
     import tvm
     return set(tvm.target.codegen.llvm_get_cpu_features(target))
+
+
+def test_hw_threads_sets_the_tvm_pool_and_leaves_the_cpu_mask_alone():
+    """TVM's default pool is half the hardware threads on x86 and pins the caller to CPU 0
+    (inherited by PyTorch's threads and every child process): resolve() must avoid both."""
+    import os
+
+    import tvm
+    before = os.sched_getaffinity(0)
+    threads = min(2, os.cpu_count() or 1)
+    hardware.resolve(hardware.HardwareConfig(threads=threads))
+    assert tvm.get_global_func("runtime.NumThreads")() == threads
+    assert os.sched_getaffinity(0) == before
+    hardware.resolve(hardware.HardwareConfig(threads=1))
+    assert tvm.get_global_func("runtime.NumThreads")() == 1
