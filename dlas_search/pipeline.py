@@ -59,12 +59,14 @@ def run(cfg: TrialConfig, cache: StageCache | None = None) -> TrialResult:
         result, built = measure_eager(compressed, dataset, device, cfg), None
     else:
         primitive = algorithms.plan(cfg.algo)                                  # L4
-        records = Path(tempfile.mkdtemp(prefix="dlas-records-")) / "tuning"
+        records = None  # the tuning records this trial used: a run artifact
+        if cfg.compiler.tuner != "none":
+            records = Path(tempfile.mkdtemp(prefix="dlas-records-")) / "tuning"
         built = compiler.compile(compressed.module, dataset.example(), primitive,  # L5
                                  cfg.compiler, device.target, compressed.precision,
-                                 records_to=records if cfg.compiler.tuner != "none" else None)
+                                 records_to=records)
         result = measure(compressed, built, dataset, device, cfg)              # L6
-        if records.exists():
+        if records is not None:
             result.artifacts["tuning"] = records
         if built.tuning is not None:
             result.info["tuning_database"] = str(built.tuning.database)
