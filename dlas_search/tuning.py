@@ -111,19 +111,20 @@ def task_functions(mod: tvm.IRModule) -> tuple[list[str], list[str]]:
     return sorted(tunable), sorted(hand)
 
 
-def _has_record(db: ms.database.Database, task: ms.ExtractedTask) -> bool:
-    """A committed record for the task's workload (has_workload first: lookups commit)."""
-    return bool(db.has_workload(task.mod)) and \
-        bool(db.get_top_k(db.commit_workload(task.mod), 1))
+def best_record(db: ms.database.Database, task: ms.ExtractedTask):
+    """The task's best tuning record, or None (has_workload first: a lookup would commit the
+    workload into the database)."""
+    if not db.has_workload(task.mod):
+        return None
+    top = db.get_top_k(db.commit_workload(task.mod), 1)
+    return top[0] if top else None
 
 
 def _task_row(db: ms.database.Database, task: ms.ExtractedTask) -> dict:
     """What one task costs: where the time goes, and how far it is from the machine's peak."""
-    best = None
-    if db.has_workload(task.mod):
-        top = db.get_top_k(db.commit_workload(task.mod), 1)
-        if top and top[0].run_secs:
-            best = 1e6 * sum(float(s) for s in top[0].run_secs) / len(top[0].run_secs)
+    record, best = best_record(db, task), None
+    if record is not None and record.run_secs:
+        best = 1e6 * sum(float(s) for s in record.run_secs) / len(record.run_secs)
     return {"task": task.task_name, "count": int(task.weight),
             "flops": float(estimate_tir_flops(task.dispatched[0])), "best_us": best}
 
@@ -161,7 +162,7 @@ def tune(mod: tvm.IRModule, target: tvm.target.Target, trials: int,
     db = open_database(folder)
     tasks = [t for t in ms.relax_integration.extract_tasks(mod, target)
              if not any(_is_scheduled(f) for f in t.mod.functions.values())]
-    todo = [t for t in tasks if not _has_record(db, t)]
+    todo = [t for t in tasks if best_record(db, t) is None]
     before = len(db.get_all_tuning_records())
     if todo and trials > 0:
         log.info("tuning %d of %d tasks with %d trials (database %s)", len(todo), len(tasks),
@@ -212,9 +213,9 @@ def export_records(source: ms.database.Database, tasks: list[ms.ExtractedTask],
         shutil.rmtree(destination)
     out = open_database(destination)
     for task in tasks:
-        if source.has_workload(task.mod):
-            for record in source.get_top_k(source.commit_workload(task.mod), 1):
-                out.commit_tuning_record(ms.database.TuningRecord(
-                    record.trace, out.commit_workload(task.mod), record.run_secs,
-                    record.target, record.args_info))
+        record = best_record(source, task)
+        if record is not None:
+            out.commit_tuning_record(ms.database.TuningRecord(
+                record.trace, out.commit_workload(task.mod), record.run_secs,
+                record.target, record.args_info))
     return destination
