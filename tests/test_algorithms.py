@@ -151,6 +151,23 @@ def test_direct_nhwc_really_computes_in_nhwc(target):
     assert f'T.Buffer(({n}, {h}, {wd}, {c}), "float32")' in signature  # the data, NHWC
 
 
+def test_direct_nhwc_keeps_relu6_in_nhwc():
+    """ReLU6 (R.clip) has no layout rule in ConvertLayout: left alone, every one would run in
+    NCHW between two transposes. As min/max it follows the convs' layout: only the model's
+    input and output are transposed, and the result is unchanged."""
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.ReLU6(),
+        torch.nn.Conv2d(8, 8, 3, padding=1, groups=8), torch.nn.ReLU6(),
+        torch.nn.Conv2d(8, 4, 1), torch.nn.Hardtanh(-1.0, 2.0)).eval()
+    example = torch.randn(1, 3, 12, 12)
+    mod = compiler.fold_batchnorm(compiler.import_module(model, example))
+    assert str(mod).count("R.clip") == 3
+    text = str(plan(AlgoConfig(conv="direct_nhwc")).rewrite(mod))
+    assert text.count("R.permute_dims") == 2 and "R.clip" not in text
+    built, error = compiled_error(model, example, "direct_nhwc")
+    assert error <= 1e-5
+
+
 @pytest.mark.parametrize("name", ["im2col_gemm", "spatial_pack", "winograd"])
 def test_weight_transform_runs_as_a_kernel_when_the_weight_is_an_input(name, target):
     case = CASES["3x3 odd channels partial tiles (F4x4)"]
