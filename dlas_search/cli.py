@@ -68,6 +68,14 @@ def build_parser() -> argparse.ArgumentParser:
     _tracking_arg(p)
     p.add_argument("--out", default=None, help="folder (default: tracking/pareto/<experiment>)")
 
+    p = sub.add_parser("targets", help="list the hardware targets and whether they can run",
+                       description="List the built-in targets and the space's registry with "
+                       "each one's reachability (rpc: is the key registered at the tracker, "
+                       "how many devices are free).")
+    p.add_argument("--space", default=DEFAULT_SPACE,
+                   help=f"space whose targets: registry to list (default: {DEFAULT_SPACE})")
+    p.add_argument("--json", action="store_true", help="print one JSON list")
+
     p = sub.add_parser("space", help="inspect a search space")
     ssub = p.add_subparsers(dest="space_command", required=True, metavar="ACTION")
     show = ssub.add_parser("show", help="print the space as a tree with its size")
@@ -185,6 +193,43 @@ def cmd_pareto(args) -> int:
     return 0
 
 
+def cmd_targets(args) -> int:
+    from . import hardware
+    from .space import load_space
+    registry = load_space(args.space).targets
+    rows = []
+    for name, spec in {**hardware.BUILTIN_TARGETS, **registry}.items():
+        row = {"name": name, "device": spec.device, "label": spec.label,
+               "threads": spec.threads or 1, "tvm": spec.tvm or ("cuda, arch detected" if spec.device == "cuda"
+                                       else "like the local CPU")}
+        if spec.device == "rpc":
+            row.update(tracker=spec.tracker, key=spec.key)
+            try:
+                status = hardware.tracker_status(spec)
+                row.update(registered=status["registered"], free=status["free"])
+                row["status"] = ("ready" if status["free"] else "busy" if status["registered"]
+                                 else "no device") + \
+                    f": {status['registered']} registered, {status['free']} free"
+            except hardware.TargetUnavailable as e:
+                row["status"] = str(e)
+        else:
+            why = hardware.availability(spec)
+            row["status"] = why or "ready"
+            if spec.device == "local" and not why:
+                device = hardware.resolve(hardware.HardwareConfig(target=name), registry)
+                row["tvm"] = str(device.target)
+                row["label"] = f"{spec.label}: {hardware.cpu_model()}, {os.cpu_count()} cores"
+        rows.append(row)
+    if args.json:
+        print(json.dumps(rows))
+        return 0
+    for row in rows:
+        where = f" {row['key']}@{row['tracker']}" if row["device"] == "rpc" else ""
+        print(f"{row['name']:<16} {row['device']:<5}{where}  {row['status']}")
+        print(f"{'':<16} {row['label']}; {row['threads']} thread(s); TVM target {row['tvm']}")
+    return 0
+
+
 def cmd_space(args) -> int:
     from .space import load_space
     print(load_space(args.file).show())
@@ -194,7 +239,7 @@ def cmd_space(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     handler = {"search": cmd_search, "trial": cmd_trial, "pareto": cmd_pareto,
-               "space": cmd_space}[args.command]
+               "targets": cmd_targets, "space": cmd_space}[args.command]
     try:
         return handler(args)
     except BadInput as e:

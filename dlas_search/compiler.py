@@ -101,9 +101,11 @@ def fold_batchnorm(mod: tvm.IRModule) -> tvm.IRModule:
 
 def compile(module: torch.nn.Module, example: torch.Tensor, algo: Primitive,
             cfg: CompilerConfig, target: tvm.target.Target, precision: str = "fp32",
-            records_to: Path | None = None) -> Compiled:
+            records_to: Path | None = None,
+            measure_on: tuple[str, int, str] | None = None) -> Compiled:
     """Compile `module` for `target` in `precision`, lowering convs with `algo` (a primitive
-    or a Plan) and tuning with `cfg.tuner`; `records_to` receives the tuning records used."""
+    or a Plan) and tuning with `cfg.tuner`; `records_to` receives the tuning records used;
+    `measure_on` (tracker host, port, device key) has MetaSchedule measure on that device."""
     start = time.perf_counter()
     mod = import_module(module, example, precision)
     batchnorms = _count(mod, "R.nn.batch_norm")
@@ -121,7 +123,11 @@ def compile(module: torch.nn.Module, example: torch.Tensor, algo: Primitive,
         threads = int(target.attrs.get("num-cores", 1))
         mod, report = tuning.tune(mod, target, cfg.trials or DEFAULT_TRIALS,
                                   cfg.database or DEFAULT_DATABASE, threads=threads,
-                                  export_to=records_to)
+                                  export_to=records_to, rpc=measure_on)
+    elif target.kind.name == "cuda":  # a GPU kernel needs a thread binding even untuned
+        from tvm.s_tir import dlight
+        with target:
+            mod = dlight.ApplyDefaultSchedule(dlight.gpu.Fallback())(mod)
     executable = tvm.compile(mod, target)
     metrics = {"compile_s": time.perf_counter() - start,
                "batchnorm_folded": float(batchnorms), "conv_layers": float(convs),

@@ -50,7 +50,7 @@ def run(cfg: TrialConfig, cache: StageCache | None = None) -> TrialResult:
     reason = infeasible(cfg)  # before any work (a search prunes these before calling run)
     if reason:
         raise BadInput(reason)
-    device = hardware.resolve(cfg.hw)                                          # L6 target
+    device = hardware.resolve(cfg.hw, cfg.targets)                             # L6 target
     dataset = data.load(cfg.data, cfg.seed)                                    # L1
     stages = _Stages(cfg, cache, dataset)
     compressed, ft_hit = cache.get_or_make(                                    # L2 + L3
@@ -64,7 +64,7 @@ def run(cfg: TrialConfig, cache: StageCache | None = None) -> TrialResult:
             records = Path(tempfile.mkdtemp(prefix="dlas-records-")) / "tuning"
         built = compiler.compile(compressed.module, dataset.example(), primitive,  # L5
                                  cfg.compiler, device.target, compressed.precision,
-                                 records_to=records)
+                                 records_to=records, measure_on=device.rpc)
         result = measure(compressed, built, dataset, device, cfg)              # L6
         if records is not None:
             result.artifacts["tuning"] = records
@@ -113,34 +113,39 @@ def measure_eager(compressed: compression.Compressed, dataset: data.Data,
     """Layer 6 for `compiler.backend: torch`: PyTorch eager is the deployed code; it is timed
     once, under the protocol that times TVM, and is its own baseline."""
     start = time.perf_counter()
-    eager = hardware.time_torch(compressed.module, dataset.example(), cfg.hw)
+    eager = hardware.time_torch(compressed.module, dataset.example(), cfg.hw, device.threads)
     metrics = {**compressed.metrics, "compile_s": 0.0,
                "latency_ms": eager.median_ms, "latency_std_ms": eager.std_ms,
                "latency_p90_ms": eager.p90_ms, "torch_latency_ms": eager.median_ms,
                "torch_latency_std_ms": eager.std_ms, "speedup_vs_torch": 1.0,
                "measure_s": time.perf_counter() - start}
-    return TrialResult(metrics, info={"device": device.description, "target": "torch eager",
-                                      "threads": str(device.threads)})
+    return TrialResult(metrics, info={**device.info(), "target": "torch eager"})
 
 
 def measure(compressed: compression.Compressed, built: compiler.Compiled, dataset: data.Data,
             device: hardware.Device, cfg: TrialConfig) -> TrialResult:
-    """Layer 6: check the compiled module against PyTorch, then time both side by side."""
+    """Layer 6: check the compiled module against PyTorch, then time both side by side (on a
+    remote device: upload, check and time it there; no PyTorch baseline)."""
     example = dataset.example()
     with torch.no_grad():
         reference = compressed.module(example).numpy()
-    error = compiler.max_relative_error(hardware.run_tvm(built.executable, example), reference)
     start = time.perf_counter()
-    tvm_time = hardware.time_tvm(built.executable, example, cfg.hw)
-    torch_time = hardware.time_torch(compressed.module, example, cfg.hw)
+    if device.remote:
+        output, tvm_time = hardware.measure_remote(built.executable, example, cfg.hw, device)
+        torch_time = None
+    else:
+        output = hardware.run_tvm(built.executable, example)
+        tvm_time = hardware.time_tvm(built.executable, example, cfg.hw, device.threads)
+        torch_time = hardware.time_torch(compressed.module, example, cfg.hw, device.threads)
     metrics = {
         **compressed.metrics, **built.metrics,
         "latency_ms": tvm_time.median_ms, "latency_std_ms": tvm_time.std_ms,
         "latency_p90_ms": tvm_time.p90_ms,
-        "torch_latency_ms": torch_time.median_ms, "torch_latency_std_ms": torch_time.std_ms,
-        "speedup_vs_torch": torch_time.median_ms / tvm_time.median_ms,
-        "max_rel_error": error, "measure_s": time.perf_counter() - start,
+        "max_rel_error": compiler.max_relative_error(output, reference),
+        "measure_s": time.perf_counter() - start,
     }
-    return TrialResult(metrics, info={"device": device.description,
-                                      "target": str(device.target),
-                                      "threads": str(device.threads)})
+    if torch_time is not None:
+        metrics.update(torch_latency_ms=torch_time.median_ms,
+                       torch_latency_std_ms=torch_time.std_ms,
+                       speedup_vs_torch=torch_time.median_ms / tvm_time.median_ms)
+    return TrialResult(metrics, info=device.info())

@@ -15,7 +15,7 @@ import optuna
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
 
-from . import compiler, data, models, pareto, pipeline, tracking
+from . import compiler, data, hardware, models, pareto, pipeline, tracking
 from .cache import StageCache
 from .errors import BadInput
 from .space import Space, TrialConfig, infeasible
@@ -46,6 +46,20 @@ def preflight(space: Space) -> None:
     reason = space.ruled_out()
     if reason:
         raise BadInput(reason)
+    check_targets(space.layer_variants("hw"))
+
+
+def check_targets(configs: list[TrialConfig]) -> None:
+    """Every target the configurations name must be known and well formed (else BadInput);
+    the ones that cannot run now (no GPU, tracker down, no device) are named, and only when
+    none of them can run is that a BadInput: otherwise their trials fail alone."""
+    specs = {c.hw.target: hardware.check(c.hw, c.targets) for c in configs}
+    down = {name: why for name, spec in specs.items() if (why := hardware.availability(spec))}
+    if down and len(down) == len(specs):
+        raise BadInput("no target of the space can run now: " +
+                       "; ".join(f"{name}: {why}" for name, why in down.items()))
+    for name, why in down.items():
+        print(f"warning: hw.target {name}: {why}; its trials will fail", file=sys.stderr)
 
 
 def check_config(config: TrialConfig) -> None:
@@ -55,6 +69,7 @@ def check_config(config: TrialConfig) -> None:
     reason = infeasible(config)
     if reason:
         raise BadInput(reason)
+    check_targets([config])
 
 
 def _check_layers(config: TrialConfig) -> None:
@@ -213,6 +228,11 @@ class _Objective:
         start = time.perf_counter()
         try:
             result = pipeline.run(config, self.cache)
+            missing = [m for m in self.space.objectives if m not in result.metrics]
+            if missing:
+                raise RuntimeError(f"objective {', '.join(missing)} was not measured on "
+                                   f"hw.target {config.hw.target} (PyTorch eager, the "
+                                   "speed-up's baseline, runs on the local CPU only)")
             values = [result.metrics[m] for m in self.space.objectives]
         except BaseException as e:
             reason = f"{type(e).__name__}: {e}"
@@ -225,8 +245,11 @@ class _Objective:
         self.tracker.finish_trial(run_id, result.metrics, result.tags(), result.artifacts)
         result.discard_artifacts()
         for key in ("accuracy", "latency_ms", "size_mb", "speedup_vs_torch", "sparsity"):
-            trial.set_user_attr(key, result.metrics[key])
+            if key in result.metrics:  # no PyTorch baseline on a remote device
+                trial.set_user_attr(key, result.metrics[key])
         shown = ", ".join(f"{m} {result.metrics[m]:.4g}" for m in self.space.objectives)
-        _say(f"[trial {trial.number}] {config.summary()}: {shown}, speedup_vs_torch "
-             f"{result.metrics['speedup_vs_torch']:.2f} ({result.metrics['trial_s']:.0f} s)")
+        speedup = result.metrics.get("speedup_vs_torch")
+        _say(f"[trial {trial.number}] {config.summary()}: {shown}" +
+             (f", speedup_vs_torch {speedup:.2f}" if speedup is not None else "") +
+             f" ({result.metrics['trial_s']:.0f} s)")
         return values

@@ -14,9 +14,9 @@ import dataclasses
 import json
 import types
 import typing
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import optuna
 import yaml
@@ -38,7 +38,8 @@ OBJECTIVE_METRICS = ("accuracy", "latency_ms", "size_mb", "params", "sparsity",
                      "speedup_vs_torch")
 DIRECTIONS = ("maximize", "minimize")
 SAMPLERS = ("tpe", "nsga2", "random")
-TOP_LEVEL = ("study", "description", "seed", "objectives", "sampler", "budget", "space")
+TOP_LEVEL = ("study", "description", "seed", "objectives", "sampler", "budget", "targets",
+             "space")
 
 
 @dataclass(frozen=True)
@@ -52,6 +53,11 @@ class TrialConfig:
     compiler: compiler.CompilerConfig
     hw: hardware.HardwareConfig
     seed: int = 0
+    # the space's target registry (name -> entry), for the names `hw.target` may use
+    targets: Mapping[str, hardware.TargetSpec] = field(default_factory=dict, compare=False)
+
+    def target(self) -> hardware.TargetSpec:
+        return hardware.lookup(self.hw.target, self.targets)
 
     def params(self) -> dict[str, Any]:
         """Flat dotted names -> values (None where a parameter does not apply)."""
@@ -223,6 +229,7 @@ class Space:
     timeout_s: float | None
     params: dict[str, Param]
     text: str
+    targets: Mapping[str, hardware.TargetSpec] = field(default_factory=dict)
 
     @property
     def directions(self) -> list[str]:
@@ -239,6 +246,7 @@ class Space:
                 params[name] = dataclasses.replace(
                     _parse_param(name, value, "--set ", params), when=old.when)
         ordered = {n: params[n] for n in _all_names() if n in params}
+        _check_target_names(ordered, self.targets, "--set ")
         return dataclasses.replace(self, params=ordered)
 
     def configure(self, chosen: dict[str, Any]) -> TrialConfig:
@@ -250,7 +258,7 @@ class Space:
             if param.applies(chosen) and name in chosen:
                 groups[layer][key] = chosen[name]
         return TrialConfig(**{layer: LAYERS[layer](**groups[layer]) for layer in LAYERS},
-                           seed=self.seed)
+                           seed=self.seed, targets=self.targets)
 
     def suggest(self, trial: optuna.Trial) -> TrialConfig:
         """Sample a configuration; conditional parameters are asked only where they apply."""
@@ -346,14 +354,62 @@ def _sparse_needs_unstructured_fp32(config: TrialConfig) -> str | None:
             f"unstructured (got {method}: {problem}); otherwise use algo.format dense")
 
 
-CONSTRAINTS = (_sparse_needs_unstructured_fp32,)
-CONSTRAINED = ("compress.method", "algo.format")  # the parameters the constraints read
+def _eager_runs_locally(config: TrialConfig) -> str | None:
+    """PyTorch eager (`compiler.backend: torch`) runs in this process, on the local CPU."""
+    if config.compiler.backend != "torch":
+        return None
+    try:
+        device = config.target().device
+    except BadInput:
+        return None  # an unknown target is reported as such, by the hardware check
+    if device == "local":
+        return None
+    return (f"compiler.backend torch runs PyTorch eager on the local CPU only; hw.target "
+            f"{config.hw.target} is a {device} device (use compiler.backend tvm there)")
+
+
+CONSTRAINTS = (_sparse_needs_unstructured_fp32, _eager_runs_locally)
+# the parameters the constraints read
+CONSTRAINED = ("compress.method", "algo.format", "compiler.backend", "hw.target")
 
 
 def infeasible(config: TrialConfig) -> str | None:
     """Why the space rules this configuration out (naming the problem and what is allowed),
     or None. A search prunes such a sample before any work; `dlas trial` refuses it."""
     return next((reason for rule in CONSTRAINTS if (reason := rule(config))), None)
+
+
+def load_targets(section: Any, path: Path, where: str) -> dict[str, hardware.TargetSpec]:
+    """The space's target registry: a mapping of name -> entry, or the path of a YAML file
+    holding one (relative to the space file), e.g. `targets: targets.yaml`."""
+    if section is None:
+        return {}
+    if isinstance(section, str):
+        file = path.parent / section
+        try:
+            section = yaml.safe_load(file.read_text())
+        except OSError as e:
+            raise BadInput(f"{where}targets: cannot read {file} ({e.strerror})") from None
+        except yaml.YAMLError as e:
+            raise BadInput(f"{where}targets: {file} is not valid YAML: {e}") from None
+        where = f"{file}: "
+        section = (section or {}).get("targets", section) if isinstance(section, dict) \
+            else section
+    if not isinstance(section, dict):
+        raise BadInput(f"{where}targets: a mapping of target name -> entry (device, tvm, "
+                       "tracker, key, threads, label), or the path of a YAML file with one")
+    return {str(name): hardware.target_spec(str(name), entry, where)
+            for name, entry in section.items()}
+
+
+def _check_target_names(params: dict[str, Param], targets: Mapping, where: str) -> None:
+    """Every `hw.target` choice names a known target (or is a well-formed rpc:// URL)."""
+    param = params.get("hw.target")
+    for name in (param.values() if param is not None and param.choices is not None else []):
+        try:
+            hardware.lookup(name, targets)
+        except BadInput as e:
+            raise BadInput(f"{where}{e}") from None
 
 
 def _all_names() -> list[str]:
@@ -415,6 +471,8 @@ def load_space(path: str | Path) -> Space:
     if timeout_s is not None and (not isinstance(timeout_s, (int, float)) or timeout_s <= 0):
         raise BadInput(f"{where}budget.timeout_s: {timeout_s!r} must be a positive number")
 
+    targets = load_targets(doc.get("targets"), path, where)
+
     layers = doc.get("space") or {}
     if not isinstance(layers, dict):
         raise BadInput(f"{where}space: a mapping of layer -> parameters")
@@ -431,8 +489,9 @@ def load_space(path: str | Path) -> Space:
             name = f"{layer}.{key}"
             params[name] = _parse_param(name, spec, f"{where}space.", params)
     ordered = {n: params[n] for n in _all_names() if n in params}
+    _check_target_names(ordered, targets, f"{where}space.")
     space = Space(str(path), study, seed, dict(objectives), sampler, trials, timeout_s,
-                  ordered, text)
+                  ordered, text, targets)
     _check_conditions(space, where)
     return space
 

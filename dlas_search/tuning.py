@@ -41,13 +41,20 @@ SCHEDULED = "tirx.is_scheduled"
 _FOREIGN_INTRINSICS = ("cuda", "rocm", "hexagon", "arm_cpu", "riscv_cpu", "metal")
 
 
-def _stub_foreign_intrinsics() -> None:
-    """Empty modules in place of the non-x86 intrinsic tables: in the builder workers (their
-    initializer) and in this process before a CPU tuning run (the schedule rules import the
-    tables: 38 s here, nearly all of it CUDA's)."""
+def _stub_foreign_intrinsics(keep: tuple[str, ...] = ()) -> None:
+    """Empty modules in place of the intrinsic tables the target does not use: in the builder
+    workers (their initializer) and in this process before a CPU tuning run (the schedule
+    rules import the tables: 38 s here, nearly all of it CUDA's). An aarch64 target keeps
+    arm_cpu (its int8 dot-product rules need the real table)."""
     for name in _FOREIGN_INTRINSICS:
-        sys.modules.setdefault(f"tvm.s_tir.tensor_intrin.{name}",
-                               types.ModuleType(f"tvm.s_tir.tensor_intrin.{name}"))
+        if name not in keep:
+            sys.modules.setdefault(f"tvm.s_tir.tensor_intrin.{name}",
+                                   types.ModuleType(f"tvm.s_tir.tensor_intrin.{name}"))
+
+
+def _used_intrinsics(target: tvm.target.Target) -> tuple[str, ...]:
+    triple = str(target.attrs.get("mtriple", ""))
+    return ("arm_cpu",) if triple.startswith(("aarch64", "arm")) else ()
 
 
 def _set_threads(threads: int) -> None:
@@ -78,13 +85,14 @@ class TuningReport:
                 "hand_scheduled_kernels": float(self.hand_scheduled)}
 
 
-def target_folder(database_dir: str | Path, target: tvm.target.Target) -> Path:
-    """The database folder of one target: records only match the target they were tuned for
-    (MetaSchedule's own lookup ignores the target)."""
-    text = str(target)
+def target_folder(database_dir: str | Path, target: tvm.target.Target,
+                  device: str | None = None) -> Path:
+    """The database folder of one target (and remote device key): records only match the
+    target and device they were measured on (MetaSchedule's own lookup ignores the target)."""
+    text = str(target) + (f" @{device}" if device else "")
     kind = tvm.target.Target(target).kind.name
     mcpu = str(target.attrs.get("mcpu", "")) or "generic"
-    slug = re.sub(r"[^A-Za-z0-9_.-]+", "-", f"{kind}-{mcpu}")
+    slug = re.sub(r"[^A-Za-z0-9_.-]+", "-", f"{kind}-{mcpu}" + (f"-{device}" if device else ""))
     return Path(database_dir) / f"{slug}-{hashlib.sha256(text.encode()).hexdigest()[:10]}"
 
 
@@ -149,16 +157,19 @@ class _Progress(ms.measure_callback.PyMeasureCallback):
 
 def tune(mod: tvm.IRModule, target: tvm.target.Target, trials: int,
          database_dir: str | Path, threads: int = 1, seed: int = 0, progress: bool = True,
-         export_to: Path | None = None) -> tuple[tvm.IRModule, TuningReport]:
+         export_to: Path | None = None, rpc: tuple[str, int, str] | None = None
+         ) -> tuple[tvm.IRModule, TuningReport]:
     """Tune the tasks of `mod` not yet in the database (a global budget of `trials`
     measurements) and return the fused module with every recorded schedule applied;
-    `export_to` receives the best record of each task as a database of its own."""
+    `export_to` receives the best record of each task as a database of its own; `rpc`
+    (tracker host, port, device key) measures the candidates on that remote device."""
     start = time.perf_counter()
+    keep = _used_intrinsics(target)
     if target.kind.name == "llvm":
-        _stub_foreign_intrinsics()
+        _stub_foreign_intrinsics(keep)
     mod = fuse(mod)
     tunable, hand = task_functions(mod)
-    folder = target_folder(database_dir, target)
+    folder = target_folder(database_dir, target, rpc[2] if rpc else None)
     db = open_database(folder)
     tasks = [t for t in ms.relax_integration.extract_tasks(mod, target)
              if not any(_is_scheduled(f) for f in t.mod.functions.values())]
@@ -181,12 +192,9 @@ def tune(mod: tvm.IRModule, target: tvm.target.Target, trials: int,
                 max_trials_global=trials,
                 num_trials_per_iter=max(1, min(64, trials // len(todo))),
                 builder=ms.builder.LocalBuilder(max_workers=max(1, threads), timeout_sec=120,
-                                                initializer=_stub_foreign_intrinsics),
-                runner=ms.runner.LocalRunner(
-                    timeout_sec=60, initializer=partial(_set_threads, threads),
-                    evaluator_config=ms.runner.EvaluatorConfig(
-                        number=3, repeat=1, min_repeat_ms=50, enable_cpu_cache_flush=False)),
-                database=db, measure_callbacks=callbacks)
+                                                initializer=partial(_stub_foreign_intrinsics,
+                                                                    keep)),
+                runner=_runner(threads, rpc), database=db, measure_callbacks=callbacks)
     with target, db, tvm.transform.PassContext(opt_level=3):
         applied = relax.transform.MetaScheduleApplyDatabase(enable_warning=False)(mod)
     unscheduled, _ = task_functions(applied)
@@ -203,6 +211,21 @@ def tune(mod: tvm.IRModule, target: tvm.target.Target, trials: int,
         log.warning("%d of %d task functions have no tuned schedule: %s", len(report.untuned),
                     len(tunable), ", ".join(report.untuned))
     return applied, report
+
+
+def _runner(threads: int, rpc: tuple[str, int, str] | None) -> ms.runner.Runner:
+    """Where candidates are measured: the device the trial targets. A remote server runs with
+    the thread count it was started with (TVM_NUM_THREADS in its environment)."""
+    evaluator = ms.runner.EvaluatorConfig(number=3, repeat=1, min_repeat_ms=50,
+                                          enable_cpu_cache_flush=False)
+    if rpc is None:
+        return ms.runner.LocalRunner(timeout_sec=60, initializer=partial(_set_threads, threads),
+                                     evaluator_config=evaluator)
+    host, port, key = rpc
+    return ms.runner.RPCRunner(
+        rpc_config=ms.runner.RPCConfig(tracker_host=host, tracker_port=port, tracker_key=key,
+                                       session_priority=1, session_timeout_sec=120),
+        evaluator_config=evaluator, max_workers=1)
 
 
 def export_records(source: ms.database.Database, tasks: list[ms.ExtractedTask],

@@ -85,7 +85,7 @@ def test_pareto_of_unknown_experiment(workdir, capsys):
 
 def test_every_subcommand_has_help():
     for argv in (["--help"], ["search", "--help"], ["trial", "--help"], ["pareto", "--help"],
-                 ["space", "show", "--help"]):
+                 ["targets", "--help"], ["space", "show", "--help"]):
         out = subprocess.run([sys.executable, "-m", "dlas_search", *argv], capture_output=True,
                              text=True, timeout=120)
         assert out.returncode == 0 and "usage: dlas" in out.stdout, argv
