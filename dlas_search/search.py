@@ -88,6 +88,13 @@ def make_sampler(space: Space, already: int) -> optuna.samplers.BaseSampler:
             population_size=space.sampler.get("population_size", 50), seed=seed)
     if name == "tpe":
         return optuna.samplers.TPESampler(seed=seed, multivariate=True, group=True)
+    if name == "grid":  # visits every grid point once, then stops the study
+        return optuna.samplers.GridSampler(space.grid(), seed=seed)
+    if name == "qmc":
+        with warnings.catch_warnings():  # experimental in Optuna
+            warnings.simplefilter("ignore")
+            return optuna.samplers.QMCSampler(qmc_type="sobol", scramble=True, seed=seed,
+                                              warn_independent_sampling=False)
     return optuna.samplers.RandomSampler(seed=seed)
 
 

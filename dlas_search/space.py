@@ -34,10 +34,12 @@ LAYERS: dict[str, type] = {
     "compiler": compiler.CompilerConfig,
     "hw": hardware.HardwareConfig,
 }
-OBJECTIVE_METRICS = ("accuracy", "latency_ms", "size_mb", "params", "sparsity",
+OBJECTIVE_METRICS = ("accuracy", "latency_ms", "size_mb", "macs", "params", "sparsity",
                      "speedup_vs_torch")
 DIRECTIONS = ("maximize", "minimize")
-SAMPLERS = ("tpe", "nsga2", "random")
+# grid: every configuration exactly once (categorical choices and ranges with a step);
+# qmc: a scrambled Sobol sequence over the numeric ranges (choices drawn at random)
+SAMPLERS = ("tpe", "nsga2", "random", "grid", "qmc")
 TOP_LEVEL = ("study", "description", "seed", "objectives", "sampler", "budget", "targets",
              "space")
 
@@ -306,6 +308,12 @@ class Space:
                     f"{reasons[0]}")
         return None
 
+    def grid(self) -> dict[str, list]:
+        """Every sampled parameter's values, for Optuna's GridSampler (conditional ones too:
+        a grid point that differs only in a parameter that does not apply repeats a
+        configuration, and the search skips it without counting it)."""
+        return {name: param.values() for name, param in self.params.items() if not param.fixed}
+
     def size(self) -> int | None:
         """Number of distinct configurations the constraints allow, or None when a continuous
         range makes it infinite (conditional parameters counted where they apply)."""
@@ -490,6 +498,11 @@ def load_space(path: str | Path) -> Space:
             params[name] = _parse_param(name, spec, f"{where}space.", params)
     ordered = {n: params[n] for n in _all_names() if n in params}
     _check_target_names(ordered, targets, f"{where}space.")
+    if sampler["name"] == "grid":
+        continuous = [n for n, p in ordered.items() if p.choices is None and p.step is None]
+        if continuous:
+            raise BadInput(f"{where}sampler grid enumerates the space: {continuous[0]} is a "
+                           "continuous range; give it a step or a list of choices")
     space = Space(str(path), study, seed, dict(objectives), sampler, trials, timeout_s,
                   ordered, text, targets)
     _check_conditions(space, where)

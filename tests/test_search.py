@@ -146,3 +146,68 @@ def test_a_ruled_out_configuration_is_bad_input_before_anything_is_written(workd
     err = capsys.readouterr().err
     assert NEEDS_PRUNING in err and "got none" in err
     assert sorted(p.name for p in workdir.iterdir()) == ["bad.yaml"]
+
+
+# --- samplers ----------------------------------------------------------------------------------
+
+GRID_SPACE = TINY_SPACE.replace("sampler: {name: nsga2, population_size: 2}",
+                                "sampler: grid").replace("budget: {trials: 2}",
+                                                         "budget: {trials: 50}")
+
+
+def test_grid_sampler_enumerates_every_configuration_exactly(workdir):
+    """Asked until it stops, the grid yields each configuration the space allows (conditional
+    parameters included: amount only for unstructured) and nothing else."""
+    space = load_space(write_space(workdir, GRID_SPACE))
+    from dlas_search.search import make_sampler
+    study = optuna.create_study(sampler=make_sampler(space, 0), directions=space.directions)
+    seen = []
+
+    def record(trial):
+        seen.append(json.dumps(space.suggest(trial).params(), sort_keys=True))
+        return [0.0, 0.0, 0.0]
+    study.optimize(record, n_trials=100)  # the grid stops the study when it is done
+    assert len(seen) == 8  # 2 methods x 2 amounts x 2 convs: amount repeats under none
+    # method none/unstructured x amount 0.5/0.8 (only for unstructured) x conv 2
+    assert len(set(seen)) == space.size() == 6
+    assert {json.loads(c)["compress.amount"] for c in seen} == {None, 0.5, 0.8}
+
+
+def test_grid_study_runs_each_configuration_once_and_stops(workdir, cache_dir):
+    text = GRID_SPACE.replace("algo: {conv: [direct, direct_nhwc]}", "algo: {conv: direct}")
+    outcome = run_search(load_space(write_space(workdir, text)), cache_dir=str(cache_dir))
+    complete = [t for t in outcome.study.trials if t.state.name == "COMPLETE"]
+    configs = {json.dumps({k: v for k, v in t.params.items()}, sort_keys=True)
+               for t in complete}
+    assert len(complete) == len(configs) == 3  # none, unstructured 0.5, unstructured 0.8
+    assert all(t.state.name in ("COMPLETE", "PRUNED") for t in outcome.study.trials)
+
+
+def test_grid_needs_steps(workdir):
+    text = GRID_SPACE.replace("amount: [0.5, 0.8]", "amount: {low: 0.5, high: 0.9}")
+    with pytest.raises(BadInput, match="sampler grid .* compress.amount .* step"):
+        load_space(write_space(workdir, text))
+
+
+def test_qmc_sampler_gives_valid_configurations(workdir):
+    text = TINY_SPACE.replace("sampler: {name: nsga2, population_size: 2}", "sampler: qmc")
+    text = text.replace("amount: [0.5, 0.8]", "amount: {low: 0.5, high: 0.9}")
+    space = load_space(write_space(workdir, text))
+    from dlas_search.search import make_sampler
+    study = optuna.create_study(sampler=make_sampler(space, 0), directions=space.directions)
+    amounts = []
+    for _ in range(8):
+        trial = study.ask()
+        config = space.suggest(trial)
+        if config.compress.method == "unstructured":
+            amounts.append(config.compress.amount)
+        study.tell(trial, [0.0, 0.0, 0.0])
+    assert amounts and all(0.5 <= a <= 0.9 for a in amounts)
+
+
+def test_macs_is_an_objective(workdir):
+    text = TINY_SPACE.replace("objectives: {accuracy: maximize, latency_ms: minimize, "
+                              "size_mb: minimize}", "objectives: {accuracy: maximize, "
+                              "macs: minimize}")
+    assert load_space(write_space(workdir, text)).objectives == {"accuracy": "maximize",
+                                                                 "macs": "minimize"}
