@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -36,15 +36,24 @@ class Trials:
     study: str
     objectives: dict[str, str]
     rows: list[dict]
+    # metric -> {"min": x, "max": y}: the study's thresholds; rows outside are not on the front
+    thresholds: dict[str, dict[str, float]] = field(default_factory=dict)
 
     def values(self) -> np.ndarray:
         return np.array([[row["metrics"][m] for m in self.objectives] for row in self.rows])
 
+    def feasible(self, row: dict) -> bool:
+        metrics = row["metrics"]
+        return all(metric in metrics and bounds.get("min", -math.inf) <= metrics[metric]
+                   <= bounds.get("max", math.inf) for metric, bounds in self.thresholds.items())
+
     def front(self) -> list[dict]:
-        if not self.rows:
+        rows = [row for row in self.rows if self.feasible(row)]
+        if not rows:
             return []
-        mask = non_dominated(self.values(), list(self.objectives.values()))
-        return [row for row, keep in zip(self.rows, mask) if keep]
+        values = np.array([[row["metrics"][m] for m in self.objectives] for row in rows])
+        mask = non_dominated(values, list(self.objectives.values()))
+        return [row for row, keep in zip(rows, mask) if keep]
 
 
 def load_trials(tracking_uri: str, experiment: str) -> Trials:
@@ -76,7 +85,8 @@ def load_trials(tracking_uri: str, experiment: str) -> Trials:
         if not token:
             break
     rows.sort(key=lambda r: r["trial"])
-    return Trials(parents[0].data.tags.get(STUDY, experiment), objectives, rows)
+    thresholds = json.loads(parents[0].data.tags.get("dlas.thresholds") or "{}")
+    return Trials(parents[0].data.tags.get(STUDY, experiment), objectives, rows, thresholds)
 
 
 def _flat(row: dict, objectives: dict[str, str]) -> dict:
@@ -120,7 +130,8 @@ def write(trials: Trials, out_dir: str | Path) -> dict[str, Path]:
             writer.writerows(flat)
     paths["pareto.json"].write_text(json.dumps({
         "study": trials.study, "objectives": trials.objectives,
-        "trials": len(trials.rows), "front": front}, indent=2))
+        "thresholds": trials.thresholds, "trials": len(trials.rows),
+        "feasible": sum(trials.feasible(r) for r in trials.rows), "front": front}, indent=2))
     _plot_html(trials, paths["pareto.html"])
     _plot_png(trials, front, paths["pareto.png"])
     return paths

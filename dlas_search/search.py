@@ -83,11 +83,16 @@ def make_sampler(space: Space, already: int) -> optuna.samplers.BaseSampler:
     a continued study explores new points instead of replaying the first run's."""
     seed = space.seed + already
     name = space.sampler["name"]
+    constraints = _constraints if space.thresholds else None
     if name == "nsga2":
         return optuna.samplers.NSGAIISampler(
-            population_size=space.sampler.get("population_size", 50), seed=seed)
+            population_size=space.sampler.get("population_size", 50), seed=seed,
+            constraints_func=constraints)
     if name == "tpe":
-        return optuna.samplers.TPESampler(seed=seed, multivariate=True, group=True)
+        with warnings.catch_warnings():  # constraints_func is experimental in Optuna
+            warnings.simplefilter("ignore")
+            return optuna.samplers.TPESampler(seed=seed, multivariate=True, group=True,
+                                              constraints_func=constraints)
     if name == "grid":  # visits every grid point once, then stops the study
         return optuna.samplers.GridSampler(space.grid(), seed=seed)
     if name == "qmc":
@@ -96,6 +101,12 @@ def make_sampler(space: Space, already: int) -> optuna.samplers.BaseSampler:
             return optuna.samplers.QMCSampler(qmc_type="sobol", scramble=True, seed=seed,
                                               warn_independent_sampling=False)
     return optuna.samplers.RandomSampler(seed=seed)
+
+
+def _constraints(trial: optuna.trial.FrozenTrial) -> list[float]:
+    """The space's thresholds as Optuna constraints (<= 0: met), set by the objective; a
+    trial pruned before any work has none and counts as violating."""
+    return trial.user_attrs.get("constraints", [1.0])
 
 
 @dataclass
@@ -145,7 +156,8 @@ def run_search(space: Space, *, study_name: str | None = None, trials: int | Non
         study.set_metric_names(list(space.objectives))
     tracker = tracking.Tracker(tracking_uri, name)
     parent = tracker.open_study(space.objectives, space.path, space.text,
-                                {"dlas.storage": storage, "dlas.sampler": space.sampler["name"]})
+                                {"dlas.storage": storage, "dlas.sampler": space.sampler["name"],
+                                 "dlas.thresholds": json.dumps(dict(space.thresholds))})
     cache = StageCache(cache_dir if cache_dir is not None else tracking.TRACKING_DIR / "cache")
     objective = _Objective(space, tracker, cache)
     budget = _Budget(trials)
@@ -241,6 +253,11 @@ class _Objective:
                                    f"hw.target {config.hw.target} (PyTorch eager, the "
                                    "speed-up's baseline, runs on the local CPU only)")
             values = [result.metrics[m] for m in self.space.objectives]
+            if self.space.thresholds:  # outside a threshold: infeasible, never on the front
+                violations = self.space.violations(result.metrics)
+                trial.set_user_attr("constraints", violations)
+                result.metrics["threshold_violation"] = max(violations)
+                result.info["feasible"] = str(max(violations) <= 0).lower()
         except BaseException as e:
             reason = f"{type(e).__name__}: {e}"
             trial.set_user_attr("error", reason[:2000])

@@ -40,8 +40,8 @@ DIRECTIONS = ("maximize", "minimize")
 # grid: every configuration exactly once (categorical choices and ranges with a step);
 # qmc: a scrambled Sobol sequence over the numeric ranges (choices drawn at random)
 SAMPLERS = ("tpe", "nsga2", "random", "grid", "qmc")
-TOP_LEVEL = ("study", "description", "seed", "objectives", "sampler", "budget", "targets",
-             "space")
+TOP_LEVEL = ("study", "description", "seed", "objectives", "thresholds", "sampler", "budget",
+             "targets", "space")
 
 
 @dataclass(frozen=True)
@@ -232,6 +232,21 @@ class Space:
     params: dict[str, Param]
     text: str
     targets: Mapping[str, hardware.TargetSpec] = field(default_factory=dict)
+    # metric -> {"min": x} and/or {"max": y}: a trial outside is infeasible (never on the front)
+    thresholds: Mapping[str, Mapping[str, float]] = field(default_factory=dict)
+
+    def violations(self, metrics: Mapping[str, float]) -> list[float]:
+        """One number per threshold, <= 0 when met (Optuna's constraint convention); a metric
+        the trial did not measure violates it."""
+        out = []
+        for metric, bounds in self.thresholds.items():
+            value = metrics.get(metric)
+            for kind, bound in bounds.items():
+                if value is None:
+                    out.append(float("inf"))
+                else:
+                    out.append(bound - value if kind == "min" else value - bound)
+        return out
 
     @property
     def directions(self) -> list[str]:
@@ -460,6 +475,24 @@ def load_space(path: str | Path) -> Space:
         if direction not in DIRECTIONS:
             raise allowed(f"{where}objectives.{metric}", direction, DIRECTIONS)
 
+    thresholds = doc.get("thresholds") or {}
+    if not isinstance(thresholds, dict):
+        raise BadInput(f"{where}thresholds: a mapping of metric -> {{min: x}} or {{max: y}}, "
+                       "e.g. {accuracy: {min: 0.9}}")
+    for metric, bounds in thresholds.items():
+        if metric not in OBJECTIVE_METRICS:
+            raise allowed(f"{where}thresholds", metric, OBJECTIVE_METRICS)
+        if not isinstance(bounds, dict) or not bounds or set(bounds) - {"min", "max"}:
+            raise BadInput(f"{where}thresholds.{metric}: {bounds!r}; give min and/or max, "
+                           f"e.g. {{min: 0.9}}")
+        for kind, bound in bounds.items():
+            if not isinstance(bound, (int, float)) or isinstance(bound, bool):
+                raise BadInput(f"{where}thresholds.{metric}.{kind}: {bound!r} must be a number")
+        if bounds.get("min", float("-inf")) > bounds.get("max", float("inf")):
+            raise BadInput(f"{where}thresholds.{metric}: min {bounds['min']} is above max "
+                           f"{bounds['max']}")
+    thresholds = {m: {k: float(v) for k, v in b.items()} for m, b in thresholds.items()}
+
     sampler = doc.get("sampler", "nsga2")
     sampler = {"name": sampler} if isinstance(sampler, str) else sampler
     if not isinstance(sampler, dict) or sampler.get("name") not in SAMPLERS:
@@ -504,7 +537,7 @@ def load_space(path: str | Path) -> Space:
             raise BadInput(f"{where}sampler grid enumerates the space: {continuous[0]} is a "
                            "continuous range; give it a step or a list of choices")
     space = Space(str(path), study, seed, dict(objectives), sampler, trials, timeout_s,
-                  ordered, text, targets)
+                  ordered, text, targets, thresholds)
     _check_conditions(space, where)
     return space
 

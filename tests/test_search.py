@@ -211,3 +211,47 @@ def test_macs_is_an_objective(workdir):
                               "macs: minimize}")
     assert load_space(write_space(workdir, text)).objectives == {"accuracy": "maximize",
                                                                  "macs": "minimize"}
+
+
+# --- thresholds ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("thresholds,words", [
+    ("{accuracy: {min: 0.9}, colour: {max: 1}}", ["thresholds", "colour", "latency_ms"]),
+    ("{accuracy: 0.9}", ["thresholds.accuracy", "min and/or max"]),
+    ("{accuracy: {least: 0.9}}", ["thresholds.accuracy", "min and/or max"]),
+    ("{accuracy: {min: high}}", ["thresholds.accuracy.min", "number"]),
+    ("{latency_ms: {min: 5, max: 1}}", ["thresholds.latency_ms", "above max"]),
+])
+def test_bad_thresholds_are_named(workdir, thresholds, words):
+    with pytest.raises(BadInput) as error:
+        load_space(write_space(workdir, TINY_SPACE + f"thresholds: {thresholds}\n"))
+    for word in words:
+        assert word in str(error.value), (word, str(error.value))
+
+
+def test_trials_outside_a_threshold_never_enter_the_front(workdir, cache_dir):
+    """accuracy >= 2 cannot be met: every trial completes, is marked infeasible in Optuna (its
+    constraint) and MLflow, and neither our front nor Optuna's best trials hold any of them."""
+    space = load_space(write_space(workdir, TINY_SPACE + "thresholds: {accuracy: {min: 2}}\n"))
+    outcome = run_search(space, cache_dir=str(cache_dir))
+    done = [t for t in outcome.study.trials if t.state.name == "COMPLETE"]
+    assert len(done) == 2 and outcome.front == []
+    assert all(t.user_attrs["constraints"][0] > 0 for t in done)
+    assert outcome.study.best_trials == []  # Optuna's own view: no feasible trial
+    front = json.loads((outcome.pareto_dir / "pareto.json").read_text())
+    assert front["feasible"] == 0 and front["trials"] == 2 and front["thresholds"] == {
+        "accuracy": {"min": 2.0}}
+    _, _, children = child_runs("tiny")
+    assert {r.data.tags["dlas.feasible"] for r in children} == {"false"}
+    assert all(r.data.metrics["threshold_violation"] > 0 for r in children)
+
+
+def test_front_keeps_only_feasible_rows():
+    from dlas_search.pareto import Trials
+    rows = [{"trial": i, "run_id": str(i), "name": str(i), "params": {},
+             "metrics": {"accuracy": a, "latency_ms": l}}
+            for i, (a, l) in enumerate([(0.95, 9.0), (0.80, 1.0), (0.92, 5.0)])]
+    objectives = {"accuracy": "maximize", "latency_ms": "minimize"}
+    assert [r["trial"] for r in Trials("t", objectives, rows).front()] == [0, 1, 2]
+    limited = Trials("t", objectives, rows, {"accuracy": {"min": 0.9}})
+    assert [r["trial"] for r in limited.front()] == [0, 2]  # trial 1 is fastest but too poor
