@@ -1,5 +1,6 @@
 """The Pareto front of a study, read back from MLflow alone: CSV, JSON, an interactive HTML
-plot (plotly, through Optuna's `plot_pareto_front`) and a PNG (matplotlib).
+plot (plotly, through Optuna's `plot_pareto_front`) and a PNG (matplotlib), the front's
+hypervolume, and which layers' parameters matter for each objective (importance.csv).
 
     front = non_dominated(values, ["maximize", "minimize"])   # boolean mask
     export_from_mlflow("sqlite:///tracking/mlflow.db", "quickstart", "out/")
@@ -28,6 +29,38 @@ def non_dominated(values, directions: list[str]) -> np.ndarray:
     strictly_better = (costs[:, None, :] < costs[None, :, :]).any(axis=2)
     dominated = (better_or_equal & strictly_better).any(axis=0)  # [i, j]: i dominates j
     return ~dominated
+
+
+def hypervolume(costs: np.ndarray, reference: np.ndarray) -> float:
+    """Volume dominated by `costs` (all minimised) up to `reference`, exactly: slice along
+    the first objective and recurse on the rest (fine for the few objectives and the fronts of
+    a study)."""
+    costs = np.asarray(costs, dtype=float)
+    costs = costs[(costs < reference).all(axis=1)]
+    if len(costs) == 0:
+        return 0.0
+    if costs.shape[1] == 1:
+        return float(reference[0] - costs[:, 0].min())
+    order = np.argsort(costs[:, 0])
+    costs = costs[order]
+    volume = 0.0
+    for i in range(len(costs)):
+        upper = costs[i + 1, 0] if i + 1 < len(costs) else reference[0]
+        if upper > costs[i, 0]:
+            volume += (upper - costs[i, 0]) * hypervolume(costs[: i + 1, 1:], reference[1:])
+    return volume
+
+
+def normalised_hypervolume(values: np.ndarray, front: np.ndarray,
+                           directions: list[str]) -> float:
+    """The front's hypervolume with every objective scaled to [0, 1] over all the trials
+    (best 0, worst 1) and the reference point at 1.1: comparable across studies of the same
+    objectives, 1.21 ** (objectives / 2) would be a perfect corner."""
+    signs = np.array([-1.0 if d == "maximize" else 1.0 for d in directions])
+    costs, front_costs = values * signs, front * signs
+    low, high = costs.min(axis=0), costs.max(axis=0)
+    span = np.where(high > low, high - low, 1.0)
+    return hypervolume((front_costs - low) / span, np.full(len(directions), 1.1))
 
 
 @dataclass
@@ -128,13 +161,49 @@ def write(trials: Trials, out_dir: str | Path) -> dict[str, Path]:
             writer = csv.DictWriter(f, fieldnames=columns)
             writer.writeheader()
             writer.writerows(flat)
+    directions = list(trials.objectives.values())
+    volume = normalised_hypervolume(
+        trials.values(), np.array([[r["metrics"][m] for m in trials.objectives] for r in front]),
+        directions) if front else 0.0
+    paths["importance.csv"] = out / "importance.csv"
+    importance = layer_importance(trials)
+    with open(paths["importance.csv"], "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["layer", "parameter", *trials.objectives])
+        for (layer, param), scores in importance.items():
+            writer.writerow([layer, param, *(f"{scores[m]:.4f}" for m in trials.objectives)])
     paths["pareto.json"].write_text(json.dumps({
         "study": trials.study, "objectives": trials.objectives,
         "thresholds": trials.thresholds, "trials": len(trials.rows),
-        "feasible": sum(trials.feasible(r) for r in trials.rows), "front": front}, indent=2))
+        "feasible": sum(trials.feasible(r) for r in trials.rows),
+        "hypervolume": volume, "front": front}, indent=2))
     _plot_html(trials, paths["pareto.html"])
     _plot_png(trials, front, paths["pareto.png"])
     return paths
+
+
+def layer_importance(trials: Trials) -> dict[tuple[str, str], dict[str, float]]:
+    """fANOVA importance (Optuna's evaluator, seeded) of each parameter that varied, per
+    objective, plus a row per layer (`layer`, "*") summing its parameters; empty with fewer
+    than two trials or nothing varied."""
+    import optuna
+
+    study = _optuna_study(trials)
+    varied = [k for k in sorted({k for r in trials.rows for k in r["params"]})
+              if len({r["params"].get(k, "-") for r in trials.rows}) > 1]
+    if len(trials.rows) < 2 or not varied:
+        return {}
+    scores: dict[tuple[str, str], dict[str, float]] = {}
+    for i, metric in enumerate(trials.objectives):
+        found = optuna.importance.get_param_importances(
+            study, params=varied, target=lambda t, i=i: t.values[i],
+            evaluator=optuna.importance.FanovaImportanceEvaluator(seed=0), normalize=True)
+        for param, value in found.items():
+            layer = param.split(".")[0]
+            scores.setdefault((layer, param), {m: 0.0 for m in trials.objectives})[metric] = value
+            total = scores.setdefault((layer, "*"), {m: 0.0 for m in trials.objectives})
+            total[metric] += value
+    return dict(sorted(scores.items(), key=lambda kv: (kv[0][0], kv[0][1] != "*", kv[0][1])))
 
 
 def _plot_html(trials: Trials, path: Path) -> None:

@@ -64,3 +64,44 @@ def test_exports_parse(tmp_path):
     assert lines[0].startswith("trial,accuracy,latency_ms,size_mb") and len(lines) == 6
     assert "plotly" in paths["pareto.html"].read_text()[:200000].lower()
     assert paths["pareto.png"].read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.parametrize("seed", range(10))
+def test_hypervolume_matches_optuna(seed):
+    from optuna._hypervolume import compute_hypervolume
+
+    from dlas_search.pareto import hypervolume
+    rng = np.random.default_rng(seed)
+    k = int(rng.integers(2, 4))
+    points = rng.integers(0, 6, size=(int(rng.integers(1, 25)), k)).astype(float) / 5
+    reference = np.full(k, 1.1)
+    front = points[non_dominated(points, ["minimize"] * k)]
+    assert hypervolume(points, reference) == pytest.approx(
+        compute_hypervolume(np.unique(front, axis=0), reference))
+
+
+def test_export_reports_hypervolume_and_layer_importance(tmp_path):
+    """latency is decided by algo.conv alone, accuracy by compress.method alone: the
+    importance table must say so, per objective and per layer."""
+    rng = np.random.default_rng(0)
+    objectives = {"accuracy": "maximize", "latency_ms": "minimize"}
+    rows = []
+    for i in range(40):
+        conv, method = rng.choice(["direct", "winograd"]), rng.choice(["none", "int8"])
+        rows.append({"trial": i, "run_id": f"r{i}", "name": f"#{i}",
+                     "params": {"algo.conv": conv, "compress.method": method},
+                     "metrics": {"accuracy": (0.9 if method == "none" else 0.7)
+                                 + rng.normal(0, 0.005),
+                                 "latency_ms": (10.0 if conv == "direct" else 4.0)
+                                 + rng.normal(0, 0.05)}})
+    trials = Trials("hand", objectives, rows)
+    paths = write(trials, tmp_path)
+    data = json.loads(paths["pareto.json"].read_text())
+    assert 0 < data["hypervolume"] <= 1.1 ** 2
+    lines = paths["importance.csv"].read_text().splitlines()
+    assert lines[0] == "layer,parameter,accuracy,latency_ms"
+    table = {tuple(line.split(",")[:2]): list(map(float, line.split(",")[2:]))
+             for line in lines[1:]}
+    assert table[("compress", "compress.method")][0] > 0.9  # accuracy
+    assert table[("algo", "algo.conv")][1] > 0.9            # latency
+    assert table[("algo", "*")] == table[("algo", "algo.conv")]
