@@ -49,6 +49,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="folder for the Pareto export (default: tracking/pareto/<study>)")
     p.add_argument("--cache-dir", default=None,
                    help="stage cache folder (default: tracking/cache; 'none' disables)")
+    p.add_argument("--heartbeat", type=float, default=None, metavar="S",
+                   help="seconds between a running trial's heartbeats (default: 60; 0: off); "
+                   "a trial silent for 3 beats, its worker killed, is failed in Optuna and "
+                   "MLflow by the next worker and run again once")
 
     p = sub.add_parser("trial", help="run one configuration",
                        description="Run one configuration (unset parameters take the space's "
@@ -118,7 +122,8 @@ def cmd_search(args) -> int:
     outcome = run_search(space, study_name=args.study or None, trials=args.trials,
                          storage=args.storage or None, tracking_uri=args.tracking_uri or None,
                          out_dir=args.out or None, cache_dir=_cache_dir(args.cache_dir),
-                         timeout_s=args.timeout)
+                         timeout_s=args.timeout, **({} if args.heartbeat is None else
+                                                    {"heartbeat_s": args.heartbeat}))
     study = outcome.study
     complete = sum(t.state.name == "COMPLETE" for t in study.trials)
     failed = sum(t.state.name == "FAIL" for t in study.trials)

@@ -117,6 +117,44 @@ class SearchOutcome:
     front: list[dict]
 
 
+DEFAULT_HEARTBEAT_S = 60
+
+
+def _storage(url: str, heartbeat_s: float, tracking_uri: str):
+    if not heartbeat_s:
+        return url
+    with warnings.catch_warnings():  # heartbeat arguments are experimental in Optuna
+        warnings.simplefilter("ignore")
+        return optuna.storages.RDBStorage(
+            url, heartbeat_interval=max(1, round(heartbeat_s)),
+            grace_period=max(2, round(3 * heartbeat_s)),
+            failed_trial_callback=_StaleTrial(tracking_uri))
+
+
+class _StaleTrial:
+    """Optuna found a trial whose worker stopped beating (kill -9, power loss): end its MLflow
+    run as FAILED with the reason (not RUNNING forever), then queue the configuration again,
+    once (Optuna's RetryFailedTrialCallback)."""
+
+    def __init__(self, tracking_uri: str):
+        self.tracking_uri = tracking_uri
+        self.retry = optuna.storages.RetryFailedTrialCallback(max_retry=1)
+
+    def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        reason = "the worker running this trial stopped sending heartbeats (killed or lost)"
+        run_id = trial.user_attrs.get("mlflow_run_id")
+        if run_id:
+            try:
+                tracker = tracking.Tracker(self.tracking_uri, study.study_name)
+                if tracker.client.get_run(run_id).info.status == "RUNNING":
+                    tracker.fail_trial(run_id, reason)
+            except Exception as e:  # the study must go on even if MLflow cannot be told
+                print(f"warning: could not mark MLflow run {run_id} FAILED: {e}",
+                      file=sys.stderr)
+        _say(f"[trial {trial.number}] FAILED: {reason}; queued again")
+        self.retry(study, trial)
+
+
 def _existing_directions(storage: str, name: str) -> list[str] | None:
     if make_url(storage).get_backend_name() == "sqlite" and \
             not Path(make_url(storage).database).exists():
@@ -130,8 +168,11 @@ def _existing_directions(storage: str, name: str) -> list[str] | None:
 def run_search(space: Space, *, study_name: str | None = None, trials: int | None = None,
                storage: str | None = None, tracking_uri: str | None = None,
                out_dir: str | Path | None = None, cache_dir: str | Path | None = None,
-               timeout_s: float | None = None) -> SearchOutcome:
-    """Run (or continue) the study named `study_name` for `trials` more trials."""
+               timeout_s: float | None = None,
+               heartbeat_s: float = DEFAULT_HEARTBEAT_S) -> SearchOutcome:
+    """Run (or continue) the study named `study_name` for `trials` more trials. A running
+    trial beats every `heartbeat_s` (0: off); one silent for 3 beats (its worker was killed)
+    is failed in Optuna and MLflow by the next worker and run again once."""
     name = study_name or space.study
     storage = check_storage(storage or default_storage())
     tracking_uri = tracking.check_tracking_uri(tracking_uri or tracking.default_tracking_uri())
@@ -139,6 +180,9 @@ def run_search(space: Space, *, study_name: str | None = None, trials: int | Non
     trials = trials if trials is not None else space.trials
     if trials < 1:
         raise BadInput(f"--trials {trials}: must be at least 1")
+    if heartbeat_s < 0:
+        raise BadInput(f"--heartbeat {heartbeat_s:g}: seconds between heartbeats, >= 0 "
+                       "(0: off)")
     directions = _existing_directions(storage, name)
     if directions is not None and directions != space.directions:
         raise BadInput(f"study {name!r} already exists in {storage} with directions "
@@ -148,8 +192,9 @@ def run_search(space: Space, *, study_name: str | None = None, trials: int | Non
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     if make_url(storage).get_backend_name() == "sqlite":
         Path(make_url(storage).database).resolve().parent.mkdir(parents=True, exist_ok=True)
-    study = optuna.create_study(study_name=name, storage=storage, directions=space.directions,
-                                load_if_exists=True)
+    study = optuna.create_study(study_name=name, storage=_storage(storage, heartbeat_s,
+                                                                  tracking_uri),
+                                directions=space.directions, load_if_exists=True)
     study.sampler = make_sampler(space, len(study.trials))
     with warnings.catch_warnings():  # experimental in Optuna 5, but it names the axes
         warnings.simplefilter("ignore")

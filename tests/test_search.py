@@ -255,3 +255,65 @@ def test_front_keeps_only_feasible_rows():
     assert [r["trial"] for r in Trials("t", objectives, rows).front()] == [0, 1, 2]
     limited = Trials("t", objectives, rows, {"accuracy": {"min": 0.9}})
     assert [r["trial"] for r in limited.front()] == [0, 2]  # trial 1 is fastest but too poor
+
+
+# --- a worker killed mid-trial --------------------------------------------------------------
+
+def test_killed_worker_trial_is_failed_everywhere_and_run_again(workdir, cache_dir):
+    """kill -9 of `dlas search` in the middle of its second trial, then the same command
+    again: the first trial is kept, the killed one is FAIL in Optuna and FAILED in MLflow
+    (not RUNNING forever), its configuration runs again once, nothing is duplicated."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    text = TINY_SPACE.replace("repeat: 3, min_repeat_ms: 1", "repeat: 20, min_repeat_ms: 100")
+    path = write_space(workdir, text)
+    argv = [sys.executable, "-m", "dlas_search", "search", "--space", str(path),
+            "--heartbeat", "1", "--cache-dir", str(cache_dir)]
+    storage = default_storage()
+    worker = subprocess.Popen([*argv, "--trials", "3"], cwd=workdir, start_new_session=True,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    killed = None
+    deadline = time.monotonic() + 600
+    try:
+        while time.monotonic() < deadline and worker.poll() is None:
+            time.sleep(0.5)
+            try:
+                trials = optuna.load_study(study_name="tiny", storage=storage).trials
+            except Exception:
+                continue  # the study is not created yet
+            states = [t.state.name for t in trials]
+            if states.count("COMPLETE") >= 1 and "RUNNING" in states and \
+                    trials[-1].user_attrs.get("mlflow_run_id"):
+                killed = trials[-1]
+                time.sleep(1.0)
+                break
+    finally:
+        os.killpg(worker.pid, signal.SIGKILL)
+        worker.wait()
+    assert killed is not None, worker.stderr.read()[-3000:]
+    time.sleep(4)  # past the grace period of 3 missed beats
+    again = subprocess.run([*argv, "--trials", "2"], cwd=workdir, capture_output=True,
+                           text=True, timeout=900)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "stopped sending heartbeats" in again.stderr
+
+    trials = optuna.load_study(study_name="tiny", storage=storage).trials
+    by_number = {t.number: t for t in trials}
+    assert by_number[killed.number].state.name == "FAIL"
+    assert by_number[0].state.name == "COMPLETE"  # finished before the kill: kept
+    complete = [t for t in trials if t.state.name == "COMPLETE"]
+    assert len(complete) == 3  # 1 before the kill + 2 asked again
+    assert any(t.params == killed.params for t in complete)  # the killed one ran again
+    client, _, children = child_runs("tiny")
+    status = {r.info.run_id: r.info.status for r in children}
+    assert status[killed.user_attrs["mlflow_run_id"]] == "FAILED"
+    assert "heartbeats" in client.get_run(killed.user_attrs["mlflow_run_id"]).data.tags[
+        "dlas.error"]
+    assert "RUNNING" not in status.values()
+    finished = [t.user_attrs["mlflow_run_id"] for t in complete]
+    assert len(set(finished)) == 3 and all(status[r] == "FINISHED" for r in finished)
+    assert len(children) == len(status) == 4  # 3 finished + the killed one, no duplicates
