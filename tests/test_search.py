@@ -317,3 +317,13 @@ def test_killed_worker_trial_is_failed_everywhere_and_run_again(workdir, cache_d
     finished = [t.user_attrs["mlflow_run_id"] for t in complete]
     assert len(set(finished)) == 3 and all(status[r] == "FINISHED" for r in finished)
     assert len(children) == len(status) == 4  # 3 finished + the killed one, no duplicates
+
+
+@pytest.mark.parametrize("name", ["quickstart", "cifar10", "imagenet"])
+def test_shipped_spaces_load_and_show(name, capsys):
+    from conftest import ROOT
+    path = ROOT / "spaces" / f"{name}.yaml"
+    space = load_space(path)
+    assert space.study == name and space.targets  # each names the project's registry
+    assert main(["space", "show", str(path)]) == 0
+    assert "size:" in capsys.readouterr().out
