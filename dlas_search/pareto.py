@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -185,7 +186,7 @@ def write(trials: Trials, out_dir: str | Path) -> dict[str, Path]:
 def layer_importance(trials: Trials) -> dict[tuple[str, str], dict[str, float]]:
     """fANOVA importance (Optuna's evaluator, seeded) of each parameter that varied, per
     objective, plus a row per layer (`layer`, "*") summing its parameters; empty with fewer
-    than two trials or nothing varied."""
+    than two trials or nothing varied; 0 for an objective that did not vary."""
     import optuna
 
     study = _optuna_study(trials)
@@ -195,9 +196,15 @@ def layer_importance(trials: Trials) -> dict[tuple[str, str], dict[str, float]]:
         return {}
     scores: dict[tuple[str, str], dict[str, float]] = {}
     for i, metric in enumerate(trials.objectives):
-        found = optuna.importance.get_param_importances(
-            study, params=varied, target=lambda t, i=i: t.values[i],
-            evaluator=optuna.importance.FanovaImportanceEvaluator(seed=0), normalize=True)
+        if len({row["metrics"][metric] for row in trials.rows}) < 2:
+            continue  # the objective did not vary: nothing to attribute (fANOVA refuses)
+        try:
+            found = optuna.importance.get_param_importances(
+                study, params=varied, target=lambda t, i=i: t.values[i],
+                evaluator=optuna.importance.FanovaImportanceEvaluator(seed=0), normalize=True)
+        except (RuntimeError, ValueError) as e:  # e.g. no variance left in any tree
+            print(f"warning: no importance for {metric}: {e}", file=sys.stderr)
+            continue
         for param, value in found.items():
             layer = param.split(".")[0]
             scores.setdefault((layer, param), {m: 0.0 for m in trials.objectives})[metric] = value

@@ -105,3 +105,16 @@ def test_export_reports_hypervolume_and_layer_importance(tmp_path):
     assert table[("compress", "compress.method")][0] > 0.9  # accuracy
     assert table[("algo", "algo.conv")][1] > 0.9            # latency
     assert table[("algo", "*")] == table[("algo", "algo.conv")]
+
+
+def test_importance_survives_objectives_that_do_not_vary(tmp_path):
+    """Two trials with the same size (fANOVA finds no variance): the export still completes;
+    size gets no importance, latency does."""
+    objectives = {"latency_ms": "minimize", "size_mb": "minimize"}
+    rows = [{"trial": i, "run_id": f"r{i}", "name": f"#{i}", "params": {"algo.conv": conv},
+             "metrics": {"latency_ms": latency, "size_mb": 1.0}}
+            for i, (conv, latency) in enumerate([("direct", 5.0), ("winograd", 3.0)])]
+    paths = write(Trials("hand", objectives, rows), tmp_path)
+    assert json.loads(paths["pareto.json"].read_text())["front"]
+    lines = paths["importance.csv"].read_text().splitlines()
+    assert lines[1].split(",")[2] == "1.0000" and lines[1].split(",")[3] == "0.0000"
