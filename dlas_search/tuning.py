@@ -179,6 +179,10 @@ def tune(mod: tvm.IRModule, target: tvm.target.Target, trials: int,
         log.info("tuning %d of %d tasks with %d trials (database %s)", len(todo), len(tasks),
                  trials, folder)
         # MetaSchedule's loggers print task tables on stdout: keep stdout for results (--json)
+        # MetaSchedule's logger config lists the handlers already on its logger by name: an
+        # unnamed one (left by an earlier run in this process) breaks it (None.format)
+        ms_log = logging.getLogger("tvm.s_tir.meta_schedule")
+        ms_log.handlers = [h for h in ms_log.handlers if h.get_name()]
         with tempfile.TemporaryDirectory(prefix="dlas-tune-") as work_dir, \
                 contextlib.redirect_stdout(sys.stderr):
             contexts, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(
