@@ -1,4 +1,5 @@
 """Errors the command line turns into exit codes (DESIGN.md: 2 = bad input, nothing written)."""
+import difflib
 
 
 class BadInput(ValueError):
@@ -6,5 +7,9 @@ class BadInput(ValueError):
 
 
 def allowed(key: str, value, choices) -> BadInput:
-    """A BadInput naming the key, the bad value and the allowed values."""
-    return BadInput(f"{key}: {value!r} is not allowed; allowed: {', '.join(map(str, choices))}")
+    """A BadInput naming the key, the bad value and the allowed values, with the closest
+    allowed value when one is near (a typo: `epoch` -> did you mean 'epochs'?)."""
+    choices = [str(c) for c in choices]
+    close = difflib.get_close_matches(str(value), choices, n=1) if isinstance(value, str) else []
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    return BadInput(f"{key}: {value!r} is not allowed{hint}; allowed: {', '.join(choices)}")

@@ -174,6 +174,8 @@ def check(cfg: ModelConfig) -> None:
     elif cfg.weights != "random" and not Path(cfg.weights).expanduser().is_file():
         raise BadInput(f"model.weights: checkpoint file {cfg.weights!r} not found "
                        "(allowed: random, imagenet or the path of a checkpoint file)")
+    elif cfg.weights != "random":
+        _read_checkpoint(Path(cfg.weights).expanduser())  # corrupt or not plain tensors: now
     if family(cfg.arch) is None:
         _factory(cfg.arch)
 
@@ -279,16 +281,26 @@ def _replace_head(model: nn.Module, num_classes: int) -> None:
     setattr(model.get_submodule(parent), attr, new)
 
 
-def _load_checkpoint(model: nn.Module, path: Path, arch: str) -> None:
-    """Load a state_dict (or {'state_dict': ...}) saved by torch.save; no pickled code runs."""
+def _read_checkpoint(path: Path) -> dict:
+    """The state_dict (or {'state_dict': ...}) saved by torch.save, read with
+    `weights_only=True`: tensors and plain containers only, so no pickled code runs."""
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # unpickling errors come in many types
-        raise BadInput(f"model.weights: {path} is not a loadable checkpoint ({e})") from None
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise BadInput(f"model.weights: {path} is not a loadable checkpoint ({first}); "
+                       "allowed: a state_dict saved with torch.save (tensors only, loaded with "
+                       "weights_only=True)") from None
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]
     if not isinstance(state, dict):
         raise BadInput(f"model.weights: {path} holds a {type(state).__name__}, not a state_dict")
+    return state
+
+
+def _load_checkpoint(model: nn.Module, path: Path, arch: str) -> None:
+    """Load a checkpoint whose names and shapes match the model (else BadInput)."""
+    state = _read_checkpoint(path)
     expected = model.state_dict()
     problems = [f"missing {k}" for k in expected if k not in state][:3]
     problems += [f"unexpected {k}" for k in state if k not in expected][:3]

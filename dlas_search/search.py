@@ -34,6 +34,8 @@ def check_storage(url: str) -> str:
                        "optuna.db or postgresql://user:pass@host/db") from None
     if parsed.get_backend_name() == "sqlite":
         tracking._check_sqlite_path(url, "--storage")
+    else:
+        tracking.check_database(url, "--storage")
     return url
 
 

@@ -402,6 +402,44 @@ def infeasible(config: TrialConfig) -> str | None:
     return next((reason for rule in CONSTRAINTS if (reason := rule(config))), None)
 
 
+# A space or registry is a few kilobytes; a bigger file is a mistake (a wrong path, a data file)
+MAX_YAML_BYTES = 1_000_000
+
+
+def read_text(path: Path, where: str) -> str:
+    """A YAML file's text: readable, at most MAX_YAML_BYTES, UTF-8 (else BadInput)."""
+    try:
+        size = path.stat().st_size
+        if size > MAX_YAML_BYTES:
+            raise BadInput(f"{where}{path}: {size / 1e6:.1f} MB; a space or target file is at "
+                           f"most {MAX_YAML_BYTES / 1e6:g} MB (is this the right file?)")
+        raw = path.read_bytes()
+    except OSError as e:
+        raise BadInput(f"{where}{path}: cannot read the file ({e.strerror})") from None
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise BadInput(f"{where}{path}: not UTF-8 text (byte {raw[e.start]:#04x} at offset "
+                       f"{e.start}); save the file as UTF-8") from None
+
+
+def read_yaml(path: Path, where: str, text: str | None = None) -> Any:
+    """Safe-load a YAML file (plain data only: a `!!python/...` tag is refused, never run)."""
+    text = read_text(path, where) if text is None else text
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(e, "problem", None) or str(e)
+        if isinstance(e, yaml.constructor.ConstructorError):
+            raise BadInput(f"{where}{path}{at}: {problem}; only plain YAML (mappings, lists, "
+                           "numbers, strings) is allowed, no tags that build objects") from None
+        context = getattr(e, "context", None)
+        raise BadInput(f"{where}{path}{at}: not valid YAML: {problem}"
+                       + (f" ({context})" if context else "")) from None
+
+
 def load_targets(section: Any, path: Path, where: str) -> dict[str, hardware.TargetSpec]:
     """The space's target registry: a mapping of name -> entry, or the path of a YAML file
     holding one (relative to the space file), e.g. `targets: targets.yaml`."""
@@ -409,12 +447,7 @@ def load_targets(section: Any, path: Path, where: str) -> dict[str, hardware.Tar
         return {}
     if isinstance(section, str):
         file = path.parent / section
-        try:
-            section = yaml.safe_load(file.read_text())
-        except OSError as e:
-            raise BadInput(f"{where}targets: cannot read {file} ({e.strerror})") from None
-        except yaml.YAMLError as e:
-            raise BadInput(f"{where}targets: {file} is not valid YAML: {e}") from None
+        section = read_yaml(file, f"{where}targets: ")
         where = f"{file}: "
         section = (section or {}).get("targets", section) if isinstance(section, dict) \
             else section
@@ -442,14 +475,8 @@ def _all_names() -> list[str]:
 def load_space(path: str | Path) -> Space:
     """Read and validate a space file; any problem is a BadInput naming file and key."""
     path = Path(path)
-    try:
-        text = path.read_text()
-    except OSError as e:
-        raise BadInput(f"{path}: cannot read the space file ({e.strerror})") from None
-    try:
-        doc = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        raise BadInput(f"{path}: not valid YAML: {e}") from None
+    text = read_text(path, "")
+    doc = read_yaml(path, "", text)
     if not isinstance(doc, dict):
         raise BadInput(f"{path}: a space file is a mapping with keys {', '.join(TOP_LEVEL)}")
     where = f"{path}: "

@@ -40,7 +40,55 @@ def check_tracking_uri(uri: str) -> str:
                        + ", ".join(f"{s}://..." for s in URI_SCHEMES))
     if scheme == "sqlite":
         _check_sqlite_path(uri, "--tracking-uri")
+    elif scheme in ("http", "https"):
+        _check_server(uri)
+    elif scheme in ("postgresql", "mysql", "mssql"):
+        check_database(uri, "--tracking-uri")
     return uri
+
+
+CONNECT_TIMEOUT_S = 5  # an unreachable store is reported in seconds, not after a long hang
+
+
+def _check_server(uri: str) -> None:
+    """A tracking server must answer (MLflow's `/health`) before the study starts."""
+    import urllib.error
+    import urllib.request
+    try:
+        urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=CONNECT_TIMEOUT_S).close()
+    except urllib.error.HTTPError:
+        return  # something answers: MLflow's client reports what is wrong with it
+    except (OSError, ValueError) as e:
+        reason = getattr(e, "reason", e)
+        raise BadInput(f"--tracking-uri {uri!r}: no tracking server answers there ({reason}); "
+                       "start one (mlflow server --host 127.0.0.1 --port 5000) or give a "
+                       "database URL, e.g. sqlite:///tracking/mlflow.db") from None
+
+
+def check_database(url: str, flag: str) -> None:
+    """A server database (PostgreSQL, MySQL, ...) must have its driver installed and accept a
+    connection within CONNECT_TIMEOUT_S (else BadInput naming the flag and the reason)."""
+    import sqlalchemy
+    from sqlalchemy.exc import NoSuchModuleError
+    backend = make_url(url).get_backend_name()
+    timeout = {"postgresql": {"connect_timeout": CONNECT_TIMEOUT_S},
+               "mysql": {"connect_timeout": CONNECT_TIMEOUT_S},
+               "mssql": {"timeout": CONNECT_TIMEOUT_S}}.get(backend, {})
+    try:
+        engine = sqlalchemy.create_engine(url, connect_args=timeout)
+    except (ImportError, NoSuchModuleError) as e:
+        hint = {"postgresql": "pip install 'psycopg[binary]'", "mysql": "pip install mysqlclient"
+                }.get(backend, "install the SQLAlchemy driver it names")
+        raise BadInput(f"{flag} {url!r}: the {backend} driver is not installed ({e}); "
+                       f"{hint}") from None
+    try:
+        with engine.connect():
+            pass
+    except sqlalchemy.exc.SQLAlchemyError as e:
+        first = str(getattr(e, "orig", e)).strip().splitlines()[0]
+        raise BadInput(f"{flag} {url!r}: cannot connect to the database ({first})") from None
+    finally:
+        engine.dispose()
 
 
 def _check_sqlite_path(uri: str, flag: str) -> None:
