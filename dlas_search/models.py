@@ -287,8 +287,12 @@ def _read_checkpoint(path: Path) -> dict:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # unpickling errors come in many types
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise BadInput(f"model.weights: {path} is not a loadable checkpoint ({first}); "
+        # torch's message: boilerplate paragraphs around the reason (e.g. "unsupported GLOBAL
+        # posix.system": a pickle that would run code)
+        parts = [p.strip() for p in str(e).split("\n\n") if p.strip()] or [type(e).__name__]
+        reason = next((p for p in parts if not p.startswith(
+            ("Weights only load failed", "Check the documentation"))), parts[0])
+        raise BadInput(f"model.weights: {path} is not a loadable checkpoint ({reason}); "
                        "allowed: a state_dict saved with torch.save (tensors only, loaded with "
                        "weights_only=True)") from None
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):

@@ -2,6 +2,7 @@
 working directory per test, so the embedded stores under tracking/ land in tmp."""
 from __future__ import annotations
 
+import inspect
 import textwrap
 from pathlib import Path
 
@@ -11,6 +12,47 @@ import torch
 from dlas_search import algorithms, compiler, hardware
 
 ROOT = Path(__file__).resolve().parents[1]
+
+# Tests that try a fault or a bad input, listed in docs/reliability.md by
+# tools/reliability_table.py: every test with `@pytest.mark.reliability(tried, sees, kept=...)`,
+# and every test of these files (tried: the test's name and parameters; sees: its docstring's
+# first line; kept: the rest of its docstring's first paragraph).
+RELIABILITY_FILES = ("test_faults.py", "test_bad_input.py")
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "reliability(tried, sees, kept=...): a fault or bad "
+                            "input and what the user sees; listed in docs/reliability.md")
+
+
+def _reliability_row(item) -> dict | None:
+    """What the table says about this test, or None when it is not a reliability test."""
+    mark = item.get_closest_marker("reliability")
+    if mark is None and Path(str(item.fspath)).name not in RELIABILITY_FILES:
+        return None
+    doc = inspect.cleandoc(getattr(item.function, "__doc__", None) or "")
+    paragraph = doc.split("\n\n")[0].splitlines() or [""]
+    first, rest = paragraph[0].strip(), " ".join(line.strip() for line in paragraph[1:])
+    if mark is None:
+        tried = item.originalname.removeprefix("test_").replace("_", " ")
+        sees, kept = first, rest
+    else:
+        tried, sees = (list(mark.args) + ["", ""])[:2]
+        kept = mark.kwargs.get("kept", "")
+    callspec = getattr(item, "callspec", None)
+    tried += f" [{callspec.id}]" if callspec else ""
+    return {"tried": tried, "sees": sees or first, "kept": kept}
+
+
+def pytest_collection_modifyitems(items):
+    """Mark and describe the reliability tests, so `-m reliability` selects them all and a
+    JUnit XML report (--junitxml) carries the description as properties."""
+    for item in items:
+        row = _reliability_row(item)
+        if row is not None:
+            if item.get_closest_marker("reliability") is None:
+                item.add_marker(pytest.mark.reliability())
+            item.user_properties += [(f"reliability.{k}", v) for k, v in row.items()]
 
 TINY_SPACE = """\
 study: tiny
