@@ -135,6 +135,8 @@ def test_image_folder_class_mismatch_and_empty_class(tmp_path, image_root):
         data.load(data.DataConfig(name="imagefolder", root=str(root)), seed=0)
 
 
+@pytest.mark.reliability("CIFAR-10 with no files and no internet (unknown host, silent server)",
+                         "BadInput within seconds: what to put where", kept="nothing written")
 @pytest.mark.parametrize("server", ["unknown host", "silent server"])
 def test_cifar10_offline_fails_fast_with_what_to_put_where(tmp_path, monkeypatch, capsys,
                                                            server):

@@ -44,6 +44,9 @@ def test_bad_yaml_is_named(workdir, case):
         assert word in str(error.value), (word, str(error.value))
 
 
+@pytest.mark.reliability("a mistake in the space file (with no stores yet)",
+                         "exit 2: the file, the key, the bad value and what is allowed",
+                         kept="nothing written (no tracking folder)")
 @pytest.mark.parametrize("case", sorted(CASES))
 @pytest.mark.parametrize("command", ["search", "trial"])
 def test_bad_yaml_exits_2_and_writes_nothing(workdir, case, command, capsys):
@@ -54,6 +57,9 @@ def test_bad_yaml_exits_2_and_writes_nothing(workdir, case, command, capsys):
     assert sorted(p.name for p in workdir.iterdir()) == ["bad.yaml"]
 
 
+@pytest.mark.reliability("a bad command-line flag (with no stores yet)",
+                         "exit 2: the flag, the bad value and what is allowed",
+                         kept="nothing written (no tracking folder)")
 @pytest.mark.parametrize("argv,words", [
     (["--set", "model.arch=vgg99"], ["model.arch", "vgg99", "resnet18"]),
     (["--set", "model.depth=3"], ["--set", "model.depth", "model.arch"]),
@@ -78,6 +84,8 @@ def test_missing_space_file(workdir, capsys):
     assert list(workdir.iterdir()) == []
 
 
+@pytest.mark.reliability("dlas pareto before any study ran",
+                         "exit 2: no MLflow database there yet", kept="nothing written")
 def test_pareto_of_unknown_experiment(workdir, capsys):
     assert main(["pareto", "--experiment", "nope"]) == 2
     assert "no MLflow database" in capsys.readouterr().err
@@ -91,6 +99,9 @@ def test_every_subcommand_has_help():
         assert out.returncode == 0 and "usage: dlas" in out.stdout, argv
 
 
+@pytest.mark.reliability("a dataset folder or checkpoint that is not there",
+                         "exit 2 before the study starts, naming the path",
+                         kept="nothing written (no tracking folder)")
 @pytest.mark.parametrize("old,new,words", [
     ("name: digits,", "name: imagefolder, root: no_such_folder,", ["no_such_folder", "train"]),
     ("arch: resnet18,", "arch: resnet18, weights: missing.pt,", ["missing.pt"]),

@@ -179,6 +179,9 @@ def test_imagenet_weights_from_the_hub_cache(tmp_path, monkeypatch, x):
     assert torch.equal(kept.fc.weight, imagenet.fc.weight)  # same class count: head kept
 
 
+@pytest.mark.reliability("ImageNet weights with an empty cache and no internet",
+                         "BadInput within seconds: where to put the weights file",
+                         kept="nothing written")
 def test_imagenet_weights_offline_fail_fast_and_say_where(tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))  # an empty cache
     cfg = ModelConfig(arch="resnet18", weights="imagenet")

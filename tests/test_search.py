@@ -65,6 +65,9 @@ def test_study_persists_and_continues(tiny_space, cache_dir):
     assert {"pareto/pareto.csv", "pareto/pareto.json", "pareto/pareto.html"} <= artifacts
 
 
+@pytest.mark.reliability("a trial whose compile raises",
+                         "that trial FAIL in Optuna (reason in user attr error), FAILED in "
+                         "MLflow with error.txt", kept="the study goes on; the other trials complete")
 def test_a_failing_trial_fails_alone(tiny_space, cache_dir, monkeypatch):
     real_compile, calls = compiler.compile, []
 
@@ -133,6 +136,9 @@ def test_search_prunes_ruled_out_samples_before_any_work(workdir, monkeypatch):
     assert len(children) == 2
 
 
+@pytest.mark.reliability("a space whose constraints rule out every configuration",
+                         "exit 2: the constraint and what to use instead",
+                         kept="nothing written (no tracking folder)")
 @pytest.mark.parametrize("command", ["search", "trial"])
 def test_a_ruled_out_configuration_is_bad_input_before_anything_is_written(workdir, command,
                                                                           capsys):
@@ -183,6 +189,8 @@ def test_grid_study_runs_each_configuration_once_and_stops(workdir, cache_dir):
     assert all(t.state.name in ("COMPLETE", "PRUNED") for t in outcome.study.trials)
 
 
+@pytest.mark.reliability("sampler grid over a continuous range",
+                         "BadInput: the range needs a step or a list", kept="nothing written")
 def test_grid_needs_steps(workdir):
     text = GRID_SPACE.replace("amount: [0.5, 0.8]", "amount: {low: 0.5, high: 0.9}")
     with pytest.raises(BadInput, match="sampler grid .* compress.amount .* step"):
@@ -215,6 +223,9 @@ def test_macs_is_an_objective(workdir):
 
 # --- thresholds ----------------------------------------------------------------------------
 
+@pytest.mark.reliability("a malformed thresholds: section",
+                         "BadInput naming the metric, the bound and what is allowed",
+                         kept="nothing written")
 @pytest.mark.parametrize("thresholds,words", [
     ("{accuracy: {min: 0.9}, colour: {max: 1}}", ["thresholds", "colour", "latency_ms"]),
     ("{accuracy: 0.9}", ["thresholds.accuracy", "min and/or max"]),
@@ -259,6 +270,9 @@ def test_front_keeps_only_feasible_rows():
 
 # --- a worker killed mid-trial --------------------------------------------------------------
 
+@pytest.mark.reliability("kill -9 of dlas search mid-trial, then the same command again",
+                         "the killed trial FAIL in Optuna and FAILED in MLflow, run again once",
+                         kept="completed trials kept, never repeated")
 def test_killed_worker_trial_is_failed_everywhere_and_run_again(workdir, cache_dir):
     """kill -9 of `dlas search` in the middle of its second trial, then the same command
     again: the first trial is kept, the killed one is FAIL in Optuna and FAILED in MLflow

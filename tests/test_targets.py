@@ -89,6 +89,9 @@ def test_trial_on_an_rpc_device_brings_the_latency_back(tracker, server, tiny_sp
     assert hardware.tracker_status(hardware.parse_rpc_url(url))["free"] == 1
 
 
+@pytest.mark.reliability("the RPC server killed during a measurement",
+                         "that trial fails: the RPC server went away during the measurement",
+                         kept="the study goes on; the next trial runs on the server once back")
 def test_server_gone_mid_measurement_fails_that_trial_only(tracker, workdir, cache_dir):
     """The server dies while the first trial is being timed on it: that trial fails with the
     reason, the study goes on, and the next trial succeeds on a server that came back."""
@@ -132,6 +135,9 @@ def test_server_gone_mid_measurement_fails_that_trial_only(tracker, workdir, cac
 
 # --- what cannot run: clear errors -----------------------------------------------------------
 
+@pytest.mark.reliability("a malformed or unknown hw.target",
+                         "exit 2: the target, what is wrong with it and the allowed forms",
+                         kept="nothing written (no tracking folder)")
 @pytest.mark.parametrize("target,words", [
     ("nosuch", ["hw.target", "nosuch", "local", "rpc://HOST:PORT/KEY"]),
     ("rpc://127.0.0.1/k", ["not host:port"]),
@@ -146,6 +152,9 @@ def test_malformed_target_exits_2_and_writes_nothing(tiny_space, workdir, target
     assert sorted(p.name for p in workdir.iterdir()) == ["tiny.yaml"]
 
 
+@pytest.mark.reliability("an RPC tracker that does not answer",
+                         "exit 2 within seconds: no target of the space can run, the tracker "
+                         "is unreachable", kept="nothing written (no tracking folder)")
 def test_unreachable_tracker_exits_2_fast(tiny_space, workdir, capsys):
     start = time.monotonic()
     url = f"rpc://127.0.0.1:{closed_port()}/k"
@@ -156,6 +165,9 @@ def test_unreachable_tracker_exits_2_fast(tiny_space, workdir, capsys):
     assert sorted(p.name for p in workdir.iterdir()) == ["tiny.yaml"]
 
 
+@pytest.mark.reliability("an RPC key with no registered device",
+                         "exit 2: no device with that key, and the keys the tracker has",
+                         kept="nothing written (no tracking folder)")
 def test_key_without_devices_exits_2(tracker, server, tiny_space, workdir, capsys):
     url = rpc_url(tracker, "nobody-here")
     assert main(["trial", "--space", str(tiny_space), "--set", f"hw.target={url}"]) == 2
@@ -164,6 +176,9 @@ def test_key_without_devices_exits_2(tracker, server, tiny_space, workdir, capsy
     assert sorted(p.name for p in workdir.iterdir()) == ["tiny.yaml"]
 
 
+@pytest.mark.reliability("an unreachable RPC target listed beside local",
+                         "a warning at the start; that target's trials fail, the others run",
+                         kept="the study goes on")
 def test_unavailable_target_beside_a_good_one_fails_its_trials_only(tiny_space, capsys):
     """Validation refuses a space only when none of its targets can run; otherwise the trials
     on the missing device fail (here, run directly) and the others go on."""
@@ -176,6 +191,8 @@ def test_unavailable_target_beside_a_good_one_fails_its_trials_only(tiny_space, 
         pipeline.run(config)
 
 
+@pytest.mark.reliability("hw.target cuda on a machine without a GPU",
+                         "exit 2: no CUDA device", kept="nothing written")
 def test_cuda_without_a_gpu_is_reported_unavailable(tiny_space, workdir, capsys):
     if tvm.cuda().exist:
         pytest.skip("this machine has a GPU")
