@@ -56,8 +56,12 @@ def _check_server(uri: str) -> None:
     import urllib.request
     try:
         urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=CONNECT_TIMEOUT_S).close()
-    except urllib.error.HTTPError:
-        return  # something answers: MLflow's client reports what is wrong with it
+    except urllib.error.HTTPError as e:
+        if e.code in (401, 403):
+            return  # a server that wants credentials: MLflow's client sends them
+        raise BadInput(f"--tracking-uri {uri!r}: the server there is not an MLflow tracking "
+                       f"server (HTTP {e.code} for /health); give the address of "
+                       "`mlflow server` or a database URL") from None
     except (OSError, ValueError) as e:
         reason = getattr(e, "reason", e)
         raise BadInput(f"--tracking-uri {uri!r}: no tracking server answers there ({reason}); "

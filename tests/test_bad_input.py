@@ -289,3 +289,21 @@ def test_mismatched_checkpoint_fails_each_trial_alone(workdir, stores, cache_dir
     statuses = sorted(r.info.status for r in runs if r.data.tags.get(tracking.ROLE) == "trial")
     assert statuses.count("FINISHED") == 1 and statuses.count("FAILED") == len(new)
     assert set(before) <= set(snapshot(stores))  # nothing removed
+
+
+def test_tracking_uri_of_a_server_that_is_not_mlflow(tiny_space, refused):
+    """exit 2: the server at --tracking-uri answers but is not an MLflow tracking server
+
+    Optuna and MLflow databases row for row as before, no file made."""
+    import http.server
+    import threading
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), http.server.SimpleHTTPRequestHandler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        refused(["search", "--space", str(tiny_space), "--tracking-uri",
+                 f"http://127.0.0.1:{server.server_port}"],
+                ["--tracking-uri", "not an MLflow tracking server", "HTTP 404"])
+    finally:
+        server.shutdown()
+        server.server_close()
+
