@@ -10,6 +10,7 @@ so the table cannot claim what the tests do not check.
     python tools/reliability_table.py                 # run the tests, write the table
     python tools/reliability_table.py -- -n 0 -x      # extra pytest arguments after --
     python tools/reliability_table.py --junit report.xml   # from an earlier run's report
+    python tools/reliability_table.py --junit all.xml --junit rerun.xml   # later ones win
 """
 from __future__ import annotations
 
@@ -88,14 +89,16 @@ def markdown(table: list[dict], source: str) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--junit", type=Path, help="an existing JUnit XML report to read")
+    parser.add_argument("--junit", type=Path, action="append",
+                        help="an existing JUnit XML report to read (repeatable: a test's "
+                        "later result replaces its earlier one)")
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "reliability.md")
     parser.add_argument("pytest_args", nargs="*", help="extra pytest arguments (after --)")
     args = parser.parse_args(argv)
-    report = args.junit or run_tests(args.pytest_args)
-    table = rows(report)
+    reports = args.junit or [run_tests(args.pytest_args)]
+    table = list({r["test"]: r for report in reports for r in rows(report)}.values())
     if not table:
-        sys.exit(f"{report}: no reliability tests in the report")
+        sys.exit(f"{', '.join(map(str, reports))}: no reliability tests in the reports")
     when = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(markdown(table, f"{when}"))
