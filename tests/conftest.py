@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # Tests that try a fault or a bad input, listed in docs/reliability.md by
 # tools/reliability_table.py: every test with `@pytest.mark.reliability(tried, sees, kept=...)`,
 # and every test of these files (tried: the test's name and parameters; sees: its docstring's
-# first line; kept: the rest of its docstring's first paragraph).
+# first line; kept: the rest of its docstring).
 RELIABILITY_FILES = ("test_faults.py", "test_bad_input.py")
 
 
@@ -31,8 +31,8 @@ def _reliability_row(item) -> dict | None:
     if mark is None and Path(str(item.fspath)).name not in RELIABILITY_FILES:
         return None
     doc = inspect.cleandoc(getattr(item.function, "__doc__", None) or "")
-    paragraph = doc.split("\n\n")[0].splitlines() or [""]
-    first, rest = paragraph[0].strip(), " ".join(line.strip() for line in paragraph[1:])
+    lines = doc.splitlines() or [""]
+    first, rest = lines[0].strip(), " ".join(line.strip() for line in lines[1:] if line.strip())
     if mark is None:
         tried = item.originalname.removeprefix("test_").replace("_", " ")
         sees, kept = first, rest
