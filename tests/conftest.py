@@ -3,6 +3,7 @@ working directory per test, so the embedded stores under tracking/ land in tmp."
 from __future__ import annotations
 
 import inspect
+import re
 import textwrap
 from pathlib import Path
 
@@ -16,7 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # Tests that try a fault or a bad input, listed in docs/reliability.md by
 # tools/reliability_table.py: every test with `@pytest.mark.reliability(tried, sees, kept=...)`,
 # and every test of these files (tried: the test's name and parameters; sees: its docstring's
-# first line; kept: the rest of its docstring).
+# first sentence, or first paragraph when that has no full stop; kept: the rest of it).
 RELIABILITY_FILES = ("test_faults.py", "test_bad_input.py")
 
 
@@ -31,8 +32,10 @@ def _reliability_row(item) -> dict | None:
     if mark is None and Path(str(item.fspath)).name not in RELIABILITY_FILES:
         return None
     doc = inspect.cleandoc(getattr(item.function, "__doc__", None) or "")
-    lines = doc.splitlines() or [""]
-    first, rest = lines[0].strip(), " ".join(line.strip() for line in lines[1:] if line.strip())
+    paragraphs = [" ".join(p.split()) for p in doc.split("\n\n") if p.strip()] or [""]
+    sentence = re.match(r"(.+?[.!?])(\s|$)", paragraphs[0])
+    first = sentence.group(1) if sentence else paragraphs[0]
+    rest = " ".join([paragraphs[0][len(first):].strip(), *paragraphs[1:]]).strip()
     if mark is None:
         tried = item.originalname.removeprefix("test_").replace("_", " ")
         sees, kept = first, rest

@@ -265,7 +265,7 @@ def test_checkpoint_with_code_is_refused_not_run(workdir, refused):
 
 def test_mismatched_checkpoint_fails_each_trial_alone(workdir, stores, cache_dir, capsys,
                                                       record_property):
-    """each trial fails with "checkpoint ... does not match resnet18" naming the layers
+    """each trial fails: "checkpoint other.pt does not match resnet18", naming the layers
 
     The study goes on and finishes; the earlier trial and runs are kept; each failed trial's
     MLflow run is FAILED with the reason."""
