@@ -266,11 +266,14 @@ def obs_hardware(tables: dict, frame: pd.DataFrame) -> Verdict:
     speed = tables["compression_speedup"]
     targets = speed["target"].nunique() if not speed.empty else 0
     if targets < 2:
-        return Verdict(claim, f"per technique, largest / smallest speedup across targets",
+        return Verdict(claim, "per technique, largest / smallest speedup across targets",
                        UNTESTABLE, f"compression speedups measured on {targets} target(s); "
                        "needs two")
     spread = speed.groupby(["compression", "tuner"])["speedup"].agg(
         lambda s: s.max() / s.min() if len(s) > 1 else math.nan).dropna()
+    if spread.empty:
+        return Verdict(claim, "per technique, largest / smallest speedup across targets",
+                       UNTESTABLE, "no technique was measured on two targets")
     top = spread.idxmax()
     stat = f"largest spread {spread.max():.2f}x ({top[0]}, {top[1]}) over {targets} targets; " \
            f"rule: some technique's speedups differ by >= {HW_SPREAD}x across targets"
