@@ -246,10 +246,8 @@ SUPPORTED, NOT_SUPPORTED, UNTESTABLE = "supported", "not supported", "not testab
 def obs_correlation(tables: dict, frame: pd.DataFrame) -> Verdict:
     claim = "Model size, accuracy and inference time are not guaranteed to be correlated."
     corr = tables["correlation"]
-    pairs = corr[corr["a"].isin(["size_mb", "accuracy"]) & corr["b"].isin(["accuracy",
-                                                                           "latency_ms"])]
-    pairs = pairs[~((pairs["a"] == "accuracy") & (pairs["b"] == "accuracy"))].dropna(
-        subset=["rho"])
+    wanted = {("size_mb", "accuracy"), ("size_mb", "latency_ms"), ("accuracy", "latency_ms")}
+    pairs = corr[[pair in wanted for pair in zip(corr["a"], corr["b"])]].dropna(subset=["rho"])
     if len(pairs) < 3:
         return Verdict(claim, "Spearman rho of size-accuracy, size-latency, accuracy-latency",
                        UNTESTABLE, "fewer than 3 configurations, or size, accuracy or latency "
