@@ -83,7 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"the study's grid (default: {PAPER_SPACE}; the ImageNet half: "
                         "spaces/dlas_paper_imagenet.yaml)")
     p.add_argument("--reduced", action="store_true",
-                   help=f"the laptop-sized grid, {REDUCED_SPACE} (about an hour on 2 cores)")
+                   help=f"the laptop-sized grid, {REDUCED_SPACE} (108 configurations)")
     p.add_argument("--set", dest="pins", action="append", default=[], metavar="KEY=VALUE",
                    help="pin a parameter by its dotted name (repeatable)")
     p.add_argument("--study", default=None, help="study name (default: the space's `study`)")
