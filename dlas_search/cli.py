@@ -12,6 +12,7 @@ from pathlib import Path
 from .errors import BadInput
 
 DEFAULT_SPACE = "spaces/quickstart.yaml"
+PAPER_SPACE, REDUCED_SPACE = "spaces/dlas_paper.yaml", "spaces/dlas_paper_reduced.yaml"
 
 
 def _space_arg(p: argparse.ArgumentParser) -> None:
@@ -71,6 +72,38 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--experiment", required=True, help="MLflow experiment (= study name)")
     _tracking_arg(p)
     p.add_argument("--out", default=None, help="folder (default: tracking/pareto/<experiment>)")
+
+    p = sub.add_parser("perturb", help="run the DLAS perturbation study's grid, then its report",
+                       description="Run (or continue) every configuration of the study's grid "
+                       "(Optuna's grid sampler), then write the report: correlations, "
+                       "compression speedups, best primitives, sparse vs dense, importance, and "
+                       "a verdict on each observation of the paper. Logged to the study's "
+                       "parent run as the artifact folder `report`.")
+    p.add_argument("--space", default=None,
+                   help=f"the study's grid (default: {PAPER_SPACE}; the ImageNet half: "
+                        "spaces/dlas_paper_imagenet.yaml)")
+    p.add_argument("--reduced", action="store_true",
+                   help=f"the laptop-sized grid, {REDUCED_SPACE} (108 configurations)")
+    p.add_argument("--set", dest="pins", action="append", default=[], metavar="KEY=VALUE",
+                   help="pin a parameter by its dotted name (repeatable)")
+    p.add_argument("--study", default=None, help="study name (default: the space's `study`)")
+    p.add_argument("--trials", type=int, default=None,
+                   help="trials to run now (default: until the grid is done)")
+    p.add_argument("--storage", default=None, help="Optuna storage, any SQLAlchemy URL "
+                   "(default: sqlite:///tracking/optuna.db)")
+    _tracking_arg(p)
+    p.add_argument("--out", default=None,
+                   help="folder for the report (default: tracking/report/<study>)")
+    p.add_argument("--cache-dir", default=None,
+                   help="stage cache folder (default: tracking/cache; 'none' disables)")
+
+    p = sub.add_parser("report", help="rebuild a perturbation study's report from MLflow",
+                       description="Recompute the perturbation study's report from the "
+                       "experiment's MLflow runs alone (any study works) and log it to the "
+                       "study's parent run.")
+    p.add_argument("--experiment", required=True, help="MLflow experiment (= study name)")
+    _tracking_arg(p)
+    p.add_argument("--out", default=None, help="folder (default: tracking/report/<experiment>)")
 
     p = sub.add_parser("targets", help="list the hardware targets and whether they can run",
                        description="List the built-in targets and the space's registry with "
@@ -198,6 +231,57 @@ def cmd_pareto(args) -> int:
     return 0
 
 
+def cmd_perturb(args) -> int:
+    import dataclasses
+
+    from . import report, tracking
+    from .search import run_search
+    if args.reduced and args.space:
+        raise BadInput("--reduced and --space: give one (--reduced is "
+                       f"--space {REDUCED_SPACE})")
+    args.space = REDUCED_SPACE if args.reduced else args.space or PAPER_SPACE
+    space = _load(args)
+    if space.sampler["name"] != "grid":  # the study is the whole grid, whatever the file says
+        space = dataclasses.replace(space, sampler={"name": "grid"})
+    uri = tracking.check_tracking_uri(args.tracking_uri or tracking.default_tracking_uri())
+    outcome = run_search(space, study_name=args.study or None, trials=args.trials,
+                         storage=args.storage or None, tracking_uri=uri,
+                         cache_dir=_cache_dir(args.cache_dir))
+    study = outcome.study
+    name = study.study_name
+    complete = sum(t.state.name == "COMPLETE" for t in study.trials)
+    failed = sum(t.state.name == "FAIL" for t in study.trials)
+    size = space.size()
+    print(f"study {name}: {complete} complete, {failed} failed"
+          + (f" of a grid of {size}" if size is not None else ""))
+    out = Path(args.out) if args.out else tracking.TRACKING_DIR / "report" / name
+    _, verdicts, path = report.write_report(uri, name, out)
+    print(f"report -> {path}")
+    for verdict in verdicts:
+        print(f"  {verdict.verdict}: {verdict.claim}")
+    return 0
+
+
+def cmd_report(args) -> int:
+    from . import report, tracking
+    uri = tracking.check_tracking_uri(args.tracking_uri or tracking.default_tracking_uri())
+    _check_store(uri)
+    out = Path(args.out) if args.out else tracking.TRACKING_DIR / "report" / args.experiment
+    _, verdicts, path = report.write_report(uri, args.experiment, out)
+    print(f"report -> {path}")
+    for verdict in verdicts:
+        print(f"  {verdict.verdict}: {verdict.claim}")
+    return 0
+
+
+def _check_store(uri: str) -> None:
+    if uri.startswith("sqlite:"):
+        from sqlalchemy.engine import make_url
+        if not Path(make_url(uri).database).exists():
+            raise BadInput(f"--tracking-uri {uri!r}: no MLflow database there yet; run a "
+                           "search first or name the right store")
+
+
 def cmd_targets(args) -> int:
     from . import hardware
     from .space import load_space
@@ -244,7 +328,7 @@ def cmd_space(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     handler = {"search": cmd_search, "trial": cmd_trial, "pareto": cmd_pareto,
-               "targets": cmd_targets, "space": cmd_space}[args.command]
+               "perturb": cmd_perturb, "report": cmd_report, "targets": cmd_targets, "space": cmd_space}[args.command]
     try:
         return handler(args)
     except BadInput as e:

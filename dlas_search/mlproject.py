@@ -1,11 +1,14 @@
 """MLproject entry points: MLflow passes every `-P` parameter, empty when not given. Drop the
-empty ones, split `set` ("a=1 b=2" or "a=1,b=2") into --set flags, and call the `dlas` CLI."""
+empty ones, turn switches (`reduced=true`) into flags, split `set` ("a=1 b=2" or "a=1,b=2")
+into --set flags, and call the `dlas` CLI."""
 from __future__ import annotations
 
 import re
 import sys
 
 from .cli import main
+
+SWITCHES = ("--reduced",)
 
 
 def translate(argv: list[str]) -> list[str]:
@@ -16,6 +19,12 @@ def translate(argv: list[str]) -> list[str]:
         value = argv[i + 1] if i + 1 < len(argv) else ""
         i += 2
         if value.strip() == "":
+            continue
+        if flag in SWITCHES:  # a boolean switch: -P reduced=true
+            if value.strip().lower() in ("true", "1", "yes"):
+                out.append(flag)
+            elif value.strip().lower() not in ("false", "0", "no"):
+                out += [flag, value]  # argparse refuses it, naming the flag
             continue
         if flag == "--set":
             for item in re.split(r"[\s,]+(?=[\w.]+=)", value.strip()):

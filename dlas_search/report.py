@@ -1,0 +1,465 @@
+"""The DLAS perturbation study's report, computed from a study's MLflow runs alone: how size,
+MACs, accuracy and latency correlate; what each compression technique buys per target and
+tuning setting; which conv primitive wins where (and whether tuning or quantisation changes
+that); where sparse kernels start to pay; which layers matter for each objective; and a verdict
+on each observation of the paper (DLAS.md) computed from these tables.
+
+    frame = runs_frame(pareto.load_trials(uri, "dlas_paper_reduced"))
+    tables = compute(frame)                     # pandas DataFrames, one per question
+    verdicts = [check(tables, frame) for check in OBSERVATIONS]
+    write_report(uri, "dlas_paper_reduced", "report/")   # all of it: report.md, CSV, HTML, PNG
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from scipy import stats
+
+from . import pareto, tracking
+
+# a winner "changes" only when the earlier winner is this much slower in the new setting
+# (timing noise on a shared CPU is a few percent)
+MARGIN = 0.05
+CORRELATED = ("size_mb", "macs", "accuracy", "latency_ms")
+# one observation's correlation threshold: |rho| below it is "not correlated"
+WEAK_RHO = 0.5
+# speedups of one technique on two targets differing by this factor are "hardware dependent"
+HW_SPREAD = 1.25
+# a cell of the study: the settings a primitive is compared within
+CELL = ["data", "arch", "target", "compression", "tuner"]
+
+
+# --- the runs as one table --------------------------------------------------------------------
+
+def _number(text: str | None) -> float:
+    try:
+        return float(text)
+    except (TypeError, ValueError):
+        return math.nan
+
+
+def compression_label(method: str, amount: float, ratio: float) -> str:
+    """'none', 'unstructured 0.9', 'channel 0.5', 'int8', 'unstructured 0.9+int8'."""
+    label = method
+    if not math.isnan(amount):
+        label = label.replace("unstructured", f"unstructured {amount:g}")
+    if not math.isnan(ratio):
+        label = label.replace("channel", f"channel {ratio:g}")
+    return label
+
+
+def precision_of(method: str) -> str:
+    return next((q for q in ("int8", "fp16") if q in method.split("+")), "fp32")
+
+
+def runs_frame(trials: pareto.Trials) -> pd.DataFrame:
+    """One row per finished trial: the study's axes (short names) and its metrics."""
+    rows = []
+    for r in trials.rows:
+        p, m = r["params"], r["metrics"]
+        method = p.get("compress.method", "none")
+        amount, ratio = _number(p.get("compress.amount")), _number(p.get("compress.ratio"))
+        tuner = p.get("compiler.tuner", "none")
+        budget = p.get("compiler.trials", tracking.ABSENT)
+        rows.append({
+            "trial": r["trial"], "data": p.get("data.name", "?"), "arch": p.get("model.arch", "?"),
+            "target": p.get("hw.target", "local"), "method": method,
+            "compression": compression_label(method, amount, ratio),
+            "sparsity_level": amount, "precision": precision_of(method),
+            "conv": p.get("algo.conv", "direct"), "format": p.get("algo.format", "dense"),
+            "tuner": tuner if tuner == "none" or budget == tracking.ABSENT else f"{tuner} {budget}",
+            **{k: m.get(k, math.nan) for k in ("accuracy", "latency_ms", "size_mb", "macs",
+                                               "params", "sparsity", "speedup_vs_torch")}})
+    frame = pd.DataFrame(rows, columns=["trial", "data", "arch", "target", "method",
+                                        "compression", "sparsity_level", "precision", "conv",
+                                        "format", "tuner", "accuracy", "latency_ms", "size_mb",
+                                        "macs", "params", "sparsity", "speedup_vs_torch"])
+    frame["primitive"] = frame["conv"] + np.where(frame["format"] == "sparse", " sparse", "")
+    return frame
+
+
+# --- the tables -------------------------------------------------------------------------------
+
+def correlations(frame: pd.DataFrame) -> pd.DataFrame:
+    """Spearman's rho (and p) for each pair of size, MACs, accuracy and latency over all
+    configurations."""
+    out = []
+    for i, a in enumerate(CORRELATED):
+        for b in CORRELATED[i + 1:]:
+            both = frame[[a, b]].dropna()
+            varied = len(both) >= 3 and both[a].nunique() > 1 and both[b].nunique() > 1
+            rho, p = stats.spearmanr(both[a], both[b]) if varied else (math.nan, math.nan)
+            out.append({"a": a, "b": b, "rho": float(rho), "p": float(p), "n": len(both)})
+    return pd.DataFrame(out, columns=["a", "b", "rho", "p", "n"])
+
+
+def best_latency(frame: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
+    """The fastest run of each group (its primitive and latency)."""
+    if frame.empty:
+        return frame.assign(latency_ms=[])[keys + ["primitive", "latency_ms"]]
+    idx = frame.groupby(keys, dropna=False)["latency_ms"].idxmin()
+    return frame.loc[idx, keys + ["primitive", "latency_ms"]].reset_index(drop=True)
+
+
+def compression_speedups(frame: pd.DataFrame) -> pd.DataFrame:
+    """Speedup of each compression level over the uncompressed model, each at its best
+    primitive, per model; then the geometric mean over models per (compression, target,
+    tuner)."""
+    model = ["data", "arch", "target", "tuner"]
+    best = best_latency(frame, model + ["compression"])
+    base = best[best["compression"] == "none"].set_index(model)["latency_ms"]
+    rows = []
+    for _, r in best[best["compression"] != "none"].iterrows():
+        key = tuple(r[k] for k in model)
+        if key in base.index:
+            rows.append({**{k: r[k] for k in model}, "compression": r["compression"],
+                         "speedup": base[key] / r["latency_ms"]})
+    per_model = pd.DataFrame(rows, columns=model + ["compression", "speedup"])
+    if per_model.empty:
+        return pd.DataFrame(columns=["compression", "target", "tuner", "speedup", "models"])
+    grouped = per_model.groupby(["compression", "target", "tuner"])["speedup"]
+    return pd.DataFrame({"speedup": grouped.apply(lambda s: float(stats.gmean(s))),
+                         "models": grouped.size()}).reset_index()
+
+
+def best_primitives(frame: pd.DataFrame) -> pd.DataFrame:
+    """The fastest primitive of each (data, model, target, compression, tuning) cell."""
+    return best_latency(frame, CELL).rename(columns={"primitive": "best", "latency_ms":
+                                                    "best_latency_ms"})
+
+
+def _changed(cell_a: pd.Series, cell_b: pd.Series) -> bool | None:
+    """Does the winner of setting a lose to b's winner by more than MARGIN in setting b?
+    (`cell_*`: primitive -> latency). None when a's winner did not run in b."""
+    win_a, win_b = cell_a.idxmin(), cell_b.idxmin()
+    if win_a not in cell_b.index:
+        return None
+    return win_a != win_b and cell_b[win_a] > cell_b[win_b] * (1 + MARGIN)
+
+
+def tuning_changes(frame: pd.DataFrame) -> pd.DataFrame:
+    """Per (data, model, target, compression) and tuned setting: the best primitive untuned
+    and tuned, and whether tuning changed it (beyond MARGIN)."""
+    keys = ["data", "arch", "target", "compression"]
+    rows = []
+    for key, group in frame.groupby(keys):
+        cells = {t: g.groupby("primitive")["latency_ms"].min() for t, g in group.groupby("tuner")}
+        if "none" not in cells:
+            continue
+        for tuner, cell in cells.items():
+            if tuner == "none":
+                continue
+            changed = _changed(cells["none"], cell)
+            rows.append({**dict(zip(keys, key)), "tuner": tuner,
+                         "best_untuned": cells["none"].idxmin(), "best_tuned": cell.idxmin(),
+                         "changed": changed})
+    return pd.DataFrame(rows, columns=keys + ["tuner", "best_untuned", "best_tuned", "changed"])
+
+
+def sparse_vs_dense(frame: pd.DataFrame) -> pd.DataFrame:
+    """Per sparsity level: dense latency / sparse latency (>1: sparse is faster) for the same
+    model, primitive, target and tuning; median, range and how many pairs."""
+    pruned = frame[frame["method"] == "unstructured"]
+    keys = ["data", "arch", "target", "tuner", "sparsity_level", "conv"]
+    dense = pruned[pruned["format"] == "dense"].groupby(keys)["latency_ms"].min()
+    sparse = pruned[pruned["format"] == "sparse"].groupby(keys)["latency_ms"].min()
+    ratio = (dense / sparse).dropna()
+    if ratio.empty:
+        return pd.DataFrame(columns=["sparsity_level", "median_ratio", "min_ratio", "max_ratio",
+                                     "pairs", "sparse_pays"])
+    grouped = ratio.groupby(level="sparsity_level")
+    out = pd.DataFrame({"median_ratio": grouped.median(), "min_ratio": grouped.min(),
+                        "max_ratio": grouped.max(), "pairs": grouped.size()}).reset_index()
+    out["sparse_pays"] = out["median_ratio"] > 1
+    return out
+
+
+def quantisation_primitives(frame: pd.DataFrame) -> pd.DataFrame:
+    """Per precision (fp32, fp16, int8): how often each primitive is the fastest over the
+    (data, model, target, tuning) groups, and the most frequent winner."""
+    best = best_latency(frame[frame["method"].isin(["none", "fp16", "int8"])],
+                        ["data", "arch", "target", "tuner", "precision"])
+    rows = []
+    for precision, group in best.groupby("precision"):
+        counts = group["primitive"].value_counts()
+        rows.append({"precision": precision, "best": counts.idxmax(), "groups": len(group),
+                     "wins": ", ".join(f"{p} {n}" for p, n in counts.items())})
+    return pd.DataFrame(rows, columns=["precision", "best", "groups", "wins"])
+
+
+def quantisation_changes(frame: pd.DataFrame) -> pd.DataFrame:
+    """Per (data, model, target, tuning): does the best primitive at fp16 or int8 differ from
+    fp32's (beyond MARGIN)?"""
+    keys = ["data", "arch", "target", "tuner"]
+    rows = []
+    levels = frame[frame["method"].isin(["none", "fp16", "int8"])]
+    for key, group in levels.groupby(keys):
+        cells = {p: g.groupby("primitive")["latency_ms"].min()
+                 for p, g in group.groupby("precision")}
+        for precision in ("fp16", "int8"):
+            if "fp32" in cells and precision in cells:
+                rows.append({**dict(zip(keys, key)), "precision": precision,
+                             "best_fp32": cells["fp32"].idxmin(),
+                             "best_quantised": cells[precision].idxmin(),
+                             "changed": _changed(cells["fp32"], cells[precision])})
+    return pd.DataFrame(rows, columns=keys + ["precision", "best_fp32", "best_quantised",
+                                              "changed"])
+
+
+def importance(trials: pareto.Trials) -> pd.DataFrame:
+    """fANOVA importance per layer and parameter, per objective (pareto.layer_importance)."""
+    found = pareto.layer_importance(trials)
+    return pd.DataFrame([{"layer": layer, "parameter": param, **scores}
+                         for (layer, param), scores in found.items()],
+                        columns=["layer", "parameter", *trials.objectives])
+
+
+def compute(frame: pd.DataFrame) -> dict[str, pd.DataFrame]:
+    return {"correlation": correlations(frame), "compression_speedup": compression_speedups(frame),
+            "best_primitive": best_primitives(frame), "tuning_changes": tuning_changes(frame),
+            "sparse_vs_dense": sparse_vs_dense(frame),
+            "quantisation_primitive": quantisation_primitives(frame),
+            "quantisation_changes": quantisation_changes(frame)}
+
+
+# --- the paper's observations, tested on this data --------------------------------------------
+
+@dataclass
+class Verdict:
+    claim: str
+    statistic: str
+    verdict: str  # supported | not supported | not testable here
+    why: str = ""
+
+    def line(self) -> str:
+        return f"- **{self.verdict}**: {self.claim} Statistic: {self.statistic}" + \
+            (f" ({self.why})" if self.why else "")
+
+
+SUPPORTED, NOT_SUPPORTED, UNTESTABLE = "supported", "not supported", "not testable here"
+
+
+def obs_correlation(tables: dict, frame: pd.DataFrame) -> Verdict:
+    claim = "Model size, accuracy and inference time are not guaranteed to be correlated."
+    corr = tables["correlation"]
+    wanted = {("size_mb", "accuracy"), ("size_mb", "latency_ms"), ("accuracy", "latency_ms")}
+    pairs = corr[[pair in wanted for pair in zip(corr["a"], corr["b"])]].dropna(subset=["rho"])
+    if len(pairs) < 3:
+        return Verdict(claim, "Spearman rho of size-accuracy, size-latency, accuracy-latency",
+                       UNTESTABLE, "fewer than 3 configurations, or size, accuracy or latency "
+                       "did not vary")
+    weakest = pairs.loc[pairs["rho"].abs().idxmin()]
+    shown = "; ".join(f"{r.a}~{r.b} rho {r.rho:+.2f}" for r in pairs.itertuples())
+    stat = f"{shown} (n {int(pairs['n'].min())}); weakest |rho| {abs(weakest.rho):.2f}, " \
+           f"rule: some |rho| < {WEAK_RHO}"
+    return Verdict(claim, stat, SUPPORTED if abs(weakest.rho) < WEAK_RHO else NOT_SUPPORTED)
+
+
+def obs_hardware(tables: dict, frame: pd.DataFrame) -> Verdict:
+    claim = "Speedups from compression are very hardware dependent."
+    speed = tables["compression_speedup"]
+    targets = speed["target"].nunique() if not speed.empty else 0
+    if targets < 2:
+        return Verdict(claim, "per technique, largest / smallest speedup across targets",
+                       UNTESTABLE, f"compression speedups measured on {targets} target(s); "
+                       "needs two")
+    spread = speed.groupby(["compression", "tuner"])["speedup"].agg(
+        lambda s: s.max() / s.min() if len(s) > 1 else math.nan).dropna()
+    if spread.empty:
+        return Verdict(claim, "per technique, largest / smallest speedup across targets",
+                       UNTESTABLE, "no technique was measured on two targets")
+    top = spread.idxmax()
+    stat = f"largest spread {spread.max():.2f}x ({top[0]}, {top[1]}) over {targets} targets; " \
+           f"rule: some technique's speedups differ by >= {HW_SPREAD}x across targets"
+    return Verdict(claim, stat, SUPPORTED if spread.max() >= HW_SPREAD else NOT_SUPPORTED)
+
+
+def obs_tuning(tables: dict, frame: pd.DataFrame) -> Verdict:
+    claim = "Auto-tuning can change which algorithmic primitive is best for a configuration."
+    changes = tables["tuning_changes"].dropna(subset=["changed"])
+    if changes.empty or frame["primitive"].nunique() < 2:
+        why = "no configuration ran both untuned and tuned" if changes.empty else \
+            "only one primitive ran"
+        return Verdict(claim, "cells whose best primitive changes with tuning", UNTESTABLE, why)
+    n = int(changes["changed"].astype(bool).sum())
+    stat = f"best primitive changed in {n} of {len(changes)} cells (the untuned winner " \
+           f">{MARGIN:.0%} slower once tuned); rule: at least one"
+    return Verdict(claim, stat, SUPPORTED if n else NOT_SUPPORTED)
+
+
+def obs_quantisation(tables: dict, frame: pd.DataFrame) -> Verdict:
+    claim = "The best primitive varies with the level of quantisation."
+    changes = tables["quantisation_changes"].dropna(subset=["changed"])
+    if changes.empty or frame["primitive"].nunique() < 2:
+        why = "no model ran both fp32 and a quantised level with the same settings" \
+            if changes.empty else "only one primitive ran"
+        return Verdict(claim, "groups whose best primitive differs from fp32's", UNTESTABLE,
+                       why)
+    n = int(changes["changed"].astype(bool).sum())
+    stat = f"best primitive differs from fp32's in {n} of {len(changes)} (model, target, " \
+           f"tuning, level) groups (by >{MARGIN:.0%}); rule: at least one"
+    return Verdict(claim, stat, SUPPORTED if n else NOT_SUPPORTED)
+
+
+def obs_sparse(tables: dict, frame: pd.DataFrame) -> Verdict:
+    claim = "Sparse primitives pay off only at high sparsity; below that, dense code is faster."
+    table = tables["sparse_vs_dense"].sort_values("sparsity_level")
+    if len(table) < 2:
+        return Verdict(claim, "median dense/sparse latency per sparsity level", UNTESTABLE,
+                       f"sparse and dense compared at {len(table)} sparsity level(s); needs two")
+    shown = ", ".join(f"{r.sparsity_level:g}: {r.median_ratio:.2f}x" for r in table.itertuples())
+    pays = list(table["sparse_pays"])
+    # supported: dense wins at the lowest level, sparse at the highest, and once sparse pays
+    # it keeps paying at every higher level
+    crossover = next(i for i, p in enumerate(pays) if p) if any(pays) else None
+    holds = crossover is not None and crossover > 0 and all(pays[crossover:])
+    stat = f"median dense/sparse latency by sparsity {shown}" + \
+           (f"; sparse pays from {table['sparsity_level'].iloc[crossover]:g}" if holds else "") + \
+           "; rule: < 1 at the lowest level, > 1 from some level up to the highest"
+    return Verdict(claim, stat, SUPPORTED if holds else NOT_SUPPORTED)
+
+
+OBSERVATIONS = (obs_correlation, obs_hardware, obs_tuning, obs_quantisation, obs_sparse)
+
+
+# --- writing it -------------------------------------------------------------------------------
+
+def _markdown(table: pd.DataFrame) -> str:
+    if table.empty:
+        return "_(no data)_\n"
+    def cell(v):
+        return f"{v:.4g}" if isinstance(v, float) else str(v)
+    lines = ["| " + " | ".join(map(str, table.columns)) + " |",
+             "|" + " --- |" * len(table.columns)]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |"
+              for row in table.itertuples(index=False)]
+    return "\n".join(lines) + "\n"
+
+
+def _plots(frame: pd.DataFrame, tables: dict, out: Path) -> list[str]:
+    """Each plot as interactive HTML (plotly) and PNG (matplotlib); the names written."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import plotly.express as px
+
+    written = []
+    # 1. latency vs accuracy, sized by model size, coloured by compression
+    if not frame.empty:
+        fig = px.scatter(frame, x="latency_ms", y="accuracy", color="compression",
+                         symbol="primitive", hover_data=["arch", "target", "tuner", "size_mb"],
+                         title="accuracy vs latency, every configuration")
+        fig.write_html(out / "configurations.html", include_plotlyjs=True)
+        f, ax = plt.subplots(figsize=(7, 4.5))
+        for label, g in frame.groupby("compression"):
+            ax.scatter(g["latency_ms"], g["accuracy"], label=label, s=18)
+        ax.set_xlabel("latency_ms"), ax.set_ylabel("accuracy"), ax.grid(alpha=0.3)
+        ax.legend(fontsize=7), ax.set_title("accuracy vs latency, every configuration")
+        f.tight_layout(), f.savefig(out / "configurations.png", dpi=110), plt.close(f)
+        written.append("configurations")
+    # 2. compression speedups
+    speed = tables["compression_speedup"]
+    if not speed.empty:
+        speed = speed.assign(setting=speed["target"] + " / " + speed["tuner"])
+        fig = px.bar(speed, x="compression", y="speedup", color="setting", barmode="group",
+                     title="speedup over the uncompressed model (geometric mean over models)")
+        fig.write_html(out / "compression_speedup.html", include_plotlyjs=True)
+        pivot = speed.pivot_table(index="compression", columns="setting", values="speedup")
+        f, ax = plt.subplots(figsize=(7, 4.5))
+        pivot.plot.bar(ax=ax)
+        ax.axhline(1, color="grey", lw=0.8), ax.set_ylabel("speedup"), ax.grid(alpha=0.3)
+        ax.set_title("speedup over the uncompressed model")
+        f.tight_layout(), f.savefig(out / "compression_speedup.png", dpi=110), plt.close(f)
+        written.append("compression_speedup")
+    # 3. sparse vs dense by sparsity
+    sparse = tables["sparse_vs_dense"]
+    if not sparse.empty:
+        fig = px.line(sparse, x="sparsity_level", y="median_ratio", markers=True,
+                      title="dense / sparse latency (>1: sparse faster)")
+        fig.write_html(out / "sparse_vs_dense.html", include_plotlyjs=True)
+        f, ax = plt.subplots(figsize=(6, 4))
+        ax.plot(sparse["sparsity_level"], sparse["median_ratio"], marker="o")
+        ax.axhline(1, color="grey", lw=0.8), ax.grid(alpha=0.3)
+        ax.set_xlabel("sparsity"), ax.set_ylabel("dense / sparse latency")
+        f.tight_layout(), f.savefig(out / "sparse_vs_dense.png", dpi=110), plt.close(f)
+        written.append("sparse_vs_dense")
+    return written
+
+
+SECTIONS = (
+    ("correlation", "Correlation (Spearman) of size, MACs, accuracy and latency"),
+    ("compression_speedup", "Speedup of each compression technique over the uncompressed model"),
+    ("best_primitive", "Best primitive per (model, compression, tuning) cell"),
+    ("tuning_changes", "Does tuning change the best primitive?"),
+    ("sparse_vs_dense", "Sparse vs dense per sparsity level (ratio > 1: sparse faster)"),
+    ("quantisation_primitive", "Best primitive per quantisation level"),
+    ("quantisation_changes", "Does quantisation change the best primitive?"),
+    ("importance", "Per-layer importance for each objective (fANOVA)"),
+)
+
+
+def build(trials: pareto.Trials, out_dir: str | Path) -> tuple[dict, list[Verdict], Path]:
+    """Compute every table and verdict of `trials` and write report.md, one CSV per table,
+    verdicts.csv and the plots into `out_dir`."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    frame = runs_frame(trials)
+    tables = compute(frame)
+    tables["importance"] = importance(trials)
+    verdicts = [check(tables, frame) for check in OBSERVATIONS]
+    for name, table in tables.items():
+        table.to_csv(out / f"{name}.csv", index=False)
+    pd.DataFrame([v.__dict__ for v in verdicts]).to_csv(out / "verdicts.csv", index=False)
+    plots = _plots(frame, tables, out)
+    tuning = tables["tuning_changes"].dropna(subset=["changed"])
+    lines = [f"# DLAS perturbation study: {trials.study}", "",
+             f"{len(frame)} finished configurations: {frame['arch'].nunique()} model(s), "
+             f"{frame['compression'].nunique()} compression level(s), "
+             f"{frame['primitive'].nunique()} primitive(s), {frame['tuner'].nunique()} tuning "
+             f"setting(s), {frame['target'].nunique()} target(s).", "",
+             "## Observations of the paper, tested on these runs", "",
+             "Each line: the verdict, the claim (DLAS.md), the statistic computed here and the "
+             "rule that decides the verdict. The paper makes 13 observations; these are the "
+             "ones DLAS.md confirms from its text.", "",
+             *(v.line() for v in verdicts), ""]
+    for name, title in SECTIONS:
+        lines += [f"## {title}", ""]
+        if name == "tuning_changes" and not tuning.empty:
+            lines += [f"Changed in {int(tuning['changed'].astype(bool).sum())} of "
+                      f"{len(tuning)} cells.", ""]
+        lines += [_markdown(tables[name]), f"(`{name}.csv`)", ""]
+    if plots:
+        lines += ["## Plots", "", *(f"- `{p}.html` (interactive), `{p}.png`" for p in plots), ""]
+    path = out / "report.md"
+    path.write_text("\n".join(lines))
+    return tables, verdicts, path
+
+
+def study_run_id(tracking_uri: str, experiment: str) -> str:
+    from mlflow.tracking import MlflowClient
+    client = MlflowClient(tracking_uri=tracking_uri)
+    found = client.get_experiment_by_name(experiment)
+    runs = client.search_runs([found.experiment_id], f"tags.`{tracking.ROLE}` = 'study'",
+                              max_results=1, order_by=["attributes.start_time ASC"])
+    return runs[0].info.run_id
+
+
+def write_report(tracking_uri: str, experiment: str, out_dir: str | Path):
+    """Build the report from MLflow alone and log it to the study's parent run (and to the
+    `mlflow run` launcher's run, when there is one) as the artifact folder `report`."""
+    import os
+
+    from mlflow.tracking import MlflowClient
+    trials = pareto.load_trials(tracking_uri, experiment)
+    tables, verdicts, path = build(trials, out_dir)
+    MlflowClient(tracking_uri=tracking_uri).log_artifacts(
+        study_run_id(tracking_uri, experiment), str(out_dir), "report")
+    launcher = os.environ.get("MLFLOW_RUN_ID")
+    if launcher:
+        MlflowClient(tracking_uri=os.environ.get("MLFLOW_TRACKING_URI")).log_artifacts(
+            launcher, str(out_dir), "report")
+    return tables, verdicts, path
