@@ -156,6 +156,8 @@ class _Stages:
             "compile", key, make, lambda b, folder: compiler.save(b, folder, records),
             compiler.load)
         self.compile_cache = "hit" if hit else "miss"
+        if entry is not None and not hit:  # run the stored library: LLVM generates the code
+            built.executable = compiler.load(entry).executable  # once (for it), not twice
         if entry is not None:
             built.library = entry / compiler.LIBRARY
         if hit:  # nothing was compiled or tuned in this trial
