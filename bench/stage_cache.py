@@ -72,8 +72,12 @@ def main() -> None:
                     print(f"# rep {rep} {arch} {variant}: {seconds:.1f} s, cache {tags}, "
                           + ", ".join(f"{k} {v:.1f}" for k, v in parts[arch, variant][-1].items()),
                           flush=True)
+        table(archs, costs, parts, rep + 1)  # after every repetition: partial results stay
+
+
+def table(archs, costs, parts, reps: int) -> None:
     print(f"\n# {hardware.cpu_model()}, {os.cpu_count()} cores (shared); torch "
-          f"{torch.__version__}; {args.reps} repetitions\n")
+          f"{torch.__version__}; {reps} repetition(s)\n")
     print("| model | trial | cost s, median (min-max) | / cold trial, median (min-max) | "
           "where the time went (median rep, s) |")
     print("| --- | --- | --- | --- | --- |")

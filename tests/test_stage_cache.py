@@ -86,7 +86,10 @@ def test_a_corrupt_compile_entry_is_rebuilt(workdir, broken):
     first = pipeline.run(config, cache)
     entry = first.built.library.parent
     data_ = (entry / broken).read_bytes()
-    (entry / broken).write_bytes(data_[: len(data_) // 3])  # truncated, as by a crash
+    # truncated, as by a copy that broke off (a new file: the trial has the old one mapped,
+    # and the cache itself never rewrites a file in place)
+    (entry / broken).unlink()
+    (entry / broken).write_bytes(data_[: len(data_) // 3])
     rebuilt = pipeline.run(config, cache)
     assert rebuilt.cache["compile"] == "miss" and rebuilt.metrics["compile_s"] > 0
     assert same(latency_free(rebuilt), latency_free(first))
