@@ -2,7 +2,8 @@
 repeats the upper layers of an earlier one loads their result instead of recomputing it.
 
 Entries are content-addressed: the key hashes the settings of the layers involved, the seed and
-the versions of the libraries that produced it.
+the versions of the libraries that produced it. Models are pickles (`<stage>/<hash>.pt`); a
+compiled module is a folder (`compile/<hash>/`: the library TVM loads, and its build report).
 """
 from __future__ import annotations
 

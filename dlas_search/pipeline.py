@@ -102,7 +102,7 @@ def keep_model(compressed: compression.Compressed, built: compiler.Compiled | No
 
 
 class _Stages:
-    """Layers 2 and 3 as cached stages; layer 2 runs only when layer 3 is not cached."""
+    """Layers 2, 3 and 5 as cached stages; layer 2 runs only when layer 3 is not cached."""
 
     def __init__(self, cfg: TrialConfig, cache: StageCache, dataset: data.Data):
         self.cfg, self.cache, self.dataset = cfg, cache, dataset
@@ -123,7 +123,6 @@ class _Stages:
         self.model_cache, self.train_s = ("hit" if hit else "miss"), time.perf_counter() - start
         torch.manual_seed(cfg.seed)
         return compression.compress(cfg.compress, cfg.finetune, trained, self.dataset)
-
 
     def compile(self, compressed: compression.Compressed, primitive: algorithms.Primitive,
                 device: hardware.Device) -> tuple[compiler.Compiled, Path | None]:
