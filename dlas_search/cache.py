@@ -2,14 +2,17 @@
 repeats the upper layers of an earlier one loads their result instead of recomputing it.
 
 Entries are content-addressed: the key hashes the settings of the layers involved, the seed and
-the versions of the libraries that produced it.
+the versions of the libraries that produced it. Models are pickles (`<stage>/<hash>.pt`); a
+compiled module is a folder (`compile/<hash>/`: the library TVM loads, and its build report).
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import os
+import shutil
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any, Callable
 
@@ -30,6 +33,36 @@ class StageCache:
         salt = f"{FORMAT}|{torch.__version__}|{torchvision.__version__}|{key}"
         return self.root / stage / (hashlib.sha256(salt.encode()).hexdigest()[:24] + ".pt")
 
+    def get_or_make_folder(self, stage: str, key: str, make: Callable[[], Any],
+                           save: Callable[[Any, Path], None],
+                           load: Callable[[Path], Any]) -> tuple[Any, bool, Path | None]:
+        """(value, hit, entry folder or None) for a stage stored as files (a compiled library
+        is a file TVM loads, not a pickle): `save(value, folder)` writes an entry, `load(folder)`
+        reads it back and raises on anything broken, which rebuilds the entry."""
+        if self.root is None:
+            return make(), False, None
+        path = self._path(stage, key).with_suffix("")
+        if path.is_dir():
+            try:
+                return load(path), True, path
+            except Exception:  # truncated, corrupt or stale: rebuild it
+                shutil.rmtree(path, ignore_errors=True)
+        value = make()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=path.parent, suffix=".tmp"))  # atomic: renamed whole
+        try:
+            save(value, tmp)
+            (tmp / "key.json").write_text(json.dumps({"stage": stage, "key": key}))
+            os.replace(tmp, path)
+        except OSError as e:
+            if not path.is_dir():  # not merely another worker that stored it first
+                warnings.warn(f"stage cache: could not store {stage} entry {path}: {e}")
+        except Exception as e:  # a trial that worked does not fail over its cache entry
+            warnings.warn(f"stage cache: could not store {stage} entry {path}: {e}")
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        return value, False, (path if path.is_dir() else None)
+
     def get_or_make(self, stage: str, key: str, make: Callable[[], Any]) -> tuple[Any, bool]:
         """(value, hit). The value is pickled whole (our own files: torch.load trusts them)."""
         if self.root is None:
@@ -48,3 +81,30 @@ class StageCache:
         os.replace(tmp, path)
         (path.with_suffix(".json")).write_text(json.dumps({"stage": stage, "key": key}))
         return value, False
+
+
+def fingerprint(module: torch.nn.Module, precision: str) -> str:
+    """A hash of what a compiler sees of a model: its class, layer structure, every weight
+    and buffer (names, shapes, dtypes, bytes), any traced graph's code, and the precision."""
+    h = hashlib.sha256(f"{precision}|{type(module).__qualname__}|{module!r}".encode())
+    for sub in module.modules():
+        if isinstance(sub, torch.fx.GraphModule):  # a quantised graph: its ops are its model
+            h.update(sub.code.encode())
+    for name, tensor in module.state_dict().items():
+        if not isinstance(tensor, torch.Tensor):
+            h.update(f"{name}={tensor!r}".encode())
+            continue
+        tensor = tensor.detach().cpu().contiguous()
+        h.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}".encode())
+        h.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def folder_digest(folder: Path) -> str:
+    """A hash of every file's name and bytes under `folder` ("" when there is none)."""
+    if not folder.is_dir():
+        return ""
+    h = hashlib.sha256()
+    for file in sorted(p for p in folder.rglob("*") if p.is_file()):
+        h.update(str(file.relative_to(folder)).encode() + b"\0" + file.read_bytes())
+    return h.hexdigest()

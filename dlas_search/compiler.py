@@ -8,7 +8,9 @@ under the same protocol, so a search can find where TVM does not pay.
 """
 from __future__ import annotations
 
+import hashlib
 import os
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -51,6 +53,37 @@ class Compiled:
     # dtypes of the compiled conv and matmul kernels, e.g. {"conv2d": {"uint8xint8->int32"}}
     arithmetic: dict[str, set[str]] = field(default_factory=dict)
     tuning: tuning.TuningReport | None = None
+    # the compiled module as a shared library on disk, when one exists (a stage cache entry)
+    library: Path | None = None
+
+
+LIBRARY, INFO, RECORDS = "model.so", "compiled.pt", "tuning"
+
+
+def _sha256(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def save(built: Compiled, folder: Path, records: Path | None = None) -> None:
+    """Store a build as files: the library (`export_library`), what the build reported, and
+    the tuning records it used; `load` reads them back."""
+    built.executable.export_library(str(folder / LIBRARY))
+    torch.save({"metrics": built.metrics, "arithmetic": built.arithmetic,
+                "tuning": built.tuning, "sha256": _sha256(folder / LIBRARY)}, folder / INFO)
+    if records is not None and records.is_dir():
+        shutil.copytree(records, folder / RECORDS)
+
+
+def load(folder: Path) -> Compiled:
+    """A build stored by `save`: the library loaded back into a Relax VM executable. The
+    library's hash is checked first: loading a truncated library can crash the process."""
+    info = torch.load(folder / INFO, weights_only=False)
+    if _sha256(folder / LIBRARY) != info["sha256"]:
+        raise ValueError(f"{folder / LIBRARY}: not the library that was stored")
+    executable = relax.VMExecutable(tvm.runtime.load_module(str(folder / LIBRARY)))
+    return Compiled(executable, dict(info["metrics"]), info["arithmetic"], info["tuning"],
+                    library=folder / LIBRARY)
 
 
 def check(cfg: CompilerConfig) -> None:

@@ -5,6 +5,7 @@
 """
 from __future__ import annotations
 
+import json
 import shutil
 import tempfile
 import time
@@ -12,9 +13,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+import tvm
 
-from . import algorithms, compiler, compression, data, hardware, models
-from .cache import StageCache
+from . import algorithms, compiler, compression, data, hardware, models, tuning
+from .cache import StageCache, folder_digest, fingerprint
 from .errors import BadInput
 from .space import TrialConfig, infeasible
 
@@ -59,20 +61,16 @@ def run(cfg: TrialConfig, cache: StageCache | None = None) -> TrialResult:
         result, built = measure_eager(compressed, dataset, device, cfg), None
     else:
         primitive = algorithms.plan(cfg.algo)                                  # L4
-        records = None  # the tuning records this trial used: a run artifact
-        if cfg.compiler.tuner != "none":
-            records = Path(tempfile.mkdtemp(prefix="dlas-records-")) / "tuning"
-        built = compiler.compile(compressed.module, dataset.example(), primitive,  # L5
-                                 cfg.compiler, device.target, compressed.precision,
-                                 records_to=records, measure_on=device.rpc)
+        built, records = stages.compile(compressed, primitive, device)         # L5
         result = measure(compressed, built, dataset, device, cfg)              # L6
-        if records is not None:
+        if records is not None and records.is_dir():  # the tuning records this trial used
             result.artifacts["tuning"] = records
         if built.tuning is not None:
             result.info["tuning_database"] = str(built.tuning.database)
             if built.tuning.untuned:
                 result.info["untuned_tasks"] = ", ".join(built.tuning.untuned)[:5000]
-    result.cache = {"model": stages.model_cache, "finetune": "hit" if ft_hit else "miss"}
+    result.cache = {"model": stages.model_cache, "finetune": "hit" if ft_hit else "miss",
+                    "compile": stages.compile_cache}
     result.compressed, result.built, result.dataset = compressed, built, dataset
     if ft_hit:  # nothing was fine-tuned or quantised in this trial
         result.metrics["finetune_s"] = result.metrics["convert_s"] = 0.0
@@ -82,15 +80,34 @@ def run(cfg: TrialConfig, cache: StageCache | None = None) -> TrialResult:
     if built is not None:
         result.info["arithmetic"] = "; ".join(  # what the compiled convs and matmuls multiply
             f"{op} {', '.join(sorted(kinds))}" for op, kinds in built.arithmetic.items() if kinds)
+    if any(cfg.artifacts.values()):
+        result.artifacts["model"] = keep_model(compressed, built, device, cfg.artifacts)
     return result
 
 
+def keep_model(compressed: compression.Compressed, built: compiler.Compiled | None,
+               device: hardware.Device, which: dict[str, bool]) -> Path:
+    """The run artifact `model/`: `weights.pt`, the compressed model's state_dict, and
+    `model.so`, the compiled library (the cached one, or exported for the device)."""
+    folder = Path(tempfile.mkdtemp(prefix="dlas-model-")) / "model"
+    folder.mkdir()
+    if which.get("weights", True):
+        torch.save(compressed.module.state_dict(), folder / "weights.pt")
+    if which.get("library", True) and built is not None:
+        if built.library is not None and built.library.is_file():
+            shutil.copyfile(built.library, folder / "model.so")
+        else:
+            hardware.export_library(built.executable, device, folder)
+    return folder
+
+
 class _Stages:
-    """Layers 2 and 3 as cached stages; layer 2 runs only when layer 3 is not cached."""
+    """Layers 2, 3 and 5 as cached stages; layer 2 runs only when layer 3 is not cached."""
 
     def __init__(self, cfg: TrialConfig, cache: StageCache, dataset: data.Data):
         self.cfg, self.cache, self.dataset = cfg, cache, dataset
         self.model_cache, self.train_s = "unused", 0.0
+        self.compile_cache = "unused"
         self.provenance = models.describe(cfg.model)  # hashes a checkpoint: once per trial
 
     def key(self, *layers: str) -> str:
@@ -106,6 +123,52 @@ class _Stages:
         self.model_cache, self.train_s = ("hit" if hit else "miss"), time.perf_counter() - start
         torch.manual_seed(cfg.seed)
         return compression.compress(cfg.compress, cfg.finetune, trained, self.dataset)
+
+    def compile(self, compressed: compression.Compressed, primitive: algorithms.Primitive,
+                device: hardware.Device) -> tuple[compiler.Compiled, Path | None]:
+        """Layer 5 as a cached stage (for the local CPU): keyed by the compressed model's
+        fingerprint, the algo and compiler settings, the TVM target (threads included), the
+        input shape, TVM's version and, when tuning, the tuning database as it is now (a
+        database that grew may give better schedules). Remote and GPU builds are not cached.
+        Returns the build and the folder of the tuning records it used (or None)."""
+        cfg, example = self.cfg, self.dataset.example()
+        records = None
+        if cfg.compiler.tuner != "none":
+            records = Path(tempfile.mkdtemp(prefix="dlas-records-")) / "tuning"
+
+        def make() -> compiler.Compiled:
+            return compiler.compile(compressed.module, example, primitive, cfg.compiler,
+                                    device.target, compressed.precision, records_to=records,
+                                    measure_on=device.rpc)
+
+        if self.cache.root is None or device.remote or device.target.kind.name != "llvm":
+            return make(), records
+        database = ""
+        if cfg.compiler.tuner == "metaschedule":
+            database = folder_digest(tuning.target_folder(
+                cfg.compiler.database or compiler.DEFAULT_DATABASE, device.target))
+        key = json.dumps({"model": fingerprint(compressed.module, compressed.precision),
+                          "settings": cfg.key("algo", "compiler"), "target": str(device.target),
+                          "input": [list(example.shape), str(example.dtype)],
+                          "tvm": tvm.__version__, "database": database}, sort_keys=True)
+        built, hit, entry = self.cache.get_or_make_folder(
+            "compile", key, make, lambda b, folder: compiler.save(b, folder, records),
+            compiler.load)
+        self.compile_cache = "hit" if hit else "miss"
+        if entry is not None and not hit:  # run the stored library: LLVM generates the code
+            built.executable = compiler.load(entry).executable  # once (for it), not twice
+        if entry is not None:
+            built.library = entry / compiler.LIBRARY
+        if hit:  # nothing was compiled or tuned in this trial
+            built.metrics["compile_cached_s"] = built.metrics["compile_s"]
+            built.metrics["compile_s"] = 0.0
+            if "tune_s" in built.metrics:
+                built.metrics["tune_cached_s"] = built.metrics["tune_s"]
+                built.metrics["tune_s"] = 0.0
+            if records is not None and (entry / compiler.RECORDS).is_dir():
+                shutil.rmtree(records, ignore_errors=True)
+                shutil.copytree(entry / compiler.RECORDS, records)
+        return built, records
 
 
 def measure_eager(compressed: compression.Compressed, dataset: data.Data,

@@ -41,7 +41,9 @@ DIRECTIONS = ("maximize", "minimize")
 # qmc: a scrambled Sobol sequence over the numeric ranges (choices drawn at random)
 SAMPLERS = ("tpe", "nsga2", "random", "grid", "qmc")
 TOP_LEVEL = ("study", "description", "seed", "objectives", "thresholds", "sampler", "budget",
-             "targets", "space")
+             "targets", "artifacts", "space")
+# what each finished trial's run keeps under `model/` (tens of MB each: can be switched off)
+ARTIFACTS = {"weights": True, "library": True}
 
 
 @dataclass(frozen=True)
@@ -57,6 +59,9 @@ class TrialConfig:
     seed: int = 0
     # the space's target registry (name -> entry), for the names `hw.target` may use
     targets: Mapping[str, hardware.TargetSpec] = field(default_factory=dict, compare=False)
+    # the run artifacts to keep (ARTIFACTS): not a setting of the stack
+    artifacts: Mapping[str, bool] = field(default_factory=lambda: dict(ARTIFACTS),
+                                          compare=False)
 
     def target(self) -> hardware.TargetSpec:
         return hardware.lookup(self.hw.target, self.targets)
@@ -234,6 +239,7 @@ class Space:
     targets: Mapping[str, hardware.TargetSpec] = field(default_factory=dict)
     # metric -> {"min": x} and/or {"max": y}: a trial outside is infeasible (never on the front)
     thresholds: Mapping[str, Mapping[str, float]] = field(default_factory=dict)
+    artifacts: Mapping[str, bool] = field(default_factory=lambda: dict(ARTIFACTS))
 
     def violations(self, metrics: Mapping[str, float]) -> list[float]:
         """One number per threshold, <= 0 when met (Optuna's constraint convention); a metric
@@ -275,7 +281,7 @@ class Space:
             if param.applies(chosen) and name in chosen:
                 groups[layer][key] = chosen[name]
         return TrialConfig(**{layer: LAYERS[layer](**groups[layer]) for layer in LAYERS},
-                           seed=self.seed, targets=self.targets)
+                           seed=self.seed, targets=self.targets, artifacts=self.artifacts)
 
     def suggest(self, trial: optuna.Trial) -> TrialConfig:
         """Sample a configuration; conditional parameters are asked only where they apply."""
@@ -458,6 +464,22 @@ def load_targets(section: Any, path: Path, where: str) -> dict[str, hardware.Tar
             for name, entry in section.items()}
 
 
+def load_artifacts(section: Any, where: str) -> dict[str, bool]:
+    """`artifacts: {weights: true, library: false}`: which model files each trial's run keeps
+    (unset keys: true)."""
+    if section is None:
+        return dict(ARTIFACTS)
+    if not isinstance(section, dict):
+        raise BadInput(f"{where}artifacts: a mapping of {' / '.join(ARTIFACTS)} -> true or "
+                       "false, e.g. {weights: true, library: false}")
+    for key, value in section.items():
+        if key not in ARTIFACTS:
+            raise allowed(f"{where}artifacts", key, list(ARTIFACTS))
+        if not isinstance(value, bool):
+            raise BadInput(f"{where}artifacts.{key}: {value!r} must be true or false")
+    return {**ARTIFACTS, **section}
+
+
 def _check_target_names(params: dict[str, Param], targets: Mapping, where: str) -> None:
     """Every `hw.target` choice names a known target (or is a well-formed rpc:// URL)."""
     param = params.get("hw.target")
@@ -540,6 +562,7 @@ def load_space(path: str | Path) -> Space:
         raise BadInput(f"{where}budget.timeout_s: {timeout_s!r} must be a positive number")
 
     targets = load_targets(doc.get("targets"), path, where)
+    artifacts = load_artifacts(doc.get("artifacts"), where)
 
     layers = doc.get("space") or {}
     if not isinstance(layers, dict):
@@ -564,7 +587,7 @@ def load_space(path: str | Path) -> Space:
             raise BadInput(f"{where}sampler grid enumerates the space: {continuous[0]} is a "
                            "continuous range; give it a step or a list of choices")
     space = Space(str(path), study, seed, dict(objectives), sampler, trials, timeout_s,
-                  ordered, text, targets, thresholds)
+                  ordered, text, targets, thresholds, artifacts)
     _check_conditions(space, where)
     return space
 

@@ -1,0 +1,159 @@
+"""The compiled-module stage of the stage cache, and the model files each trial's run keeps.
+
+A small CNN (a user factory: this module) keeps the compiles to seconds."""
+import copy
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import tvm
+from mlflow.tracking import MlflowClient
+from torch import nn
+
+from conftest import write_space
+from dlas_search import compiler, data, hardware, models, pipeline
+from dlas_search.cache import StageCache, fingerprint
+from dlas_search.cli import main
+from dlas_search.errors import BadInput
+from dlas_search.space import load_space
+
+SMALL_SPACE = """\
+study: small
+seed: 0
+{artifacts}
+space:
+  data: {{name: digits, image_size: 16, val_fraction: 0.3}}
+  model: {{arch: "test_stage_cache:small_cnn", epochs: 1}}
+  compress: {{method: none}}
+  finetune: {{epochs: 0}}
+  algo: {{conv: [direct, direct_nhwc]}}
+  hw: {{threads: 1, warmup: 1, repeat: 3, min_repeat_ms: 1}}
+"""
+
+
+def small_cnn(num_classes: int) -> nn.Module:
+    """Two convs (one with BatchNorm to fold), a pooled linear head."""
+    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                         nn.Conv2d(8, 16, 3, stride=2), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                         nn.Flatten(), nn.Linear(16, num_classes))
+
+
+def small_space(folder: Path, artifacts: str = ""):
+    return load_space(write_space(folder, SMALL_SPACE.format(artifacts=artifacts), "small.yaml"))
+
+
+def latency_free(result: pipeline.TrialResult) -> dict:
+    """What a trial gives that does not depend on timing."""
+    keep = ("accuracy", "max_rel_error", "conv_layers", "batchnorm_folded", "size_mb", "params")
+    return {**{k: result.metrics[k] for k in keep}, "arithmetic": result.info["arithmetic"],
+            "output": hardware.run_tvm(result.built.executable, result.dataset.example())}
+
+
+def same(a: dict, b: dict) -> bool:
+    return all(np.array_equal(a[k], b[k]) if k == "output" else a[k] == b[k] for k in a)
+
+
+def test_compile_stage_hits_on_timing_only_changes_and_misses_on_code_changes(workdir):
+    space, cache = small_space(workdir), StageCache(workdir / "cache")
+    first = pipeline.run(space.pin({"algo.conv": "direct"}).defaults(), cache)
+    assert first.cache == {"model": "miss", "finetune": "miss", "compile": "miss"}
+    assert first.metrics["compile_s"] > 0 and "compile_cached_s" not in first.metrics
+    assert first.metrics["max_rel_error"] < 1e-4
+    # timing-only settings (repeat, warm-up, pinning) leave the compiled code alone
+    timing = space.pin({"algo.conv": "direct", "hw.repeat": 5, "hw.warmup": 2,
+                        "hw.pin": False}).defaults()
+    again = pipeline.run(timing, cache)
+    assert again.cache == {"model": "unused", "finetune": "hit", "compile": "hit"}
+    assert again.metrics["compile_s"] == 0.0
+    assert again.metrics["compile_cached_s"] == first.metrics["compile_s"]
+    assert again.built.library is not None and again.built.library.is_file()
+    assert same(latency_free(again), latency_free(first))
+    assert again.metrics["latency_ms"] > 0
+    # a conv algorithm or a thread count changes the code: a new compile of the cached model
+    for pins in ({"algo.conv": "direct_nhwc"}, {"algo.conv": "direct", "hw.threads": 2}):
+        other = pipeline.run(space.pin(pins).defaults(), cache)
+        assert other.cache == {"model": "unused", "finetune": "hit", "compile": "miss"}, pins
+        assert other.metrics["compile_s"] > 0
+        assert other.metrics["max_rel_error"] < 1e-4
+
+
+@pytest.mark.parametrize("broken", [compiler.LIBRARY, compiler.INFO])
+def test_a_corrupt_compile_entry_is_rebuilt(workdir, broken):
+    space, cache = small_space(workdir), StageCache(workdir / "cache")
+    config = space.defaults()
+    first = pipeline.run(config, cache)
+    entry = first.built.library.parent
+    data_ = (entry / broken).read_bytes()
+    # truncated, as by a copy that broke off (a new file: the trial has the old one mapped,
+    # and the cache itself never rewrites a file in place)
+    (entry / broken).unlink()
+    (entry / broken).write_bytes(data_[: len(data_) // 3])
+    rebuilt = pipeline.run(config, cache)
+    assert rebuilt.cache["compile"] == "miss" and rebuilt.metrics["compile_s"] > 0
+    assert same(latency_free(rebuilt), latency_free(first))
+    assert pipeline.run(config, cache).cache["compile"] == "hit"  # the new entry is whole
+    assert not list(entry.parent.glob("*.tmp"))  # nothing half-written left behind
+
+
+def test_the_cache_key_sees_the_weights_not_the_object():
+    model = small_cnn(10).eval()
+    twin = copy.deepcopy(model)
+    assert fingerprint(model, "fp32") == fingerprint(twin, "fp32")
+    assert fingerprint(model, "fp32") != fingerprint(model, "fp16")
+    with torch.no_grad():
+        twin[0].weight[0, 0, 0, 0] += 1e-6
+    assert fingerprint(model, "fp32") != fingerprint(twin, "fp32")
+
+
+def test_trial_run_keeps_weights_and_library_that_load_back(workdir, capsys):
+    path = write_space(workdir, SMALL_SPACE.format(artifacts=""), "small.yaml")
+    code = main(["trial", "--space", str(path), "--cache-dir", str(workdir / "cache"),
+                 "--json"])
+    outcome = json.loads(capsys.readouterr().out)
+    assert code == 0 and outcome["status"] == "FINISHED", outcome
+    client = MlflowClient(f"sqlite:///{workdir}/tracking/mlflow.db")
+    run = client.get_run(outcome["run_id"])
+    assert run.data.tags["cache.compile"] == "miss"
+    names = {a.path for a in client.list_artifacts(outcome["run_id"], "model")}
+    assert names == {"model/weights.pt", "model/model.so"}
+    folder = Path(client.download_artifacts(outcome["run_id"], "model", str(workdir / "dl")))
+
+    config = load_space(path).defaults()
+    example = data.load(config.data, config.seed).example()
+    model = models.create(config.model, 10).eval()   # a fresh, untrained model
+    vm = tvm.relax.VMExecutable(tvm.runtime.load_module(str(folder / "model.so")))
+    library_out = hardware.run_tvm(vm, example)
+    with torch.no_grad():
+        assert compiler.max_relative_error(model(example).numpy(), library_out) > 1e-2
+        model.load_state_dict(torch.load(folder / "weights.pt"))
+        assert compiler.max_relative_error(library_out, model(example).numpy()) < 1e-4
+
+
+@pytest.mark.parametrize("artifacts,kept", [
+    ("artifacts: {weights: false, library: false}", None),
+    ("artifacts: {library: false}", {"weights.pt"}),
+    ("artifacts: {weights: false}", {"model.so"})])
+def test_model_artifacts_can_be_switched_off(workdir, artifacts, kept):
+    space = small_space(workdir, artifacts)
+    result = pipeline.run(space.defaults(), StageCache(workdir / "cache"))
+    try:
+        if kept is None:
+            assert "model" not in result.artifacts
+        else:
+            assert {p.name for p in result.artifacts["model"].iterdir()} == kept
+    finally:
+        result.discard_artifacts()
+
+
+@pytest.mark.parametrize("text,message", [
+    ("artifacts: {weights: maybe}", "artifacts.weights: 'maybe' must be true or false"),
+    ("artifacts: {model: true}", "artifacts: 'model' is not allowed; allowed: weights, library"),
+    ("artifacts: [weights]", "artifacts: a mapping of weights / library -> true or false")])
+def test_bad_artifacts_option_is_refused(workdir, text, message, capsys):
+    path = write_space(workdir, SMALL_SPACE.format(artifacts=text), "small.yaml")
+    with pytest.raises(BadInput, match=message.replace("[", r"\[")):
+        load_space(path)
+    assert main(["space", "show", str(path)]) == 2
+    assert message in capsys.readouterr().err
