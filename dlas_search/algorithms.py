@@ -41,6 +41,7 @@ from tvm.relax.expr_functor import PyExprMutator, mutator
 from tvm.topi.nn.winograd_util import winograd_transform_matrices
 
 from . import sparse
+from .lowering import fold_constants
 from .errors import BadInput, allowed
 
 log = logging.getLogger(__name__)
@@ -234,7 +235,7 @@ class DirectNHWC(Direct):
             return as_is if claimed(call) else nhwc
 
         mod = relax.transform.ConvertLayout({}, layouts)(clip_as_min_max(mod))
-        return relax.transform.FoldConstant()(mod)
+        return fold_constants(mod)  # the weights' layout transform
 
 
 @mutator

@@ -21,6 +21,7 @@ from __future__ import annotations
 import importlib
 import re
 
+import numpy as np
 import torch
 import tvm
 from tvm import relax
@@ -192,3 +193,84 @@ def arithmetic_dtypes(mod: tvm.IRModule) -> dict[str, set[str]]:
         dtypes = _BUFFER.findall(signature)
         found[kind].add(f"{dtypes[0]}x{dtypes[1]}->{dtypes[-1]}")
     return found
+
+
+def fold_constants(mod: tvm.IRModule) -> tvm.IRModule:
+    """Evaluate the arithmetic on constant weights (BatchNorm folding's scale and shift, fp16
+    casts, transposed linear weights) with numpy, then TVM's FoldConstant for anything left.
+    FoldConstant alone compiles every such op with LLVM: 7 s for resnet18, 18 s for
+    mobilenet_v2, most of an untuned compile; numpy gives the same bits in 0.1 s."""
+    return relax.transform.FoldConstant()(_NumpyFolder(mod).run())
+
+
+_ELEMENTWISE = {"relax.add": np.add, "relax.subtract": np.subtract,
+                "relax.multiply": np.multiply, "relax.divide": np.divide,
+                "relax.sqrt": np.sqrt, "relax.rsqrt": lambda a: 1 / np.sqrt(a),
+                "relax.negative": np.negative}
+
+
+def _array(constant) -> np.ndarray | float:
+    value = constant.value
+    return value.numpy() if hasattr(value, "numpy") else value
+
+
+@relax.expr_functor.mutator
+class _NumpyFolder(relax.PyExprMutator):
+    """Replaces a call whose arguments are all constant tensors by its value, for the
+    elementwise ops, reshape, permute_dims and astype; leaves every other call alone."""
+
+    def __init__(self, mod: tvm.IRModule):
+        super().__init__(mod)
+        self.mod_ = mod
+
+    def run(self) -> tvm.IRModule:
+        for gv, func in self.mod_.functions_items():
+            if isinstance(func, relax.Function):
+                self.builder_.update_func(gv, self.visit_expr(func))
+        return relax.transform.DeadCodeElimination()(self.builder_.get())
+
+    def _constant(self, arg):
+        """The constant a variable is bound to (or the argument itself)."""
+        if isinstance(arg, relax.Var):
+            bound = self.lookup_binding(arg)
+            if isinstance(bound, tvm.ir.expr.Constant):
+                return bound
+        return arg
+
+    def visit_call_(self, call):
+        call = self.visit_expr_post_order(call)
+        if not isinstance(call.op, tvm.ir.Op):
+            return call
+        args = [self._constant(a) for a in call.args]
+        value = self._evaluate(call, args)
+        if value is not None:
+            return relax.const(np.ascontiguousarray(value), str(value.dtype))
+        if any(a is not b for a, b in zip(args, call.args)):  # weights inline, as FoldConstant
+            return relax.Call(call.op, args, call.attrs, call.ty_args, call.span)
+        return call
+
+    @staticmethod
+    def _evaluate(call, args) -> np.ndarray | None:
+        name = call.op.name
+        if not args or not isinstance(args[0], tvm.ir.expr.Constant):
+            return None
+        first = _array(args[0])
+        if name == "relax.reshape" and isinstance(first, np.ndarray) and \
+                isinstance(call.args[1], relax.ShapeExpr):
+            return first.reshape([int(s) for s in call.args[1].values])
+        if not all(isinstance(a, tvm.ir.expr.Constant) for a in args):
+            return None
+        values = [_array(a) for a in args]
+        arrays = [v for v in values if isinstance(v, np.ndarray)]
+        if not arrays:
+            return None
+        values = [np.asarray(v, arrays[0].dtype) for v in values]
+        if name in _ELEMENTWISE and len({v.dtype for v in values}) == 1 and \
+                values[0].dtype.kind == "f":  # integer division and overflow: TVM's rules
+            return _ELEMENTWISE[name](*values).astype(values[0].dtype)
+        if name == "relax.permute_dims":
+            axes = call.attrs.axes
+            return np.transpose(values[0], None if axes is None else [int(a) for a in axes])
+        if name == "relax.astype" and len(values) == 1:
+            return values[0].astype(str(call.attrs.dtype))
+        return None
