@@ -130,6 +130,10 @@ class Tracker:
         self.client.log_text(self.parent_id, space_text, "space.yaml")
         return self.parent_id
 
+    def attach(self, experiment_id: str, parent_id: str) -> None:
+        """Log trials under a study another process opened (a worker under its launcher)."""
+        self.experiment_id, self.parent_id = experiment_id, parent_id
+
     def start_trial(self, number: int, name: str, params: dict[str, Any]) -> str:
         run = self.client.create_run(
             self.experiment_id, run_name=f"#{number} {name}",
