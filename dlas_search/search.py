@@ -201,9 +201,8 @@ def run_search(space: Space, *, study_name: str | None = None, trials: int | Non
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     if make_url(storage).get_backend_name() == "sqlite":
         Path(make_url(storage).database).resolve().parent.mkdir(parents=True, exist_ok=True)
-    study = optuna.create_study(study_name=name, storage=_storage(storage, heartbeat_s,
-                                                                  tracking_uri),
-                                directions=space.directions, load_if_exists=True)
+    study = _create_study(name, lambda: _storage(storage, heartbeat_s, tracking_uri),
+                          space.directions)
     with warnings.catch_warnings():  # experimental in Optuna 5, but it names the axes
         warnings.simplefilter("ignore")
         study.set_metric_names(list(space.objectives))
@@ -239,6 +238,21 @@ def run_search(space: Space, *, study_name: str | None = None, trials: int | Non
             print(f"warning: Pareto export failed: {e}", file=sys.stderr)
             tracker.close_study(status)
     return SearchOutcome(study, parent, out, front, dead)
+
+
+def _create_study(name: str, make_storage, directions: list[str]) -> optuna.Study:
+    """Create or load the study. Launchers on several machines may create a new storage's
+    tables at the same moment: the losers see "already exists" or a duplicate key and load it
+    on a second try."""
+    from sqlalchemy.exc import IntegrityError, OperationalError, ProgrammingError
+    for attempt in range(3):
+        try:
+            return optuna.create_study(study_name=name, storage=make_storage(),
+                                       directions=directions, load_if_exists=True)
+        except (IntegrityError, OperationalError, ProgrammingError):
+            if attempt == 2:
+                raise
+            time.sleep(1 + attempt)
 
 
 @dataclass
