@@ -232,3 +232,47 @@ def test_two_workers_on_postgresql_and_a_tracking_server(workdir, cache_dir, pos
     assert not (workdir / "tracking" / "mlflow.db").exists()  # nothing went to the defaults
     assert not (workdir / "tracking" / "optuna.db").exists()
     assert list(server_artifacts.rglob("pareto.json"))  # artifacts landed on the server
+
+
+# --- several launchers (machines) starting at once -----------------------------------------
+
+RACER = """\
+import os, sys, time
+from dlas_search import search
+url, ready, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
+open(os.path.join(ready, str(os.getpid())), "w").close()
+while len(os.listdir(ready)) < n:  # all start creating together
+    time.sleep(0.001)
+search._create_study("raced", lambda: url, ["minimize"])
+"""
+
+
+def test_launchers_creating_one_new_storage_at_once_all_get_the_study(workdir):
+    """Without the retry this fails ("table ... already exists" or "UNIQUE constraint failed:
+    alembic_version", seen with plain optuna.create_study)."""
+    (workdir / "racer.py").write_text(RACER)
+    (workdir / "ready").mkdir()
+    url = f"sqlite:///{workdir}/raced.db"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    procs = [subprocess.Popen([sys.executable, "racer.py", url, "ready", "4"], cwd=workdir,
+                              env=env, stderr=subprocess.PIPE, text=True) for _ in range(4)]
+    errors = [p.communicate(timeout=300)[1] for p in procs]
+    assert [p.returncode for p in procs] == [0] * 4, "\n".join(errors)[-3000:]
+    assert [s.study_name for s in optuna.get_all_study_summaries(url)] == ["raced"]
+
+
+def test_two_launchers_creating_the_parent_run_at_once_keep_the_earliest(workdir, monkeypatch):
+    uri = f"sqlite:///{workdir}/mlflow.db"
+    first = tracking.Tracker(uri, "tiny")
+    earliest = first.open_study({"accuracy": "maximize"}, "s.yaml", "text", {})
+    time.sleep(0.01)
+    second = tracking.Tracker(uri, "tiny")
+    real, calls = second._first_parent, []
+
+    def racing():  # the second launcher looked before the first had created its run
+        calls.append(1)
+        return None if len(calls) == 1 else real()
+    monkeypatch.setattr(second, "_first_parent", racing)
+    assert second.open_study({"accuracy": "maximize"}, "s.yaml", "text", {}) == earliest
+    _, parents, _ = study_runs(uri, "tiny")
+    assert [p.info.run_id for p in parents] == [earliest]  # the duplicate was deleted
