@@ -210,7 +210,7 @@ def mlflow_server(tmp_path):
     finally:
         os.killpg(server.pid, signal.SIGTERM)  # the server and its web workers
         try:
-            server.wait(30)
+            server.wait(10)
         except subprocess.TimeoutExpired:
             os.killpg(server.pid, signal.SIGKILL)
             server.wait()
