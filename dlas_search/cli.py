@@ -54,6 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seconds between a running trial's heartbeats (default: 60; 0: off); "
                    "a trial silent for 3 beats, its worker killed, is failed in Optuna and "
                    "MLflow by the next worker and run again once")
+    p.add_argument("--workers", type=int, default=1, metavar="N",
+                   help="worker processes on this machine running the study together "
+                   "(default: 1); the --trials budget is split among them exactly")
 
     p = sub.add_parser("trial", help="run one configuration",
                        description="Run one configuration (unset parameters take the space's "
@@ -155,8 +158,8 @@ def cmd_search(args) -> int:
     outcome = run_search(space, study_name=args.study or None, trials=args.trials,
                          storage=args.storage or None, tracking_uri=args.tracking_uri or None,
                          out_dir=args.out or None, cache_dir=_cache_dir(args.cache_dir),
-                         timeout_s=args.timeout, **({} if args.heartbeat is None else
-                                                    {"heartbeat_s": args.heartbeat}))
+                         timeout_s=args.timeout, workers=args.workers,
+                         **({} if args.heartbeat is None else {"heartbeat_s": args.heartbeat}))
     study = outcome.study
     complete = sum(t.state.name == "COMPLETE" for t in study.trials)
     failed = sum(t.state.name == "FAIL" for t in study.trials)
@@ -165,7 +168,9 @@ def cmd_search(args) -> int:
     for row in outcome.front:
         shown = ", ".join(f"{m} {row['metrics'][m]:.4g}" for m in space.objectives)
         print(f"  {row['name']}: {shown}")
-    return 0
+    for line in outcome.dead_workers:
+        print(f"error: {line}", file=sys.stderr)
+    return 1 if outcome.dead_workers else 0
 
 
 def cmd_trial(args) -> int:

@@ -8,7 +8,7 @@ import sys
 import time
 import traceback
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import optuna
@@ -80,10 +80,11 @@ def _check_layers(config: TrialConfig) -> None:
     compiler.check(config.compiler)
 
 
-def make_sampler(space: Space, already: int) -> optuna.samplers.BaseSampler:
+def make_sampler(space: Space, already: int, worker: int = 0) -> optuna.samplers.BaseSampler:
     """The space's sampler, seeded. The seed moves on with the trials already in the study, so
-    a continued study explores new points instead of replaying the first run's."""
-    seed = space.seed + already
+    a continued study explores new points instead of replaying the first run's; each worker
+    has its own, or workers starting together would propose the same points."""
+    seed = space.seed + already + 1_000_003 * worker
     name = space.sampler["name"]
     constraints = _constraints if space.thresholds else None
     if name == "nsga2":
@@ -117,6 +118,7 @@ class SearchOutcome:
     parent_run_id: str
     pareto_dir: Path
     front: list[dict]
+    dead_workers: list[str] = field(default_factory=list)
 
 
 DEFAULT_HEARTBEAT_S = 60
@@ -171,13 +173,20 @@ def run_search(space: Space, *, study_name: str | None = None, trials: int | Non
                storage: str | None = None, tracking_uri: str | None = None,
                out_dir: str | Path | None = None, cache_dir: str | Path | None = None,
                timeout_s: float | None = None,
-               heartbeat_s: float = DEFAULT_HEARTBEAT_S) -> SearchOutcome:
+               heartbeat_s: float = DEFAULT_HEARTBEAT_S, workers: int = 1) -> SearchOutcome:
     """Run (or continue) the study named `study_name` for `trials` more trials. A running
     trial beats every `heartbeat_s` (0: off); one silent for 3 beats (its worker was killed)
-    is failed in Optuna and MLflow by the next worker and run again once."""
+    is failed in Optuna and MLflow by the next worker and run again once.
+
+    `workers` > 1 runs that many processes on the same study, storage and MLflow experiment:
+    this process creates them first (concurrent creation races), each worker runs its share
+    of `trials`, then this process exports the front and closes the parent run once."""
     name = study_name or space.study
     storage = check_storage(storage or default_storage())
     tracking_uri = tracking.check_tracking_uri(tracking_uri or tracking.default_tracking_uri())
+    if workers < 1:
+        raise BadInput(f"--workers {workers}: the number of worker processes on this "
+                       "machine, at least 1")
     preflight(space)
     trials = trials if trials is not None else space.trials
     if trials < 1:
@@ -194,10 +203,8 @@ def run_search(space: Space, *, study_name: str | None = None, trials: int | Non
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     if make_url(storage).get_backend_name() == "sqlite":
         Path(make_url(storage).database).resolve().parent.mkdir(parents=True, exist_ok=True)
-    study = optuna.create_study(study_name=name, storage=_storage(storage, heartbeat_s,
-                                                                  tracking_uri),
-                                directions=space.directions, load_if_exists=True)
-    study.sampler = make_sampler(space, len(study.trials))
+    study = _create_study(name, lambda: _storage(storage, heartbeat_s, tracking_uri),
+                          space.directions)
     with warnings.catch_warnings():  # experimental in Optuna 5, but it names the axes
         warnings.simplefilter("ignore")
         study.set_metric_names(list(space.objectives))
@@ -205,23 +212,20 @@ def run_search(space: Space, *, study_name: str | None = None, trials: int | Non
     parent = tracker.open_study(space.objectives, space.path, space.text,
                                 {"dlas.storage": storage, "dlas.sampler": space.sampler["name"],
                                  "dlas.thresholds": json.dumps(dict(space.thresholds))})
-    cache = StageCache(cache_dir if cache_dir is not None else tracking.TRACKING_DIR / "cache")
-    objective = _Objective(space, tracker, cache)
-    budget = _Budget(trials)
-    status = "FAILED"
+    cache = str(cache_dir if cache_dir is not None else tracking.TRACKING_DIR / "cache")
+    job = _Job(space, name, storage, tracking_uri, tracker.experiment_id, parent, cache,
+               timeout_s, heartbeat_s)
+    status, dead = "FAILED", []
     try:
-        study.optimize(objective, timeout=timeout_s or space.timeout_s, catch=(Exception,),
-                       callbacks=[budget], gc_after_trial=True)
-        status = "FINISHED"
+        if workers == 1:
+            _optimize(study, job, trials, worker=0, workers=1)
+        else:
+            dead = _run_workers(job, trials, workers)
+        status = "FAILED" if dead else "FINISHED"
     except KeyboardInterrupt:
         status = "KILLED"
         raise
     finally:
-        budget.bar.close()
-        if budget.exhausted:
-            _say(f"stopped early: the last {budget.skipped} samples all repeated finished "
-                 "trials or were ruled out by the space's constraints (the space looks "
-                 "exhausted)")
         out = Path(out_dir) if out_dir else tracking.TRACKING_DIR / "pareto" / name
         front = []
         try:
@@ -235,13 +239,114 @@ def run_search(space: Space, *, study_name: str | None = None, trials: int | Non
         except Exception as e:  # keep the study's result even if the export breaks
             print(f"warning: Pareto export failed: {e}", file=sys.stderr)
             tracker.close_study(status)
-    return SearchOutcome(study, parent, out, front)
+    return SearchOutcome(study, parent, out, front, dead)
+
+
+def _create_study(name: str, make_storage, directions: list[str]) -> optuna.Study:
+    """Create or load the study. Launchers on several machines may create a new storage's
+    tables at the same moment: the losers see "already exists" or a duplicate key and load it
+    on a second try."""
+    from sqlalchemy.exc import IntegrityError, OperationalError, ProgrammingError
+    for attempt in range(3):
+        try:
+            return optuna.create_study(study_name=name, storage=make_storage(),
+                                       directions=directions, load_if_exists=True)
+        except (IntegrityError, OperationalError, ProgrammingError):
+            if attempt == 2:
+                raise
+            time.sleep(1 + attempt)
+
+
+@dataclass
+class _Job:
+    """What a worker needs to join the study the launcher created (picklable)."""
+    space: Space
+    study: str
+    storage: str
+    tracking_uri: str
+    experiment_id: str
+    parent_run_id: str
+    cache_dir: str  # "" disables the stage cache
+    timeout_s: float | None
+    heartbeat_s: float
+
+
+def shares(trials: int, workers: int) -> list[int]:
+    """Split a budget exactly: worker i runs shares[i] trials, the first ones one more when
+    it does not divide; a worker with nothing to run is not started."""
+    base, extra = divmod(trials, workers)
+    return [n for n in (base + (i < extra) for i in range(workers)) if n]
+
+
+def _run_workers(job: _Job, trials: int, workers: int) -> list[str]:
+    """Start one process per share, wait for all; return a line for each that died (the
+    others finish their shares)."""
+    import multiprocessing
+    context = multiprocessing.get_context("spawn")  # fork would copy torch's threads
+    split = shares(trials, workers)
+    if len(split) < workers:
+        _say(f"{trials} trial(s) for {workers} workers: starting {len(split)}")
+    _say(f"{len(split)} workers on study {job.study}: shares {', '.join(map(str, split))} "
+         f"(= {trials} trials)")
+    procs = [context.Process(target=_worker, args=(job, share, i, len(split)),
+                             name=f"dlas-worker-{i}")
+             for i, share in enumerate(split)]
+    try:
+        for p in procs:
+            p.start()
+        for p in procs:
+            p.join()
+    except KeyboardInterrupt:
+        for p in procs:
+            p.join(30)  # Ctrl-C reached the workers too: let them fail their runs
+            if p.is_alive():
+                p.terminate()
+        raise
+    dead = [f"worker {i} exited with code {p.exitcode}"
+            for i, p in enumerate(procs) if p.exitcode != 0]
+    for line in dead:
+        _say(f"{line}; its share may be short (the other workers finished theirs)")
+    return dead
+
+
+def _worker(job: _Job, share: int, index: int, workers: int) -> None:
+    """One worker process: join the existing study and MLflow parent run, run `share`."""
+    global _PREFIX
+    _PREFIX = f"[worker {index}] "
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.load_study(study_name=job.study, storage=_storage(
+        job.storage, job.heartbeat_s, job.tracking_uri))
+    _optimize(study, job, share, worker=index, workers=workers)
+
+
+def _optimize(study: optuna.Study, job: _Job, trials: int, worker: int, workers: int) -> None:
+    """Run trials of the study in this process until `trials` of them ran (or the space is
+    exhausted, or the timeout). Trials and their MLflow runs only: the study's parent run is
+    the launcher's."""
+    space = job.space
+    study.sampler = make_sampler(space, len(study.trials), worker)
+    tracker = tracking.Tracker(job.tracking_uri, job.study)
+    tracker.attach(job.experiment_id, job.parent_run_id)
+    objective = _Objective(space, tracker, StageCache(job.cache_dir))
+    budget = _Budget(trials, bar=workers == 1)
+    try:
+        study.optimize(objective, timeout=job.timeout_s or space.timeout_s, catch=(Exception,),
+                       callbacks=[budget], gc_after_trial=True)
+    finally:
+        budget.close()
+        if budget.exhausted:
+            _say(f"stopped early: the last {budget.skipped} samples all repeated finished "
+                 "trials or were ruled out by the space's constraints (the space looks "
+                 "exhausted)")
+
+
+_PREFIX = ""  # "[worker i] " in a worker process
 
 
 def _say(line: str) -> None:
     """One line on stderr that does not tear the study's progress bar."""
     from tqdm import tqdm
-    tqdm.write(line, file=sys.stderr)
+    tqdm.write(_PREFIX + line, file=sys.stderr)
 
 
 class _Budget:
@@ -249,12 +354,13 @@ class _Budget:
     only proposes configurations that already ran or that the space rules out (`max_skipped`
     in a row: a small space is exhausted). Skipped samples do not count against the budget."""
 
-    def __init__(self, trials: int, max_skipped: int = 30):
+    def __init__(self, trials: int, max_skipped: int = 30, bar: bool = True):
         from tqdm import tqdm
         self.trials, self.max_skipped = trials, max_skipped
         self.ran = self.skipped = 0
         self.exhausted = False
-        self.bar = tqdm(total=trials, desc="study", unit="trial", file=sys.stderr)
+        self.bar = tqdm(total=trials, desc="study", unit="trial", file=sys.stderr) if bar \
+            else None
 
     def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
         if {"duplicate_of", "infeasible"} & set(trial.user_attrs):
@@ -263,9 +369,16 @@ class _Budget:
         else:
             self.ran += 1
             self.skipped = 0
-            self.bar.update(1)
+            if self.bar is not None:
+                self.bar.update(1)
+            else:  # several workers: one line each instead of bars tearing each other
+                _say(f"{self.ran}/{self.trials} of this worker's trials done")
         if self.ran >= self.trials or self.exhausted:
             study.stop()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
 
 
 class _Objective:

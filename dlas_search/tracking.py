@@ -166,21 +166,31 @@ class Tracker:
             self.experiment_id = self.client.create_experiment(self.study, location)
         else:
             self.experiment_id = experiment.experiment_id
-        parents = self.client.search_runs(
-            [self.experiment_id], f"tags.`{ROLE}` = 'study' and tags.`{STUDY}` = '{self.study}'",
-            max_results=1, order_by=["attributes.start_time ASC"])
-        if parents:
-            self.parent_id = parents[0].info.run_id
+        parent = self._first_parent()
+        if parent:
+            self.parent_id = parent
             self.client.update_run(self.parent_id, status="RUNNING")
         else:
             run = self.client.create_run(self.experiment_id, run_name=f"study {self.study}",
                                          tags={ROLE: "study", STUDY: self.study})
-            self.parent_id = run.info.run_id
+            self.parent_id = self._first_parent()
+            if self.parent_id != run.info.run_id:  # another machine created one meanwhile:
+                self.client.delete_run(run.info.run_id)  # all keep the earliest
         tags = {**environment_tags(), **extra_tags, "dlas.objectives": json.dumps(objectives),
                 "dlas.space": space_path}
         self.client.log_batch(self.parent_id, tags=[RunTag(k, v) for k, v in tags.items()])
         self.client.log_text(self.parent_id, space_text, "space.yaml")
         return self.parent_id
+
+    def _first_parent(self) -> str | None:
+        parents = self.client.search_runs(
+            [self.experiment_id], f"tags.`{ROLE}` = 'study' and tags.`{STUDY}` = '{self.study}'",
+            max_results=1, order_by=["attributes.start_time ASC"])  # ties: by run id
+        return parents[0].info.run_id if parents else None
+
+    def attach(self, experiment_id: str, parent_id: str) -> None:
+        """Log trials under a study another process opened (a worker under its launcher)."""
+        self.experiment_id, self.parent_id = experiment_id, parent_id
 
     def start_trial(self, number: int, name: str, params: dict[str, Any]) -> str:
         run = self.client.create_run(
