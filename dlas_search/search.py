@@ -15,7 +15,7 @@ import optuna
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
 
-from . import compiler, data, hardware, models, pareto, pipeline, tracking
+from . import compiler, data, faults, hardware, models, pareto, pipeline, tracking
 from .cache import StageCache
 from .errors import BadInput
 from .space import Space, TrialConfig, infeasible
@@ -274,6 +274,13 @@ class _Objective:
     def __init__(self, space: Space, tracker: tracking.Tracker, cache: StageCache):
         self.space, self.tracker, self.cache = space, tracker, cache
 
+    def run(self, config: TrialConfig) -> pipeline.TrialResult:
+        """The pipeline, in this process; with the space's time or memory limit, in a child
+        process that is killed when it passes one."""
+        if not self.space.limits:
+            return pipeline.run(config, self.cache)
+        return faults.run_limited(pipeline.run, config, self.cache.root, self.space.limits)
+
     def __call__(self, trial: optuna.Trial) -> list[float]:
         config = self.space.suggest(trial)
         reason = infeasible(config)
@@ -289,9 +296,9 @@ class _Objective:
         trial.set_user_attr("config", key)
         run_id = self.tracker.start_trial(trial.number, config.summary(), config.params())
         trial.set_user_attr("mlflow_run_id", run_id)
-        start = time.perf_counter()
+        start, result = time.perf_counter(), None
         try:
-            result = pipeline.run(config, self.cache)
+            result = self.run(config)
             missing = [m for m in self.space.objectives if m not in result.metrics]
             if missing:
                 raise RuntimeError(f"objective {', '.join(missing)} was not measured on "
@@ -303,16 +310,26 @@ class _Objective:
                 trial.set_user_attr("constraints", violations)
                 result.metrics["threshold_violation"] = max(violations)
                 result.info["feasible"] = str(max(violations) <= 0).lower()
+            result.metrics["trial_s"] = time.perf_counter() - start
+            with faults.layer("artifacts"):  # e.g. disk full: the run must not look complete
+                self.tracker.finish_trial(run_id, result.metrics, result.tags(),
+                                          result.artifacts)
         except BaseException as e:
-            reason = f"{type(e).__name__}: {e}"
+            reason = str(e) if isinstance(e, faults.TrialFailed) else f"{type(e).__name__}: {e}"
+            where = faults.failed_layer(e)
+            if where == "artifacts":
+                reason = f"could not store the trial's results in MLflow: {reason}"
             trial.set_user_attr("error", reason[:2000])
-            self.tracker.fail_trial(run_id, traceback.format_exc(),
-                                    "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
-            _say(f"[trial {trial.number}] {config.summary()} FAILED: {reason}")
+            trial.set_user_attr("failed_layer", where)
+            text = getattr(e, "child_traceback", None) or traceback.format_exc()
+            self.tracker.fail_trial(run_id, f"{text}\n{reason}\n",
+                                    "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED",
+                                    layer=where)
+            _say(f"[trial {trial.number}] {config.summary()} FAILED in {where}: {reason}")
             raise
-        result.metrics["trial_s"] = time.perf_counter() - start
-        self.tracker.finish_trial(run_id, result.metrics, result.tags(), result.artifacts)
-        result.discard_artifacts()
+        finally:
+            if result is not None:
+                result.discard_artifacts()
         for key in ("accuracy", "latency_ms", "size_mb", "speedup_vs_torch", "sparsity"):
             if key in result.metrics:  # no PyTorch baseline on a remote device
                 trial.set_user_attr(key, result.metrics[key])

@@ -149,9 +149,13 @@ class Tracker:
             self.client.log_artifacts(run_id, str(folder), name)
         self.client.set_terminated(run_id, "FINISHED")
 
-    def fail_trial(self, run_id: str, error: str, status: str = "FAILED") -> None:
-        """Record why the trial broke (artifact error.txt, tag dlas.error), then end it."""
+    def fail_trial(self, run_id: str, error: str, status: str = "FAILED",
+                   layer: str | None = None) -> None:
+        """Record why the trial broke (artifact error.txt, tag dlas.error, and the layer it
+        broke in: tag dlas.failed_layer), then end it."""
         try:
+            if layer:
+                self.client.set_tag(run_id, "dlas.failed_layer", layer)
             self.client.log_text(run_id, error, "error.txt")
             last = error.strip().splitlines()[-1] if error.strip() else "unknown error"
             self.client.set_tag(run_id, "dlas.error", last[:5000])

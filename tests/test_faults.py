@@ -1,0 +1,166 @@
+"""Faults: a trial that breaks (in any layer, by a NaN loss, a hang, too much memory, a full
+disk) fails alone with the layer and the reason in Optuna and MLflow; the study goes on."""
+import errno
+import math
+import time
+
+import optuna
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+from conftest import TINY_SPACE, write_space
+from dlas_search import (compiler, compression, data, faults, hardware, models, pipeline,
+                         tracking, training, tuning)
+from dlas_search.errors import BadInput
+from dlas_search.search import run_search
+from dlas_search.space import load_space
+
+# two configurations (compress.method none or unstructured 0.5) of a small CNN: cheap to
+# train and compile, so every layer can really run without the stage cache
+TWO_TRIALS = TINY_SPACE.replace("amount: [0.5, 0.8]", "amount: 0.5").replace(
+    "algo: {conv: [direct, direct_nhwc]}", "algo: {conv: direct}").replace(
+    "arch: resnet18", "arch: 'test_faults:small_cnn'")
+
+
+def small_cnn(num_classes: int) -> torch.nn.Module:
+    """A user model (`model.arch: test_faults:small_cnn`): two convs, a few thousand weights."""
+    nn = torch.nn
+    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                         nn.Conv2d(8, 16, 3, stride=2, padding=1), nn.ReLU(),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, num_classes))
+
+
+def trial_runs(study: str) -> tuple[MlflowClient, dict]:
+    client = MlflowClient(tracking.default_tracking_uri())
+    experiment = client.get_experiment_by_name(study)
+    runs = client.search_runs([experiment.experiment_id], f"tags.`{tracking.ROLE}` = 'trial'")
+    return client, {r.info.run_id: r for r in runs}
+
+
+def assert_failed_alone(outcome, study: str, layer: str, words: str):
+    """The first trial is FAIL in Optuna (layer and reason as user attributes) and FAILED in
+    MLflow (tag dlas.failed_layer, traceback in error.txt); the second one completed."""
+    ran = [t for t in outcome.study.trials if t.state.name != "PRUNED"]
+    assert [t.state.name for t in ran] == ["FAIL", "COMPLETE"], [t.user_attrs for t in ran]
+    failed = ran[0]
+    assert failed.user_attrs["failed_layer"] == layer
+    assert words in failed.user_attrs["error"]
+    client, runs = trial_runs(study)
+    run = runs[failed.user_attrs["mlflow_run_id"]]
+    assert run.info.status == "FAILED"
+    assert run.data.tags["dlas.failed_layer"] == layer
+    assert words in run.data.tags["dlas.error"]
+    error = open(client.download_artifacts(run.info.run_id, "error.txt")).read()
+    assert "Traceback" in error and words in error
+    assert runs[ran[1].user_attrs["mlflow_run_id"]].info.status == "FINISHED"
+    return failed, run
+
+
+def break_once(monkeypatch, module, name: str, message: str):
+    """Make `module.name` raise on its first call only (the first trial)."""
+    real, calls = getattr(module, name), []
+
+    def breaks_once(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError(message)
+        return real(*args, **kwargs)
+    monkeypatch.setattr(module, name, breaks_once)
+    return calls
+
+
+LAYER_FUNCTIONS = {  # the layer -> the function its stage calls
+    "data": (data, "load"),
+    "model": (models, "build"),
+    "compression": (compression, "compress"),
+    "fine-tune": (training, "fit"),
+    "compile": (compiler, "compile"),
+    "tune": (tuning, "tune"),
+    "measure": (hardware, "time_tvm"),
+}
+
+
+@pytest.mark.parametrize("layer", list(LAYER_FUNCTIONS))
+def test_an_exception_in_a_layer_fails_the_trial_with_that_layer(workdir, monkeypatch, layer):
+    """A trial that raises in one layer is FAIL, names the layer and the error, and the study
+    runs its next trial."""
+    text = TWO_TRIALS
+    if layer == "tune":  # the tuner is only called when the space asks for one
+        text += "  compiler: {tuner: metaschedule, trials: 4}\n"
+        text = text.replace("  hw: {", "  hw: {warmup: 1, ").replace("warmup: 1, threads",
+                                                                     "threads")
+    module, name = LAYER_FUNCTIONS[layer]
+    calls = break_once(monkeypatch, module, name, f"injected fault in {layer}")
+    if layer == "tune":  # the second trial need not really tune to show the study goes on
+        monkeypatch.setattr(tuning, "tune", _fail_first_then_skip(calls))
+    outcome = run_search(load_space(write_space(workdir, text)), study_name=f"fault-{layer}",
+                         trials=2, cache_dir="")  # no stage cache: every layer really runs
+    assert_failed_alone(outcome, f"fault-{layer}", layer, f"injected fault in {layer}")
+
+
+def _fail_first_then_skip(calls):
+    def tune(mod, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("injected fault in tune")
+        return mod, None
+    return tune
+
+
+def test_a_nan_loss_fails_the_trial_and_reports_no_accuracy(workdir, monkeypatch):
+    """A fine-tuning loss that becomes NaN fails the trial with "loss became nan at epoch E,
+    step S"; no accuracy is reported for it."""
+    text = TWO_TRIALS.replace("finetune: {epochs: 0}", "finetune: {epochs: 1}")
+    real_fit, calls = training.fit, []
+
+    def fit_with_a_poisoned_model(model, loader, epochs, lr, desc, teacher=None):
+        calls.append(desc)
+        if desc.startswith("fine-tune") and len([c for c in calls if "fine" in c]) == 1:
+            with torch.no_grad():  # what a diverging run leaves: NaN weights
+                next(model.parameters()).fill_(math.nan)
+        return real_fit(model, loader, epochs, lr, desc, teacher)
+
+    monkeypatch.setattr(training, "fit", fit_with_a_poisoned_model)
+    outcome = run_search(load_space(write_space(workdir, text)), study_name="nan", trials=2,
+                         cache_dir="")
+    failed, run = assert_failed_alone(outcome, "nan", "fine-tune", "loss became nan at epoch 1, step 1")
+    assert "accuracy" not in failed.user_attrs and failed.values is None
+    assert "accuracy" not in run.data.metrics
+
+
+def test_a_full_disk_fails_the_trial_naming_the_path(workdir, monkeypatch):
+    """When the trial's artifacts cannot be written (disk full), the trial fails with a message
+    naming the path, and its run is FAILED, not FINISHED with half its artifacts."""
+    text = TWO_TRIALS + "  compiler: {tuner: metaschedule, trials: 4}\n"
+    monkeypatch.setattr(tuning, "tune", _records_only)
+    real, calls = tracking.Tracker.finish_trial, []
+
+    def finish_on_a_full_disk(self, run_id, metrics, tags, artifacts=None):
+        calls.append(1)
+        if len(calls) == 1:
+            import shutil
+            real_copy = shutil.copy2
+
+            def copy_fails(src, dst, *a, **k):
+                raise OSError(errno.ENOSPC, "No space left on device", str(dst))
+            monkeypatch.setattr(shutil, "copy2", copy_fails)
+            try:
+                return real(self, run_id, metrics, tags, artifacts)
+            finally:
+                monkeypatch.setattr(shutil, "copy2", real_copy)
+        return real(self, run_id, metrics, tags, artifacts)
+
+    monkeypatch.setattr(tracking.Tracker, "finish_trial", finish_on_a_full_disk)
+    outcome = run_search(load_space(write_space(workdir, text)), study_name="full",
+                         trials=2, cache_dir="")
+    failed, run = assert_failed_alone(outcome, "full", "artifacts", "No space left on device")
+    assert str(workdir / "tracking" / "artifacts" / "full") in failed.user_attrs["error"]
+    assert "could not store the trial's results" in failed.user_attrs["error"]
+
+
+def _records_only(mod, target, trials, database, threads=1, export_to=None, rpc=None):
+    """Tuning stand-in: writes a records file (the artifact) without tuning."""
+    export_to.mkdir(parents=True)
+    (export_to / "records.json").write_text("{}")
+    return mod, None
