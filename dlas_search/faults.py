@@ -20,6 +20,9 @@ from typing import Any, Callable
 LAYERS = ("hardware", "data", "model", "compression", "fine-tune", "compile", "tune",
           "measure")
 _ATTRIBUTE = "dlas_layer"
+# a spawned child imports torch, TVM and the package before the trial starts; the time limit
+# counts from the trial's start, this bounds the imports (a loaded machine takes tens of s)
+STARTUP_LIMIT_S = 300
 # set in a child process: tells the parent which layer the trial is in (for a time-out)
 _report_layer: Callable[[str], None] | None = None
 
@@ -67,6 +70,7 @@ def _child(conn, run: Callable, config: Any, cache_root: str | None) -> None:
     global _report_layer
     from .cache import StageCache
     _report_layer = lambda name: conn.send(("layer", name))  # noqa: E731
+    conn.send(("started", None))
     try:
         result = run(config, StageCache(cache_root))
         conn.send(("done", {"metrics": result.metrics, "cache": result.cache,
@@ -115,7 +119,7 @@ def run_limited(run: Callable, config: Any, cache_root: str | Path | None, limit
     start = time.monotonic()
     process.start()
     send.close()
-    current, stopped = "trial", None
+    current, stopped, started = "trial", None, False
     try:
         while True:
             if receive.poll(poll_s):
@@ -126,7 +130,9 @@ def run_limited(run: Callable, config: Any, cache_root: str | Path | None, limit
                     raise TrialFailed(
                         f"the trial's process died (exit code {process.exitcode}) in layer "
                         f"{current}", current, f"child exit code {process.exitcode}") from None
-                if kind == "layer":
+                if kind == "started":  # the time limit counts from here, not the imports
+                    start, started = time.monotonic(), True
+                elif kind == "layer":
                     current = payload
                 elif kind == "done":
                     process.join(30)
@@ -138,7 +144,10 @@ def run_limited(run: Callable, config: Any, cache_root: str | Path | None, limit
                     process.join(30)
                     raise TrialFailed(message, where, text)
             elapsed = time.monotonic() - start
-            if limits.timeout_s is not None and elapsed > limits.timeout_s:
+            if not started:
+                if elapsed > STARTUP_LIMIT_S:
+                    stopped = f"the trial's process did not start within {STARTUP_LIMIT_S} s"
+            elif limits.timeout_s is not None and elapsed > limits.timeout_s:
                 stopped = f"timed out after {limits.timeout_s:g} s (in layer {current})"
             elif limits.memory_mb is not None and \
                     (used := _rss_mb(process.pid)) > limits.memory_mb:

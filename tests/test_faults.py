@@ -38,10 +38,11 @@ def trial_runs(study: str) -> tuple[MlflowClient, dict]:
     return client, {r.info.run_id: r for r in runs}
 
 
-def assert_failed_alone(outcome, study: str, layer: str, words: str):
-    """The first trial is FAIL in Optuna (layer and reason as user attributes) and FAILED in
-    MLflow (tag dlas.failed_layer, traceback in error.txt); the second one completed."""
-    ran = [t for t in outcome.study.trials if t.state.name != "PRUNED"]
+def assert_failed_alone(outcome, study: str, layer: str, words: str, traceback: bool = True):
+    """One trial is FAIL in Optuna (layer and reason as user attributes) and FAILED in MLflow
+    (tag dlas.failed_layer, traceback in error.txt); the other one completed."""
+    ran = sorted((t for t in outcome.study.trials if t.state.name != "PRUNED"),
+                 key=lambda t: t.state.name != "FAIL")
     assert [t.state.name for t in ran] == ["FAIL", "COMPLETE"], [t.user_attrs for t in ran]
     failed = ran[0]
     assert failed.user_attrs["failed_layer"] == layer
@@ -52,18 +53,19 @@ def assert_failed_alone(outcome, study: str, layer: str, words: str):
     assert run.data.tags["dlas.failed_layer"] == layer
     assert words in run.data.tags["dlas.error"]
     error = open(client.download_artifacts(run.info.run_id, "error.txt")).read()
-    assert "Traceback" in error and words in error
+    assert words in error and ("Traceback" in error or not traceback)
     assert runs[ran[1].user_attrs["mlflow_run_id"]].info.status == "FINISHED"
     return failed, run
 
 
-def break_once(monkeypatch, module, name: str, message: str):
-    """Make `module.name` raise on its first call only (the first trial)."""
+def break_once(monkeypatch, module, name: str, message: str, when=lambda *a, **k: True):
+    """Make `module.name` raise on its first call for which `when(...)` holds (first trial)."""
     real, calls = getattr(module, name), []
 
     def breaks_once(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 1:
+        if when(*args, **kwargs):
+            calls.append(1)
+        if len(calls) == 1 and when(*args, **kwargs):
             raise RuntimeError(message)
         return real(*args, **kwargs)
     monkeypatch.setattr(module, name, breaks_once)
@@ -91,7 +93,10 @@ def test_an_exception_in_a_layer_fails_the_trial_with_that_layer(workdir, monkey
         text = text.replace("  hw: {", "  hw: {warmup: 1, ").replace("warmup: 1, threads",
                                                                      "threads")
     module, name = LAYER_FUNCTIONS[layer]
-    calls = break_once(monkeypatch, module, name, f"injected fault in {layer}")
+    fine_tuning = lambda *args, desc="", **kwargs: desc.startswith("fine-tune")  # noqa: E731
+    calls = break_once(monkeypatch, module, name, f"injected fault in {layer}",
+                       # training.fit also trains the model (layer 2): break fine-tuning only
+                       **({"when": fine_tuning} if layer == "fine-tune" else {}))
     if layer == "tune":  # the second trial need not really tune to show the study goes on
         monkeypatch.setattr(tuning, "tune", _fail_first_then_skip(calls))
     outcome = run_search(load_space(write_space(workdir, text)), study_name=f"fault-{layer}",
@@ -164,3 +169,90 @@ def _records_only(mod, target, trials, database, threads=1, export_to=None, rpc=
     export_to.mkdir(parents=True)
     (export_to / "records.json").write_text("{}")
     return mod, None
+
+
+# --- per-trial limits: the trial runs in a child process that is killed past a limit ------
+
+def _fake_result() -> pipeline.TrialResult:
+    return pipeline.TrialResult({"accuracy": 0.5, "latency_ms": 1.0, "size_mb": 1.0})
+
+
+def hanging_run(config, cache):
+    """Pipeline stand-in (runs in the child): compiling method `none` never returns; it
+    leaves its process id in child.pid so the test can check the process is gone."""
+    import os
+    from pathlib import Path
+    if config.compress.method != "none":
+        return _fake_result()
+    Path("child.pid").write_text(str(os.getpid()))
+    with faults.layer("compile"):
+        time.sleep(3600)
+
+
+def hungry_run(config, cache):
+    """Pipeline stand-in: measuring method `none` allocates (and touches) 100 MB a step, up to
+    8 GB."""
+    if config.compress.method != "none":
+        return _fake_result()
+    with faults.layer("measure"):
+        hoard = []
+        for _ in range(80):
+            hoard.append(b"\x01" * (100 * 2 ** 20))
+            time.sleep(0.05)
+
+
+LIMITED = TWO_TRIALS.replace("budget: {trials: 2}", "budget: {trials: 2, %s}")
+
+
+def test_a_hanging_trial_is_stopped_at_the_time_limit(workdir, monkeypatch):
+    """A trial that hangs is stopped after budget.trial_timeout_s: FAIL with "timed out after
+    N s", its process is gone, and the worker runs the next trial."""
+    import psutil
+    monkeypatch.setattr(pipeline, "run", hanging_run)
+    space = load_space(write_space(workdir, LIMITED % "trial_timeout_s: 20"))
+    start = time.monotonic()
+    outcome = run_search(space, study_name="hang", trials=2, cache_dir="")
+    assert time.monotonic() - start < 300  # not the hour the trial asked for
+    failed, run = assert_failed_alone(outcome, "hang", "compile", "timed out after 20 s",
+                                      traceback=False)  # stopped from outside: no traceback
+    pid = int((workdir / "child.pid").read_text())
+    assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+
+
+def test_a_trial_over_the_memory_limit_fails_alone(workdir, monkeypatch):
+    """A trial whose process grows past budget.trial_memory_mb is killed and fails with the
+    memory it used and the limit; the next trial runs."""
+    monkeypatch.setattr(pipeline, "run", hungry_run)
+    space = load_space(write_space(workdir, LIMITED % "trial_memory_mb: 2500"))
+    outcome = run_search(space, study_name="hungry", trials=2, cache_dir="")
+    failed, _ = assert_failed_alone(outcome, "hungry", "measure",
+                                    "over the limit of 2500 MB (budget.trial_memory_mb",
+                                    traceback=False)
+
+
+def test_a_limited_trial_runs_the_real_pipeline_in_a_child(workdir):
+    """With a time limit, a trial runs in a child process and logs what it would have logged
+    in-process: its metrics, tags and stage-cache use."""
+    space = load_space(write_space(workdir, LIMITED % "trial_timeout_s: 600"))
+    outcome = run_search(space, study_name="child", trials=1, cache_dir="")
+    [trial] = outcome.study.trials
+    assert trial.state.name == "COMPLETE", trial.user_attrs
+    _, runs = trial_runs("child")
+    run = runs[trial.user_attrs["mlflow_run_id"]]
+    assert run.info.status == "FINISHED"
+    assert {"accuracy", "latency_ms", "size_mb", "compile_s", "finetune_s", "trial_s",
+            "speedup_vs_torch"} <= set(run.data.metrics)
+    assert trial.values == [run.data.metrics[m] for m in space.objectives]
+    assert run.data.tags["cache.model"] == "miss" and run.data.tags["dlas.precision"] == "fp32"
+
+
+@pytest.mark.parametrize("budget,words", [
+    ("{trial_timeout_s: 0}", "budget.trial_timeout_s: 0 must be a positive number"),
+    ("{trial_memory_mb: lots}", "budget.trial_memory_mb: 'lots' must be a positive number"),
+    ("{trial_timeout: 5}", "trial_timeout_s"),
+])
+def test_bad_limits_are_named(workdir, budget, words):
+    """A bad limit in budget: is refused with the key and what is allowed."""
+    with pytest.raises(BadInput, match=words):
+        load_space(write_space(workdir, TWO_TRIALS.replace("budget: {trials: 2}",
+                                                           f"budget: {budget}")))
