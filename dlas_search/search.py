@@ -115,6 +115,7 @@ class SearchOutcome:
     parent_run_id: str
     pareto_dir: Path
     front: list[dict]
+    tracking_lost: str | None = None  # MLflow stopped answering: what to do about it
 
 
 DEFAULT_HEARTBEAT_S = 60
@@ -232,8 +233,12 @@ def run_search(space: Space, *, study_name: str | None = None, trials: int | Non
             tracking.link_launcher_run(name, tracking_uri, parent, out)
         except Exception as e:  # keep the study's result even if the export breaks
             print(f"warning: Pareto export failed: {e}", file=sys.stderr)
-            tracker.close_study(status)
-    return SearchOutcome(study, parent, out, front)
+            try:
+                tracker.close_study(status)
+            except Exception as e:  # MLflow is gone: the study's result is in Optuna
+                print(f"warning: could not close the study's MLflow run: {e}",
+                      file=sys.stderr)
+    return SearchOutcome(study, parent, out, front, objective.tracking_lost)
 
 
 def _say(line: str) -> None:
@@ -273,6 +278,20 @@ class _Objective:
 
     def __init__(self, space: Space, tracker: tracking.Tracker, cache: StageCache):
         self.space, self.tracker, self.cache = space, tracker, cache
+        self.tracking_lost: str | None = None  # why MLflow stopped answering, if it did
+
+    def _tracking_lost(self, trial: optuna.Trial, why: str, ran: bool) -> None:
+        """MLflow stopped answering (after its own retries): mark the trial as missing from
+        MLflow (user attribute `mlflow_missing`), say so, and stop the study after this trial:
+        `dlas reconcile` back-fills it once MLflow is back."""
+        trial.set_user_attr("mlflow_missing", why[:2000])
+        self.tracking_lost = (
+            f"MLflow at {self.tracker.uri} stopped answering ({why[:300]}); the study stopped "
+            f"after trial {trial.number}, which Optuna keeps{'' if ran else ' as failed'} but "
+            f"MLflow does not have. When MLflow is back, run: dlas reconcile --study "
+            f"{trial.study.study_name} --storage <storage> --tracking-uri {self.tracker.uri}")
+        _say(f"[trial {trial.number}] {self.tracking_lost}")
+        trial.study.stop()
 
     def run(self, config: TrialConfig) -> pipeline.TrialResult:
         """The pipeline, in this process; with the space's time or memory limit, in a child
@@ -294,7 +313,11 @@ class _Objective:
                 trial.set_user_attr("duplicate_of", earlier.number)
                 raise optuna.TrialPruned(f"same configuration as trial {earlier.number}")
         trial.set_user_attr("config", key)
-        run_id = self.tracker.start_trial(trial.number, config.summary(), config.params())
+        try:
+            run_id = self.tracker.start_trial(trial.number, config.summary(), config.params())
+        except Exception as e:  # MLflow is gone: nothing ran; stop rather than run blind
+            self._tracking_lost(trial, f"{type(e).__name__}: {str(e)[:500]}", ran=False)
+            raise
         trial.set_user_attr("mlflow_run_id", run_id)
         start, result = time.perf_counter(), None
         try:
@@ -315,18 +338,26 @@ class _Objective:
                 self.tracker.finish_trial(run_id, result.metrics, result.tags(),
                                           result.artifacts)
         except BaseException as e:
-            reason = str(e) if isinstance(e, faults.TrialFailed) else f"{type(e).__name__}: {e}"
-            where = faults.failed_layer(e)
-            if where == "artifacts":
-                reason = f"could not store the trial's results in MLflow: {reason}"
-            trial.set_user_attr("error", reason[:2000])
-            trial.set_user_attr("failed_layer", where)
-            text = getattr(e, "child_traceback", None) or traceback.format_exc()
-            self.tracker.fail_trial(run_id, f"{text}\n{reason}\n",
-                                    "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED",
-                                    layer=where)
-            _say(f"[trial {trial.number}] {config.summary()} FAILED in {where}: {reason}")
-            raise
+            if faults.failed_layer(e) == "artifacts" and isinstance(e, Exception) and \
+                    (lost := self.tracker.reachable()):  # the results are good; MLflow is not
+                self._tracking_lost(trial, lost, ran=True)
+            else:
+                reason = str(e) if isinstance(e, faults.TrialFailed) else f"{type(e).__name__}: {e}"
+                where = faults.failed_layer(e)
+                if where == "artifacts":
+                    reason = f"could not store the trial's results in MLflow: {reason}"
+                trial.set_user_attr("error", reason[:2000])
+                trial.set_user_attr("failed_layer", where)
+                text = getattr(e, "child_traceback", None) or traceback.format_exc()
+                try:
+                    self.tracker.fail_trial(run_id, f"{text}\n{reason}\n", "KILLED" if
+                                            isinstance(e, KeyboardInterrupt) else "FAILED",
+                                            layer=where)
+                except Exception as lost:
+                    self._tracking_lost(trial, f"{type(lost).__name__}: {str(lost)[:500]}",
+                                        ran=True)
+                _say(f"[trial {trial.number}] {config.summary()} FAILED in {where}: {reason}")
+                raise
         finally:
             if result is not None:
                 result.discard_artifacts()

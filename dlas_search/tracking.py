@@ -162,6 +162,14 @@ class Tracker:
         finally:
             self.client.set_terminated(run_id, status)
 
+    def reachable(self) -> str | None:
+        """None when the tracking store answers; otherwise why not (one cheap request)."""
+        try:
+            self.client.get_experiment(self.experiment_id)
+            return None
+        except Exception as e:
+            return f"{type(e).__name__}: {str(e)[:500]}"
+
     def close_study(self, status: str, artifacts: Path | None = None,
                     metrics: dict[str, float] | None = None) -> None:
         if artifacts is not None and artifacts.exists():

@@ -256,3 +256,122 @@ def test_bad_limits_are_named(workdir, budget, words):
     with pytest.raises(BadInput, match=words):
         load_space(write_space(workdir, TWO_TRIALS.replace("budget: {trials: 2}",
                                                            f"budget: {budget}")))
+
+
+# --- the MLflow tracking server goes away mid-study -----------------------------------------
+
+def _free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class MlflowServer:
+    """A real `mlflow server` on 127.0.0.1 over a SQLite store in `folder`; start() again
+    after stop() brings the same store back."""
+
+    def __init__(self, folder):
+        self.folder, self.port, self.process = folder, _free_port(), None
+        self.uri = f"http://127.0.0.1:{self.port}"
+
+    def start(self):
+        import subprocess
+        import sys
+        import urllib.request
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1",
+             "--port", str(self.port), "--workers", "1",
+             "--backend-store-uri", f"sqlite:///{self.folder}/mlflow.db",
+             "--artifacts-destination", str(self.folder / "artifacts")],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline:
+            assert self.process.poll() is None, "mlflow server exited"
+            try:
+                with urllib.request.urlopen(f"{self.uri}/health", timeout=2):
+                    return self
+            except OSError:
+                time.sleep(0.5)
+        raise TimeoutError("mlflow server did not come up")
+
+    def stop(self):
+        import os
+        import signal
+        if self.process and self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGKILL)  # gone, as a crashed server is
+            self.process.wait()
+
+
+@pytest.fixture
+def mlflow_server(workdir, monkeypatch):
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")  # fail fast in the test
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "0")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+    (workdir / "server").mkdir()
+    server = MlflowServer(workdir / "server").start()
+    yield server
+    server.stop()
+
+
+THREE_TRIALS = TWO_TRIALS.replace("algo: {conv: direct}", "algo: {conv: [direct, im2col_gemm]}")
+
+
+def test_mlflow_going_away_stops_the_study_and_reconcile_backfills(workdir, monkeypatch,
+                                                                   mlflow_server, capsys):
+    """When the MLflow server dies mid-study, the study stops with a message naming the trial
+    Optuna kept but MLflow lacks; `dlas reconcile` lists it (--dry-run) and back-fills it."""
+    from dlas_search.cli import main
+    calls = []
+
+    def run_then_kill_the_server(config, cache=None):  # the pipeline is not tested here
+        calls.append(1)
+        if len(calls) == 2:
+            mlflow_server.stop()
+        return pipeline.TrialResult({"accuracy": 0.5 + len(calls) / 10,
+                                     "latency_ms": float(len(calls)), "size_mb": 1.0})
+
+    monkeypatch.setattr(pipeline, "run", run_then_kill_the_server)
+    storage = f"sqlite:///{workdir}/optuna.db"
+    outcome = run_search(load_space(write_space(workdir, THREE_TRIALS)), study_name="gone",
+                         trials=3, storage=storage, tracking_uri=mlflow_server.uri)
+    assert len(calls) == 2  # stopped after the trial MLflow could not take
+    assert "stopped answering" in outcome.tracking_lost
+    assert "dlas reconcile --study gone" in outcome.tracking_lost
+    trials = [t for t in outcome.study.trials if t.state.name == "COMPLETE"]
+    assert len(trials) == 2
+    lost = [t for t in trials if "mlflow_missing" in t.user_attrs]
+    assert [t.number for t in lost] == [trials[1].number]  # said so, on the trial itself
+
+    mlflow_server.start()
+    client = MlflowClient(mlflow_server.uri)
+    args = ["reconcile", "--study", "gone", "--storage", storage,
+            "--tracking-uri", mlflow_server.uri]
+    capsys.readouterr()
+    assert main([*args, "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "1 finished trial(s) missing" in out and f"trial {lost[0].number} (complete)" in out
+    assert client.get_run(lost[0].user_attrs["mlflow_run_id"]).info.status == "RUNNING"
+
+    assert main(args) == 0
+    run = client.get_run(lost[0].user_attrs["mlflow_run_id"])
+    assert run.info.status == "FINISHED" and run.data.tags["dlas.backfilled"] == "true"
+    assert [run.data.metrics[m] for m in ("accuracy", "latency_ms", "size_mb")] == \
+        lost[0].values
+    assert run.data.params["compress.method"] == str(lost[0].params["compress.method"])
+    assert main([*args, "--dry-run"]) == 0
+    assert "0 finished trial(s) missing" in capsys.readouterr().out
+    finished = client.search_runs([client.get_experiment_by_name("gone").experiment_id],
+                                  "attributes.status = 'FINISHED' and tags.`dlas.role` = "
+                                  "'trial'")
+    assert len(finished) == 2  # nothing lost, nothing duplicated
+
+
+def test_reconcile_of_an_unknown_study_is_bad_input(workdir, capsys):
+    """`dlas reconcile` of a study the storage does not hold: exit 2 naming the studies."""
+    from dlas_search.cli import main
+    optuna.create_study(study_name="there", storage=f"sqlite:///{workdir}/o.db")
+    assert main(["reconcile", "--study", "elsewhere", "--storage",
+                 f"sqlite:///{workdir}/o.db", "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert "'elsewhere': no such study" in err and "there" in err
