@@ -129,7 +129,8 @@ def test_a_nan_loss_fails_the_trial_and_reports_no_accuracy(workdir, monkeypatch
     monkeypatch.setattr(training, "fit", fit_with_a_poisoned_model)
     outcome = run_search(load_space(write_space(workdir, text)), study_name="nan", trials=2,
                          cache_dir="")
-    failed, run = assert_failed_alone(outcome, "nan", "fine-tune", "loss became nan at epoch 1, step 1")
+    failed, run = assert_failed_alone(outcome, "nan", "fine-tune",
+                                      "loss became nan at epoch 1, step 1")
     assert "accuracy" not in failed.user_attrs and failed.values is None
     assert "accuracy" not in run.data.metrics
 
