@@ -316,7 +316,10 @@ class _Objective:
         try:
             run_id = self.tracker.start_trial(trial.number, config.summary(), config.params())
         except Exception as e:  # MLflow is gone: nothing ran; stop rather than run blind
-            self._tracking_lost(trial, f"{type(e).__name__}: {str(e)[:500]}", ran=False)
+            why = f"{type(e).__name__}: {str(e)[:500]}"
+            trial.set_user_attr("error", f"MLflow could not start the trial's run: {why}")
+            trial.set_user_attr("failed_layer", "tracking")
+            self._tracking_lost(trial, why, ran=False)
             raise
         trial.set_user_attr("mlflow_run_id", run_id)
         start, result = time.perf_counter(), None
