@@ -210,11 +210,11 @@ def test_a_hanging_trial_is_stopped_at_the_time_limit(workdir, monkeypatch):
     N s", its process is gone, and the worker runs the next trial."""
     import psutil
     monkeypatch.setattr(pipeline, "run", hanging_run)
-    space = load_space(write_space(workdir, LIMITED % "trial_timeout_s: 20"))
+    space = load_space(write_space(workdir, LIMITED % "trial_timeout_s: 10"))
     start = time.monotonic()
     outcome = run_search(space, study_name="hang", trials=2, cache_dir="")
     assert time.monotonic() - start < 300  # not the hour the trial asked for
-    failed, run = assert_failed_alone(outcome, "hang", "compile", "timed out after 20 s",
+    failed, run = assert_failed_alone(outcome, "hang", "compile", "timed out after 10 s",
                                       traceback=False)  # stopped from outside: no traceback
     pid = int((workdir / "child.pid").read_text())
     assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
