@@ -108,6 +108,17 @@ def build_parser() -> argparse.ArgumentParser:
     _tracking_arg(p)
     p.add_argument("--out", default=None, help="folder (default: tracking/report/<experiment>)")
 
+    p = sub.add_parser("reconcile", help="back-fill MLflow with trials only Optuna has",
+                       description="List the study's finished Optuna trials that MLflow does "
+                       "not have (MLflow went away mid-study) and log them from what Optuna "
+                       "kept: parameters, objective values and metrics, tagged "
+                       "dlas.backfilled.")
+    p.add_argument("--study", required=True, help="study name (= MLflow experiment)")
+    p.add_argument("--storage", default=None, help="Optuna storage URL "
+                   "(default: sqlite:///tracking/optuna.db)")
+    _tracking_arg(p)
+    p.add_argument("--dry-run", action="store_true", help="only list the missing trials")
+
     p = sub.add_parser("targets", help="list the hardware targets and whether they can run",
                        description="List the built-in targets and the space's registry with "
                        "each one's reachability (rpc: is the key registered at the tracker, "
@@ -170,7 +181,9 @@ def cmd_search(args) -> int:
         print(f"  {row['name']}: {shown}")
     for line in outcome.dead_workers:
         print(f"error: {line}", file=sys.stderr)
-    return 1 if outcome.dead_workers else 0
+    if outcome.tracking_lost:
+        print(f"dlas search: error: {outcome.tracking_lost}", file=sys.stderr)
+    return 1 if outcome.dead_workers or outcome.tracking_lost else 0
 
 
 def cmd_trial(args) -> int:
@@ -287,6 +300,32 @@ def _check_store(uri: str) -> None:
                            "search first or name the right store")
 
 
+def cmd_reconcile(args) -> int:
+    import optuna
+
+    from . import reconcile, tracking
+    from .search import check_storage, default_storage
+    storage = check_storage(args.storage or default_storage())
+    uri = tracking.check_tracking_uri(args.tracking_uri or tracking.default_tracking_uri())
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    try:
+        study = optuna.load_study(study_name=args.study, storage=storage)
+    except KeyError:
+        names = [s.study_name for s in optuna.get_all_study_summaries(storage)]
+        raise BadInput(f"--study {args.study!r}: no such study in {storage}; studies there: "
+                       f"{', '.join(names) or 'none'}") from None
+    tracker = reconcile.open_tracker(uri, study)
+    missing = reconcile.find_missing(study, tracker)
+    print(f"study {args.study}: {len(missing)} finished trial(s) missing from MLflow at {uri}")
+    for trial, run in missing:
+        where = f"run {run.info.run_id} is {run.info.status}" if run else "no run"
+        print(f"  trial {trial.number} ({trial.state.name.lower()}): {where}")
+    if missing and not args.dry_run:
+        runs = reconcile.backfill(study, tracker, missing)
+        print(f"back-filled {len(runs)} run(s), tagged dlas.backfilled")
+    return 0
+
+
 def cmd_targets(args) -> int:
     from . import hardware
     from .space import load_space
@@ -333,7 +372,8 @@ def cmd_space(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     handler = {"search": cmd_search, "trial": cmd_trial, "pareto": cmd_pareto,
-               "perturb": cmd_perturb, "report": cmd_report, "targets": cmd_targets, "space": cmd_space}[args.command]
+               "perturb": cmd_perturb, "report": cmd_report, "reconcile": cmd_reconcile,
+               "targets": cmd_targets, "space": cmd_space}[args.command]
     try:
         return handler(args)
     except BadInput as e:

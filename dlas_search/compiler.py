@@ -24,6 +24,7 @@ from tvm.relax.frontend.torch import from_exported_program
 from . import lowering, tuning
 from .algorithms import Primitive
 from .errors import BadInput
+from .faults import layer
 
 BACKENDS = ("tvm", "torch")
 TUNERS = ("none", "metaschedule")
@@ -153,9 +154,10 @@ def compile(module: torch.nn.Module, example: torch.Tensor, algo: Primitive,
     report = None
     if cfg.tuner == "metaschedule":
         threads = int(target.attrs.get("num-cores", 1))
-        mod, report = tuning.tune(mod, target, cfg.trials or DEFAULT_TRIALS,
-                                  cfg.database or DEFAULT_DATABASE, threads=threads,
-                                  export_to=records_to, rpc=measure_on)
+        with layer("tune"):
+            mod, report = tuning.tune(mod, target, cfg.trials or DEFAULT_TRIALS,
+                                      cfg.database or DEFAULT_DATABASE, threads=threads,
+                                      export_to=records_to, rpc=measure_on)
     elif target.kind.name == "cuda":  # a GPU kernel needs a thread binding even untuned
         from tvm.s_tir import dlight
         with target:

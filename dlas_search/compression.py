@@ -32,6 +32,7 @@ from torch import nn
 from torch.nn.utils import prune
 
 from . import lowering, training
+from .faults import layer
 from .data import Data
 from .errors import BadInput, allowed
 
@@ -392,8 +393,9 @@ def compress(cfg: CompressConfig, finetune: FinetuneConfig, model: nn.Module,
     teacher = copy.deepcopy(model).eval() if finetune.distill and finetune.epochs > 0 else None
     model = steps.apply(model, cfg, example)
     start = time.perf_counter()
-    training.fit(model, data.train_loader(finetune.batch_size), finetune.epochs, finetune.lr,
-                 desc=f"fine-tune {cfg.method}", teacher=teacher)
+    with layer("fine-tune"):
+        training.fit(model, data.train_loader(finetune.batch_size), finetune.epochs,
+                     finetune.lr, desc=f"fine-tune {cfg.method}", teacher=teacher)
     finetune_s = time.perf_counter() - start
     model = steps.finish(model)
     model = training.recalibrate_batchnorm(model, data.train)

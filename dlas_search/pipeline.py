@@ -17,6 +17,7 @@ import tvm
 
 from . import algorithms, compiler, compression, data, hardware, models, tuning
 from .cache import StageCache, folder_digest, fingerprint
+from .faults import layer
 from .errors import BadInput
 from .space import TrialConfig, infeasible
 
@@ -52,17 +53,22 @@ def run(cfg: TrialConfig, cache: StageCache | None = None) -> TrialResult:
     reason = infeasible(cfg)  # before any work (a search prunes these before calling run)
     if reason:
         raise BadInput(reason)
-    device = hardware.resolve(cfg.hw, cfg.targets)                             # L6 target
-    dataset = data.load(cfg.data, cfg.seed)                                    # L1
+    with layer("hardware"):
+        device = hardware.resolve(cfg.hw, cfg.targets)                         # L6 target
+    with layer("data"):
+        dataset = data.load(cfg.data, cfg.seed)                                # L1
     stages = _Stages(cfg, cache, dataset)
     compressed, ft_hit = cache.get_or_make(                                    # L2 + L3
         "finetune", stages.key("compress", "finetune"), stages.compress)
     if cfg.compiler.backend == "torch":                                        # L5: eager
-        result, built = measure_eager(compressed, dataset, device, cfg), None
+        with layer("measure"):
+            result, built = measure_eager(compressed, dataset, device, cfg), None
     else:
         primitive = algorithms.plan(cfg.algo)                                  # L4
-        built, records = stages.compile(compressed, primitive, device)         # L5
-        result = measure(compressed, built, dataset, device, cfg)              # L6
+        with layer("compile"):
+            built, records = stages.compile(compressed, primitive, device)     # L5
+        with layer("measure"):
+            result = measure(compressed, built, dataset, device, cfg)          # L6
         if records is not None and records.is_dir():  # the tuning records this trial used
             result.artifacts["tuning"] = records
         if built.tuning is not None:
@@ -118,11 +124,13 @@ class _Stages:
     def compress(self) -> compression.Compressed:
         cfg = self.cfg
         start = time.perf_counter()
-        trained, hit = self.cache.get_or_make(
-            "model", self.key(), lambda: models.build(cfg.model, self.dataset, cfg.seed))
+        with layer("model"):
+            trained, hit = self.cache.get_or_make(
+                "model", self.key(), lambda: models.build(cfg.model, self.dataset, cfg.seed))
         self.model_cache, self.train_s = ("hit" if hit else "miss"), time.perf_counter() - start
         torch.manual_seed(cfg.seed)
-        return compression.compress(cfg.compress, cfg.finetune, trained, self.dataset)
+        with layer("compression"):
+            return compression.compress(cfg.compress, cfg.finetune, trained, self.dataset)
 
     def compile(self, compressed: compression.Compressed, primitive: algorithms.Primitive,
                 device: hardware.Device) -> tuple[compiler.Compiled, Path | None]:

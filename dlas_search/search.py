@@ -15,7 +15,7 @@ import optuna
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
 
-from . import compiler, data, hardware, models, pareto, pipeline, tracking
+from . import compiler, data, faults, hardware, models, pareto, pipeline, tracking
 from .cache import StageCache
 from .errors import BadInput
 from .space import Space, TrialConfig, infeasible
@@ -119,6 +119,7 @@ class SearchOutcome:
     pareto_dir: Path
     front: list[dict]
     dead_workers: list[str] = field(default_factory=list)
+    tracking_lost: str | None = None  # MLflow stopped answering: what to do about it
 
 
 DEFAULT_HEARTBEAT_S = 60
@@ -215,10 +216,10 @@ def run_search(space: Space, *, study_name: str | None = None, trials: int | Non
     cache = str(cache_dir if cache_dir is not None else tracking.TRACKING_DIR / "cache")
     job = _Job(space, name, storage, tracking_uri, tracker.experiment_id, parent, cache,
                timeout_s, heartbeat_s)
-    status, dead = "FAILED", []
+    status, dead, lost = "FAILED", [], None
     try:
         if workers == 1:
-            _optimize(study, job, trials, worker=0, workers=1)
+            lost = _optimize(study, job, trials, worker=0, workers=1)
         else:
             dead = _run_workers(job, trials, workers)
         status = "FAILED" if dead else "FINISHED"
@@ -238,8 +239,12 @@ def run_search(space: Space, *, study_name: str | None = None, trials: int | Non
             tracking.link_launcher_run(name, tracking_uri, parent, out)
         except Exception as e:  # keep the study's result even if the export breaks
             print(f"warning: Pareto export failed: {e}", file=sys.stderr)
-            tracker.close_study(status)
-    return SearchOutcome(study, parent, out, front, dead)
+            try:
+                tracker.close_study(status)
+            except Exception as e:  # MLflow is gone: the study's result is in Optuna
+                print(f"warning: could not close the study's MLflow run: {e}",
+                      file=sys.stderr)
+    return SearchOutcome(study, parent, out, front, dead, lost)
 
 
 def _create_study(name: str, make_storage, directions: list[str]) -> optuna.Study:
@@ -316,13 +321,15 @@ def _worker(job: _Job, share: int, index: int, workers: int) -> None:
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.load_study(study_name=job.study, storage=_storage(
         job.storage, job.heartbeat_s, job.tracking_uri))
-    _optimize(study, job, share, worker=index, workers=workers)
+    if _optimize(study, job, share, worker=index, workers=workers):
+        raise SystemExit(1)  # MLflow went away: the launcher reports this worker
 
 
-def _optimize(study: optuna.Study, job: _Job, trials: int, worker: int, workers: int) -> None:
+def _optimize(study: optuna.Study, job: _Job, trials: int, worker: int,
+              workers: int) -> str | None:
     """Run trials of the study in this process until `trials` of them ran (or the space is
-    exhausted, or the timeout). Trials and their MLflow runs only: the study's parent run is
-    the launcher's."""
+    exhausted, or the timeout, or MLflow went away: then why). Trials and their MLflow runs
+    only: the study's parent run is the launcher's."""
     space = job.space
     study.sampler = make_sampler(space, len(study.trials), worker)
     tracker = tracking.Tracker(job.tracking_uri, job.study)
@@ -338,6 +345,7 @@ def _optimize(study: optuna.Study, job: _Job, trials: int, worker: int, workers:
             _say(f"stopped early: the last {budget.skipped} samples all repeated finished "
                  "trials or were ruled out by the space's constraints (the space looks "
                  "exhausted)")
+    return objective.tracking_lost
 
 
 _PREFIX = ""  # "[worker i] " in a worker process
@@ -388,6 +396,27 @@ class _Objective:
 
     def __init__(self, space: Space, tracker: tracking.Tracker, cache: StageCache):
         self.space, self.tracker, self.cache = space, tracker, cache
+        self.tracking_lost: str | None = None  # why MLflow stopped answering, if it did
+
+    def _tracking_lost(self, trial: optuna.Trial, why: str, ran: bool) -> None:
+        """MLflow stopped answering (after its own retries): mark the trial as missing from
+        MLflow (user attribute `mlflow_missing`), say so, and stop the study after this trial:
+        `dlas reconcile` back-fills it once MLflow is back."""
+        trial.set_user_attr("mlflow_missing", why[:2000])
+        self.tracking_lost = (
+            f"MLflow at {self.tracker.uri} stopped answering ({why[:300]}); the study stopped "
+            f"after trial {trial.number}, which Optuna keeps{'' if ran else ' as failed'} but "
+            f"MLflow does not have. When MLflow is back, run: dlas reconcile --study "
+            f"{trial.study.study_name} --storage <storage> --tracking-uri {self.tracker.uri}")
+        _say(f"[trial {trial.number}] {self.tracking_lost}")
+        trial.study.stop()
+
+    def run(self, config: TrialConfig) -> pipeline.TrialResult:
+        """The pipeline, in this process; with the space's time or memory limit, in a child
+        process that is killed when it passes one."""
+        if not self.space.limits:
+            return pipeline.run(config, self.cache)
+        return faults.run_limited(pipeline.run, config, self.cache.root, self.space.limits)
 
     def __call__(self, trial: optuna.Trial) -> list[float]:
         config = self.space.suggest(trial)
@@ -402,11 +431,18 @@ class _Objective:
                 trial.set_user_attr("duplicate_of", earlier.number)
                 raise optuna.TrialPruned(f"same configuration as trial {earlier.number}")
         trial.set_user_attr("config", key)
-        run_id = self.tracker.start_trial(trial.number, config.summary(), config.params())
-        trial.set_user_attr("mlflow_run_id", run_id)
-        start = time.perf_counter()
         try:
-            result = pipeline.run(config, self.cache)
+            run_id = self.tracker.start_trial(trial.number, config.summary(), config.params())
+        except Exception as e:  # MLflow is gone: nothing ran; stop rather than run blind
+            why = f"{type(e).__name__}: {str(e)[:500]}"
+            trial.set_user_attr("error", f"MLflow could not start the trial's run: {why}")
+            trial.set_user_attr("failed_layer", "tracking")
+            self._tracking_lost(trial, why, ran=False)
+            raise
+        trial.set_user_attr("mlflow_run_id", run_id)
+        start, result = time.perf_counter(), None
+        try:
+            result = self.run(config)
             missing = [m for m in self.space.objectives if m not in result.metrics]
             if missing:
                 raise RuntimeError(f"objective {', '.join(missing)} was not measured on "
@@ -418,16 +454,34 @@ class _Objective:
                 trial.set_user_attr("constraints", violations)
                 result.metrics["threshold_violation"] = max(violations)
                 result.info["feasible"] = str(max(violations) <= 0).lower()
+            result.metrics["trial_s"] = time.perf_counter() - start
+            with faults.layer("artifacts"):  # e.g. disk full: the run must not look complete
+                self.tracker.finish_trial(run_id, result.metrics, result.tags(),
+                                          result.artifacts)
         except BaseException as e:
-            reason = f"{type(e).__name__}: {e}"
-            trial.set_user_attr("error", reason[:2000])
-            self.tracker.fail_trial(run_id, traceback.format_exc(),
-                                    "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
-            _say(f"[trial {trial.number}] {config.summary()} FAILED: {reason}")
-            raise
-        result.metrics["trial_s"] = time.perf_counter() - start
-        self.tracker.finish_trial(run_id, result.metrics, result.tags(), result.artifacts)
-        result.discard_artifacts()
+            if faults.failed_layer(e) == "artifacts" and isinstance(e, Exception) and \
+                    (lost := self.tracker.reachable()):  # the results are good; MLflow is not
+                self._tracking_lost(trial, lost, ran=True)
+            else:
+                reason = str(e) if isinstance(e, faults.TrialFailed) else f"{type(e).__name__}: {e}"
+                where = faults.failed_layer(e)
+                if where == "artifacts":
+                    reason = f"could not store the trial's results in MLflow: {reason}"
+                trial.set_user_attr("error", reason[:2000])
+                trial.set_user_attr("failed_layer", where)
+                text = getattr(e, "child_traceback", None) or traceback.format_exc()
+                try:
+                    self.tracker.fail_trial(run_id, f"{text}\n{reason}\n", "KILLED" if
+                                            isinstance(e, KeyboardInterrupt) else "FAILED",
+                                            layer=where)
+                except Exception as lost:
+                    self._tracking_lost(trial, f"{type(lost).__name__}: {str(lost)[:500]}",
+                                        ran=True)
+                _say(f"[trial {trial.number}] {config.summary()} FAILED in {where}: {reason}")
+                raise
+        finally:
+            if result is not None:
+                result.discard_artifacts()
         for key in ("accuracy", "latency_ms", "size_mb", "speedup_vs_torch", "sparsity"):
             if key in result.metrics:  # no PyTorch baseline on a remote device
                 trial.set_user_attr(key, result.metrics[key])

@@ -21,7 +21,7 @@ from typing import Any, Mapping
 import optuna
 import yaml
 
-from . import algorithms, compiler, compression, data, hardware, models
+from . import algorithms, compiler, compression, data, faults, hardware, models
 from .errors import BadInput, allowed
 
 # layer prefix -> its configuration group, in stack order
@@ -240,6 +240,8 @@ class Space:
     # metric -> {"min": x} and/or {"max": y}: a trial outside is infeasible (never on the front)
     thresholds: Mapping[str, Mapping[str, float]] = field(default_factory=dict)
     artifacts: Mapping[str, bool] = field(default_factory=lambda: dict(ARTIFACTS))
+    # budget.trial_timeout_s / trial_memory_mb: a trial past either is stopped and fails alone
+    limits: faults.Limits = field(default_factory=faults.Limits)
 
     def violations(self, metrics: Mapping[str, float]) -> list[float]:
         """One number per threshold, <= 0 when met (Optuna's constraint convention); a metric
@@ -552,14 +554,24 @@ def load_space(path: str | Path) -> Space:
                       ["name", "population_size"])
 
     budget = doc.get("budget") or {}
-    if not isinstance(budget, dict) or set(budget) - {"trials", "timeout_s"}:
-        raise BadInput(f"{where}budget: a mapping with trials and/or timeout_s")
+    budget_keys = ("trials", "timeout_s", "trial_timeout_s", "trial_memory_mb")
+    if not isinstance(budget, dict):
+        raise BadInput(f"{where}budget: a mapping with {', '.join(budget_keys)}")
+    if set(budget) - set(budget_keys):
+        raise allowed(f"{where}budget", sorted(set(budget) - set(budget_keys))[0], budget_keys)
     trials = budget.get("trials", 10)
     if not isinstance(trials, int) or isinstance(trials, bool) or trials < 1:
         raise BadInput(f"{where}budget.trials: {trials!r} must be a positive integer")
     timeout_s = budget.get("timeout_s")
     if timeout_s is not None and (not isinstance(timeout_s, (int, float)) or timeout_s <= 0):
         raise BadInput(f"{where}budget.timeout_s: {timeout_s!r} must be a positive number")
+
+    for key in ("trial_timeout_s", "trial_memory_mb"):
+        value = budget.get(key)
+        if value is not None and (not isinstance(value, (int, float)) or
+                                  isinstance(value, bool) or value <= 0):
+            raise BadInput(f"{where}budget.{key}: {value!r} must be a positive number")
+    limits = faults.Limits(budget.get("trial_timeout_s"), budget.get("trial_memory_mb"))
 
     targets = load_targets(doc.get("targets"), path, where)
     artifacts = load_artifacts(doc.get("artifacts"), where)
@@ -587,7 +599,7 @@ def load_space(path: str | Path) -> Space:
             raise BadInput(f"{where}sampler grid enumerates the space: {continuous[0]} is a "
                            "continuous range; give it a step or a list of choices")
     space = Space(str(path), study, seed, dict(objectives), sampler, trials, timeout_s,
-                  ordered, text, targets, thresholds, artifacts)
+                  ordered, text, targets, thresholds, artifacts, limits)
     _check_conditions(space, where)
     return space
 

@@ -211,14 +211,26 @@ class Tracker:
             self.client.log_artifacts(run_id, str(folder), name)
         self.client.set_terminated(run_id, "FINISHED")
 
-    def fail_trial(self, run_id: str, error: str, status: str = "FAILED") -> None:
-        """Record why the trial broke (artifact error.txt, tag dlas.error), then end it."""
+    def fail_trial(self, run_id: str, error: str, status: str = "FAILED",
+                   layer: str | None = None) -> None:
+        """Record why the trial broke (artifact error.txt, tag dlas.error, and the layer it
+        broke in: tag dlas.failed_layer), then end it."""
         try:
+            if layer:
+                self.client.set_tag(run_id, "dlas.failed_layer", layer)
             self.client.log_text(run_id, error, "error.txt")
             last = error.strip().splitlines()[-1] if error.strip() else "unknown error"
             self.client.set_tag(run_id, "dlas.error", last[:5000])
         finally:
             self.client.set_terminated(run_id, status)
+
+    def reachable(self) -> str | None:
+        """None when the tracking store answers; otherwise why not (one cheap request)."""
+        try:
+            self.client.get_experiment(self.experiment_id)
+            return None
+        except Exception as e:
+            return f"{type(e).__name__}: {str(e)[:500]}"
 
     def close_study(self, status: str, artifacts: Path | None = None,
                     metrics: dict[str, float] | None = None) -> None:

@@ -34,7 +34,7 @@ def fit(model: nn.Module, loader, epochs: int, lr: float, desc: str,
     for epoch in range(epochs):
         bar = tqdm(loader, desc=f"{desc} epoch {epoch + 1}/{epochs}", file=sys.stderr,
                    leave=False, disable=None)
-        for images, labels in bar:
+        for step, (images, labels) in enumerate(bar):
             optimiser.zero_grad()
             logits = model(images)
             if teacher is None:
@@ -43,6 +43,9 @@ def fit(model: nn.Module, loader, epochs: int, lr: float, desc: str,
                 with torch.no_grad():
                     teacher_logits = teacher(images)
                 loss = distillation_loss(logits, teacher_logits, labels)
+            if not torch.isfinite(loss):  # the weights are ruined: never report an accuracy
+                raise FloatingPointError(f"{desc}: loss became {loss.item()} at epoch "
+                                         f"{epoch + 1}, step {step + 1}")
             loss.backward()
             optimiser.step()
             schedule.step()

@@ -322,6 +322,7 @@ def test_killed_worker_trial_is_failed_everywhere_and_run_again(workdir, cache_d
     complete = [t for t in trials if t.state.name == "COMPLETE"]
     assert len(complete) == 3  # 1 before the kill + 2 asked again
     assert any(t.params == killed.params for t in complete)  # the killed one ran again
+    assert len({t.user_attrs["config"] for t in complete}) == 3  # no configuration twice
     client, _, children = child_runs("tiny")
     status = {r.info.run_id: r.info.status for r in children}
     assert status[killed.user_attrs["mlflow_run_id"]] == "FAILED"
@@ -331,6 +332,8 @@ def test_killed_worker_trial_is_failed_everywhere_and_run_again(workdir, cache_d
     finished = [t.user_attrs["mlflow_run_id"] for t in complete]
     assert len(set(finished)) == 3 and all(status[r] == "FINISHED" for r in finished)
     assert len(children) == len(status) == 4  # 3 finished + the killed one, no duplicates
+    assert sorted(int(r.data.tags[tracking.TRIAL]) for r in children
+                  if r.info.status == "FINISHED") == sorted(t.number for t in complete)
 
 
 @pytest.mark.parametrize("name", ["quickstart", "cifar10", "imagenet"])
