@@ -1,7 +1,7 @@
 """Search efficiency of the samplers: how much of the full grid's hypervolume each sampler finds
 after 10%, 25% and 50% of the grid's trials.
 
-The small real space bench/samplers.yaml (48 configurations) is run once, in full, through the
+The small real space bench/samplers.yaml (32 configurations) is run once, in full, through the
 real tool (`run_search` with the `grid` sampler; Optuna study, MLflow experiment and stage cache
 under bench/results/samplers-stores/). Its per-configuration results are kept in
 bench/results/samplers-grid.json, so later runs replay without running a trial.
@@ -14,7 +14,7 @@ full grid's hypervolume, both normalised once over the full grid (best 0, worst 
 point 1.1 in every objective; pareto.hypervolume).
 
     python bench/samplers.py                       # grid once (cached), then the replay
-    python bench/samplers.py --seeds 10 --population 6
+    python bench/samplers.py --seeds 10 --populations 4,8
 """
 from __future__ import annotations
 
@@ -181,9 +181,10 @@ def fractions(found: list[list[float] | None], budgets: list[int], norm: Normali
     return out
 
 
-def evaluate(space: Space, grid: dict, samplers, seeds: int, population: int,
+def evaluate(space: Space, grid: dict, samplers, seeds: int, populations=(4,),
              budgets=BUDGETS) -> dict:
-    """sampler -> budget fraction -> list of hypervolume fractions, one per seed."""
+    """Row label -> budget fraction -> hypervolume fractions, one per seed (nsga2: a row per
+    population size); also how many runs stopped short of the largest budget."""
     cached = {row["config"]: ([row["values"][m] for m in space.objectives]
                               if row["state"] == "COMPLETE" else None)
               for row in grid["rows"]}
@@ -191,14 +192,18 @@ def evaluate(space: Space, grid: dict, samplers, seeds: int, population: int,
     norm = Normaliser(done, space.directions)
     full = norm.hypervolume(done)
     counts = [max(1, round(b * len(cached))) for b in budgets]
-    table = {}
+    table, short = {}, {}
     for name in samplers:
-        per_seed = []
-        for seed in range(seeds):
-            found = replay(space, cached, name, seed, max(counts), population)
-            per_seed.append(fractions(found, counts, norm, full))
-        table[name] = {b: [s[i] for s in per_seed] for i, b in enumerate(budgets)}
-    return {"table": table, "counts": dict(zip(budgets, counts)), "grid": len(cached)}
+        for population in (populations if name == "nsga2" else (None,)):
+            label = f"nsga2 (population {population})" if population else name
+            per_seed = []
+            for seed in range(seeds):
+                found = replay(space, cached, name, seed, max(counts), population)
+                short[label] = short.get(label, 0) + (len(found) < max(counts))
+                per_seed.append(fractions(found, counts, norm, full))
+            table[label] = {b: [s[i] for s in per_seed] for i, b in enumerate(budgets)}
+    return {"table": table, "counts": dict(zip(budgets, counts)), "grid": len(cached),
+            "stopped_short": short}
 
 
 # --- report ----------------------------------------------------------------------------------
@@ -207,13 +212,12 @@ def summary(values: list[float]) -> str:
     return f"{statistics.median(values):.3f} ({min(values):.3f}-{max(values):.3f})"
 
 
-def write_report(result: dict, seeds: int, population: int) -> str:
+def write_report(result: dict, seeds: int) -> str:
     budgets, table = list(result["counts"]), result["table"]
     header = ["sampler", *(f"{b:.0%} ({result['counts'][b]} trials)" for b in budgets)]
     lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
     for name, row in table.items():
-        label = f"nsga2 (population {population})" if name == "nsga2" else name
-        lines.append("| " + " | ".join([label, *(summary(row[b]) for b in budgets)]) + " |")
+        lines.append("| " + " | ".join([name, *(summary(row[b]) for b in budgets)]) + " |")
     text = "\n".join(lines)
     with open(RESULTS / "samplers.csv", "w", newline="") as f:
         writer = csv.writer(f)
@@ -254,8 +258,8 @@ def plot(result: dict, seeds: int, path: Path) -> None:
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--seeds", type=int, default=10)
-    parser.add_argument("--population", type=int, default=6,
-                        help="NSGA-II population size for the replay")
+    parser.add_argument("--populations", default="4,8",
+                        help="NSGA-II population sizes to replay (a row each)")
     parser.add_argument("--samplers", default=",".join(SAMPLERS))
     parser.add_argument("--rerun-grid", action="store_true",
                         help="run the full grid again (otherwise its saved results are used)")
@@ -268,8 +272,14 @@ def main(argv=None) -> None:
           f"{grid['wall_s']:.0f} s; results in {GRID.relative_to(ROOT)}")
     if args.grid_only:
         return
-    result = evaluate(space, grid, args.samplers.split(","), args.seeds, args.population)
-    print(write_report(result, args.seeds, args.population))
+    result = evaluate(space, grid, args.samplers.split(","), args.seeds,
+                      [int(p) for p in args.populations.split(",")])
+    print(write_report(result, args.seeds))
+    for label, n in result["stopped_short"].items():
+        if n:
+            print(f"{label}: {n} of {args.seeds} runs stopped before "
+                  f"{max(result['counts'].values())} trials (30 pruned samples in a row: the "
+                  "real search's rule for an exhausted space)")
     print(f"hypervolume fraction: median (min-max) over {args.seeds} seeds; written to "
           f"{(RESULTS / 'samplers.csv').relative_to(ROOT)} and samplers.png")
 

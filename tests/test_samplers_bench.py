@@ -60,7 +60,7 @@ def test_synthetic_grid_is_the_whole_space(space):
 
 
 def test_grid_sampler_reaches_the_full_hypervolume(space):
-    result = bench.evaluate(space, synthetic_grid(space), ["grid"], seeds=3, population=4)
+    result = bench.evaluate(space, synthetic_grid(space), ["grid"], seeds=3, populations=(4,))
     assert result["counts"][1.0] == 24
     full = result["table"]["grid"][1.0]
     assert full == pytest.approx([1.0, 1.0, 1.0])
@@ -69,7 +69,7 @@ def test_grid_sampler_reaches_the_full_hypervolume(space):
 
 def test_fractions_never_fall_with_budget_and_stay_within_one(space):
     result = bench.evaluate(space, synthetic_grid(space, failed=2), list(bench.SAMPLERS),
-                            seeds=3, population=4)
+                            seeds=3, populations=(4,))
     for name, row in result["table"].items():
         per_seed = np.array([row[b] for b in bench.BUDGETS]).T
         assert (np.diff(per_seed, axis=1) >= -1e-12).all(), name
