@@ -53,26 +53,44 @@ def config_key(config) -> str:
 
 # --- the full grid, once ---------------------------------------------------------------------
 
-def run_grid(space: Space) -> dict:
-    """Every configuration of the space through the real tool; returns and saves the results."""
+def grid_stores() -> dict:
+    return {"storage": f"sqlite:///{STORES / 'optuna.db'}",
+            "tracking_uri": f"sqlite:///{STORES / 'mlflow.db'}",
+            "out_dir": STORES / "pareto", "cache_dir": STORES / "cache"}
+
+
+def run_grid(space: Space, worker_only: bool = False) -> dict | None:
+    """Every configuration of the space through the real tool; saves and returns the results.
+    More processes may run it at once on the same study (`worker_only`: run, save nothing)."""
     STORES.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    outcome = search.run_search(space, storage=f"sqlite:///{STORES / 'optuna.db'}",
-                                tracking_uri=f"sqlite:///{STORES / 'mlflow.db'}",
-                                out_dir=STORES / "pareto", cache_dir=STORES / "cache")
+    search.run_search(space, **grid_stores())
+    if worker_only:
+        return None
+    return collect(space, time.perf_counter() - start)
+
+
+def collect(space: Space, wall_s: float | None = None) -> dict:
+    """The grid study's trials that ran (not those pruned unrun), saved as GRID."""
+    study = optuna.load_study(study_name=space.study, storage=grid_stores()["storage"])
     rows = []
-    for t in outcome.study.trials:
+    for t in study.trials:
         if "config" not in t.user_attrs:  # pruned before any work (infeasible or a repeat)
             continue
-        row = {"trial": t.number, "config": t.user_attrs["config"], "state": t.state.name}
+        row = {"trial": t.number, "config": t.user_attrs["config"], "state": t.state.name,
+               "trial_s": (t.datetime_complete - t.datetime_start).total_seconds()
+               if t.datetime_complete else None}
         if t.state == optuna.trial.TrialState.COMPLETE:
             row["values"] = dict(zip(space.objectives, t.values))
         else:
             row["error"] = t.user_attrs.get("error", "")
         rows.append(row)
+    if wall_s is None:
+        wall_s = (max(t.datetime_complete for t in study.trials if t.datetime_complete) -
+                  min(t.datetime_start for t in study.trials)).total_seconds()
     grid = {"space": str(SPACE.relative_to(ROOT)), "space_text": space.text,
             "objectives": space.objectives, "size": space.size(),
-            "wall_s": round(time.perf_counter() - start, 1), "rows": rows}
+            "wall_s": round(wall_s, 1), "rows": rows}
     GRID.write_text(json.dumps(grid, indent=1))
     return grid
 
@@ -264,9 +282,16 @@ def main(argv=None) -> None:
     parser.add_argument("--rerun-grid", action="store_true",
                         help="run the full grid again (otherwise its saved results are used)")
     parser.add_argument("--grid-only", action="store_true")
+    parser.add_argument("--grid-worker", action="store_true",
+                        help="one more process on the grid study (saves nothing)")
+    parser.add_argument("--collect", action="store_true",
+                        help="save the grid study's results as they are (after workers)")
     args = parser.parse_args(argv)
     space = load_space(SPACE)
-    grid = load_grid(space, args.rerun_grid)
+    if args.grid_worker:
+        run_grid(space, worker_only=True)
+        return
+    grid = collect(space) if args.collect else load_grid(space, args.rerun_grid)
     failed = sum(row["state"] != "COMPLETE" for row in grid["rows"])
     print(f"grid: {len(grid['rows'])} configurations ({failed} failed), run once in "
           f"{grid['wall_s']:.0f} s; results in {GRID.relative_to(ROOT)}")
