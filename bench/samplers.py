@@ -206,6 +206,9 @@ def evaluate(space: Space, grid: dict, samplers, seeds: int, populations=(4,),
     cached = {row["config"]: ([row["values"][m] for m in space.objectives]
                               if row["state"] == "COMPLETE" else None)
               for row in grid["rows"]}
+    if len(cached) != space.size():
+        sys.exit(f"the grid's results hold {len(cached)} distinct configurations; the space has "
+                 f"{space.size()}: run the missing ones (--grid-worker), then --collect")
     done = np.array([v for v in cached.values() if v is not None])
     norm = Normaliser(done, space.directions)
     full = norm.hypervolume(done)
