@@ -335,7 +335,8 @@ def _optimize(study: optuna.Study, job: _Job, trials: int, worker: int,
     tracker = tracking.Tracker(job.tracking_uri, job.study)
     tracker.attach(job.experiment_id, job.parent_run_id)
     objective = _Objective(space, tracker, StageCache(job.cache_dir))
-    budget = _Budget(trials, bar=workers == 1)
+    budget = _Budget(trials, None if space.sampler["name"] == "grid" else 30,
+                     bar=workers == 1)
     try:
         study.optimize(objective, timeout=job.timeout_s or space.timeout_s, catch=(Exception,),
                        callbacks=[budget], gc_after_trial=True)
@@ -360,9 +361,11 @@ def _say(line: str) -> None:
 class _Budget:
     """Stops the study after `trials` trials that ran (complete or failed), or when the sampler
     only proposes configurations that already ran or that the space rules out (`max_skipped`
-    in a row: a small space is exhausted). Skipped samples do not count against the budget."""
+    in a row: a small space is exhausted; None for the grid sampler, which stops by itself
+    once every grid point was proposed: conditional parameters make many points repeat one
+    configuration). Skipped samples do not count against the budget."""
 
-    def __init__(self, trials: int, max_skipped: int = 30, bar: bool = True):
+    def __init__(self, trials: int, max_skipped: int | None = 30, bar: bool = True):
         from tqdm import tqdm
         self.trials, self.max_skipped = trials, max_skipped
         self.ran = self.skipped = 0
@@ -373,7 +376,7 @@ class _Budget:
     def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
         if {"duplicate_of", "infeasible"} & set(trial.user_attrs):
             self.skipped += 1
-            self.exhausted = self.skipped >= self.max_skipped
+            self.exhausted = self.max_skipped is not None and self.skipped >= self.max_skipped
         else:
             self.ran += 1
             self.skipped = 0
@@ -392,7 +395,8 @@ class _Budget:
 class _Objective:
     """One Optuna trial: sample, run the pipeline, log to MLflow; failures fail alone.
     A configuration the space's constraints rule out (`infeasible`: the reason) or that
-    already completed (`duplicate_of`) is pruned before any work, with no MLflow run."""
+    already completed or that another worker is running (`duplicate_of`) is pruned before any
+    work, with no MLflow run."""
 
     def __init__(self, space: Space, tracker: tracking.Tracker, cache: StageCache):
         self.space, self.tracker, self.cache = space, tracker, cache
@@ -425,9 +429,10 @@ class _Objective:
             trial.set_user_attr("infeasible", reason)
             raise optuna.TrialPruned(reason)
         key = json.dumps(config.params(), sort_keys=True, default=str)
-        for earlier in trial.study.get_trials(deepcopy=False,
-                                              states=(optuna.trial.TrialState.COMPLETE,)):
-            if earlier.user_attrs.get("config") == key:
+        done_or_running = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.RUNNING)
+        for earlier in trial.study.get_trials(deepcopy=False, states=done_or_running):
+            # running: another worker has it now (two workers must not both run it)
+            if earlier.user_attrs.get("config") == key and earlier.number != trial.number:
                 trial.set_user_attr("duplicate_of", earlier.number)
                 raise optuna.TrialPruned(f"same configuration as trial {earlier.number}")
         trial.set_user_attr("config", key)

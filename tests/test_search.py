@@ -344,3 +344,23 @@ def test_shipped_spaces_load_and_show(name, capsys):
     assert space.study == name and space.targets  # each names the project's registry
     assert main(["space", "show", str(path)]) == 0
     assert "size:" in capsys.readouterr().out
+
+
+def test_grid_study_finishes_the_grid_despite_long_runs_of_repeats(workdir, monkeypatch):
+    """A grid whose points mostly repeat a configuration (here a parameter that applies to
+    none of them: 40 values of compiler.trials, untuned) still runs every configuration: the
+    'space looks exhausted' stop (30 repeats in a row) is off for the grid sampler, which
+    stops by itself at the end of the grid."""
+    text = GRID_SPACE.replace("amount: [0.5, 0.8]", "amount: [0.5]")
+    text = text.replace("  algo:", "  compiler:\n    tuner: none\n    trials: [" +
+                        ", ".join(str(n) for n in range(1, 41)) + "]\n  algo:", 1)
+    space = load_space(write_space(workdir, text))
+    assert space.size() == 4  # none / unstructured 0.5, x direct / direct_nhwc
+
+    def fake_run(config, cache=None):  # the search's bookkeeping is under test, not the stack
+        return pipeline.TrialResult({"accuracy": 0.5, "latency_ms": 1.0, "size_mb": 1.0})
+    monkeypatch.setattr(pipeline, "run", fake_run)
+    outcome = run_search(space, heartbeat_s=0)
+    complete = [t for t in outcome.study.trials if t.state.name == "COMPLETE"]
+    assert len(outcome.study.trials) == 160  # every grid point proposed once
+    assert len(complete) == len({t.user_attrs["config"] for t in complete}) == 4
