@@ -12,6 +12,7 @@ import hashlib
 import os
 import shutil
 import time
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -132,19 +133,44 @@ def fold_batchnorm(mod: tvm.IRModule) -> tvm.IRModule:
     return relax.transform.DecomposeOpsForInference()(mod)
 
 
-def compile(module: torch.nn.Module, example: torch.Tensor, algo: Primitive,
-            cfg: CompilerConfig, target: tvm.target.Target, precision: str = "fp32",
-            records_to: Path | None = None,
-            measure_on: tuple[str, int, str] | None = None) -> Compiled:
-    """Compile `module` for `target` in `precision`, lowering convs with `algo` (a primitive
-    or a Plan) and tuning with `cfg.tuner`; `records_to` receives the tuning records used;
-    `measure_on` (tracker host, port, device key) has MetaSchedule measure on that device."""
-    start = time.perf_counter()
+_IMPORTS: OrderedDict = OrderedDict()  # model key -> (Relax module, BatchNorms folded)
+_KEEP_IMPORTS = 2
+
+
+def imported(module: torch.nn.Module, example: torch.Tensor, precision: str,
+             model_key: str | None) -> tuple[tvm.IRModule, int]:
+    """The model in Relax with BatchNorm folded (and in fp16 if asked), and how many
+    BatchNorms were folded. torch.export and the import are most of an untuned compile (6 of
+    10 s for mobilenet_v2); a worker's next trials often compile the same model with other
+    layer 4-6 settings, so the last few imports are kept in memory (IRModules are immutable)."""
+    key = model_key and f"{model_key}|{precision}|{tuple(example.shape)}|{example.dtype}"
+    if key in _IMPORTS:
+        _IMPORTS.move_to_end(key)
+        return _IMPORTS[key]
     mod = import_module(module, example, precision)
     batchnorms = _count(mod, "R.nn.batch_norm")
     mod = fold_batchnorm(mod)
     if precision == "fp16":
         mod = lowering.fold_constants(lowering.to_fp16(mod))
+    if key:
+        _IMPORTS[key] = (mod, batchnorms)
+        while len(_IMPORTS) > _KEEP_IMPORTS:
+            _IMPORTS.popitem(last=False)
+    return mod, batchnorms
+
+
+def compile(module: torch.nn.Module, example: torch.Tensor, algo: Primitive,
+            cfg: CompilerConfig, target: tvm.target.Target, precision: str = "fp32",
+            records_to: Path | None = None,
+            measure_on: tuple[str, int, str] | None = None,
+            model_key: str | None = None) -> Compiled:
+    """Compile `module` for `target` in `precision`, lowering convs with `algo` (a primitive
+    or a Plan) and tuning with `cfg.tuner`; `records_to` receives the tuning records used;
+    `measure_on` (tracker host, port, device key) has MetaSchedule measure on that device;
+    `model_key` (a hash of the model's weights and structure) lets a later compile of the same
+    model, with other algorithms or for another target, reuse its import."""
+    start = time.perf_counter()
+    mod, batchnorms = imported(module, example, precision, model_key)
     mod = algo.rewrite(mod)
     convs = _count(mod, "R.nn.conv2d")  # before a custom legalisation lowers them away
     with target:  # the sparse kernels read their vector width from the target

@@ -7,6 +7,7 @@ hypervolume, and which layers' parameters matter for each objective (importance.
 """
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import sys
@@ -214,21 +215,93 @@ def layer_importance(trials: Trials) -> dict[tuple[str, str], dict[str, float]]:
 
 
 def _plot_html(trials: Trials, path: Path) -> None:
-    import optuna
-
-    names = list(trials.objectives)
+    """One page: the 2-D front of every pair of objectives (all trials in grey, the pair's
+    front in colour), then a parallel-coordinates view of every trial across the parameters
+    that varied and the objectives, coloured by the parameter picked in its menu (grouped by
+    layer), to see which layer's choice puts a trial where it is."""
     if not trials.rows:
         path.write_text("<html><body>No finished trials yet.</body></html>")
         return
-    if 2 <= len(names) <= 3:
-        fig = optuna.visualization.plot_pareto_front(_optuna_study(trials), target_names=names)
-    else:  # one objective, or more than Optuna can draw: a table of the front
-        import plotly.graph_objects as go
+    figures = [_pairs_figure(trials), _parallel_figure(trials)]
+    body = "".join(fig.to_html(full_html=False, include_plotlyjs=(i == 0))
+                   for i, fig in enumerate(figures))
+    path.write_text(f"<html><head><meta charset='utf-8'><title>{trials.study}: Pareto front"
+                    f"</title></head><body>{body}</body></html>")
+
+
+def _pairs_figure(trials: Trials):
+    import plotly.graph_objects as go
+    from plotly.subplots import make_subplots
+
+    names = list(trials.objectives)
+    pairs = list(itertools.combinations(names, 2))
+    title = f"Pareto front of {trials.study} ({len(trials.rows)} trials)"
+    if not pairs:  # one objective: a table of the front
         front = trials.front()
         fig = go.Figure(go.Table(header={"values": ["trial", *names]}, cells={"values": [
             [r["trial"] for r in front], *[[r["metrics"][m] for r in front] for m in names]]}))
-    fig.update_layout(title=f"Pareto front of {trials.study} ({len(trials.rows)} trials)")
-    fig.write_html(path, include_plotlyjs=True)
+        return fig.update_layout(title=title)
+    fig = make_subplots(rows=1, cols=len(pairs), horizontal_spacing=0.08,
+                        subplot_titles=[f"{x} vs {y}" for x, y in pairs])
+    feasible = [row for row in trials.rows if trials.feasible(row)]
+    for col, (x, y) in enumerate(pairs, start=1):
+        fig.add_trace(go.Scatter(
+            x=[r["metrics"][x] for r in trials.rows], y=[r["metrics"][y] for r in trials.rows],
+            mode="markers", marker={"color": "lightgrey", "size": 7}, name="trials",
+            text=[r["name"] for r in trials.rows], showlegend=col == 1), row=1, col=col)
+        if feasible:
+            values = np.array([[r["metrics"][x], r["metrics"][y]] for r in feasible])
+            mask = non_dominated(values, [trials.objectives[x], trials.objectives[y]])
+            front = sorted((r for r, keep in zip(feasible, mask) if keep),
+                           key=lambda r: r["metrics"][x])
+            fig.add_trace(go.Scatter(
+                x=[r["metrics"][x] for r in front], y=[r["metrics"][y] for r in front],
+                mode="lines+markers", line={"shape": "hv"}, marker={"color": "crimson",
+                                                                     "size": 9},
+                name="front of the pair", text=[r["name"] for r in front],
+                showlegend=col == 1), row=1, col=col)
+        fig.update_xaxes(title_text=f"{x} ({trials.objectives[x][:3]})", row=1, col=col)
+        fig.update_yaxes(title_text=f"{y} ({trials.objectives[y][:3]})", row=1, col=col)
+    return fig.update_layout(title=title, height=450)
+
+
+LAYER_ORDER = ("data", "model", "compress", "finetune", "algo", "compiler", "hw")
+
+
+def _parallel_figure(trials: Trials):
+    import plotly.graph_objects as go
+
+    varied = sorted({k for row in trials.rows for k in row["params"]
+                     if len({r["params"].get(k) for r in trials.rows}) > 1},
+                    key=lambda k: (LAYER_ORDER.index(k.split(".")[0])
+                                   if k.split(".")[0] in LAYER_ORDER else 99, k))
+    dimensions, colours = [], {}
+    for key in varied:
+        values = [row["params"].get(key, "-") for row in trials.rows]
+        try:
+            numbers = [float(v) for v in values]
+            dimensions.append({"label": key, "values": numbers})
+            colours[key] = numbers
+        except ValueError:  # categorical (or absent '-' in some trials): coded 0..n-1
+            labels = sorted(set(values))
+            codes = [labels.index(v) for v in values]
+            dimensions.append({"label": key, "values": codes, "tickvals": list(range(len(labels))),
+                               "ticktext": labels})
+            colours[key] = codes
+    for name in trials.objectives:
+        dimensions.append({"label": name, "values": [r["metrics"][name] for r in trials.rows]})
+    first = varied[0] if varied else None
+    colour = colours[first] if first else dimensions[-1]["values"]
+    fig = go.Figure(go.Parcoords(dimensions=dimensions, line={
+        "color": colour, "colorscale": "Turbo", "showscale": True}))
+    buttons = [{"label": f"colour by {key}", "method": "restyle",
+                "args": [{"line.color": [colours[key]]}]} for key in varied]
+    if buttons:
+        fig.update_layout(updatemenus=[{"buttons": buttons, "x": 0, "y": 1.18,
+                                        "xanchor": "left", "direction": "down"}])
+    return fig.update_layout(
+        title=f"All {len(trials.rows)} trials: parameters that varied (by layer) and objectives",
+        height=500, margin={"t": 120})
 
 
 def _plot_png(trials: Trials, front: list[dict], path: Path) -> None:

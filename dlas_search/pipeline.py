@@ -144,10 +144,12 @@ class _Stages:
         if cfg.compiler.tuner != "none":
             records = Path(tempfile.mkdtemp(prefix="dlas-records-")) / "tuning"
 
+        model_key = fingerprint(compressed.module, compressed.precision)
+
         def make() -> compiler.Compiled:
             return compiler.compile(compressed.module, example, primitive, cfg.compiler,
                                     device.target, compressed.precision, records_to=records,
-                                    measure_on=device.rpc)
+                                    measure_on=device.rpc, model_key=model_key)
 
         if self.cache.root is None or device.remote or device.target.kind.name != "llvm":
             return make(), records
@@ -155,7 +157,7 @@ class _Stages:
         if cfg.compiler.tuner == "metaschedule":
             database = folder_digest(tuning.target_folder(
                 cfg.compiler.database or compiler.DEFAULT_DATABASE, device.target))
-        key = json.dumps({"model": fingerprint(compressed.module, compressed.precision),
+        key = json.dumps({"model": model_key,
                           "settings": cfg.key("algo", "compiler"), "target": str(device.target),
                           "input": [list(example.shape), str(example.dtype)],
                           "tvm": tvm.__version__, "database": database}, sort_keys=True)

@@ -66,6 +66,30 @@ def test_exports_parse(tmp_path):
     assert paths["pareto.png"].read_bytes()[:4] == b"\x89PNG"
 
 
+def test_html_has_every_pair_and_all_trials_by_layer(tmp_path):
+    """The HTML page: a 2-D front per objective pair (the pair's own front: trial 4 is on the
+    accuracy-latency front, trial 6 is not) and a parallel-coordinates view of all trials
+    whose colour can follow any parameter that varied, layers in stack order."""
+    import re
+    objectives = {"accuracy": "maximize", "latency_ms": "minimize", "size_mb": "minimize"}
+    rows = [{"trial": i, "run_id": f"r{i}", "name": f"#{i}",
+             "params": {"model.arch": "ab"[i % 2], "compress.amount": str(0.1 * i),
+                        "hw.threads": "1"},
+             "metrics": dict(zip(objectives, p))} for i, p in enumerate(HAND_MADE)]
+    html = write(Trials("hand", objectives, rows), tmp_path)["pareto.html"].read_text()
+    for x, y in (("accuracy", "latency_ms"), ("accuracy", "size_mb"),
+                 ("latency_ms", "size_mb")):
+        assert f"{x} vs {y}" in html
+    pair_fronts = re.findall(r'"name":"front of the pair","showlegend":\w+,"text":\[([^\]]*)\]',
+                             html)
+    assert len(pair_fronts) == 3
+    assert "#4" in pair_fronts[0] and "#6" not in pair_fronts[0]
+    assert '"type":"parcoords"' in html
+    menu = re.findall(r'"label":"colour by ([a-z._]+)"', html)
+    assert menu == ["model.arch", "compress.amount"]  # varied only, in the stack's order
+    assert html.count("<script") >= 2 and html.lower().count("plotly.js") >= 1
+
+
 @pytest.mark.parametrize("seed", range(10))
 def test_hypervolume_matches_optuna(seed):
     from optuna._hypervolume import compute_hypervolume

@@ -157,3 +157,35 @@ def test_bad_artifacts_option_is_refused(workdir, text, message, capsys):
         load_space(path)
     assert main(["space", "show", str(path)]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_a_second_compile_of_the_same_model_reuses_its_import(monkeypatch):
+    """Compiling one model again (other algorithm, other target) skips torch.export and the
+    Relax import; the result is the same as a compile from scratch; another model is imported."""
+    from dlas_search import algorithms
+    torch.manual_seed(0)
+    model, example = small_cnn(10).eval(), torch.randn(1, 3, 16, 16)
+    imports = []
+    real_import = compiler.import_module
+    monkeypatch.setattr(compiler, "import_module",
+                        lambda *a, **k: imports.append(1) or real_import(*a, **k))
+    monkeypatch.setattr(compiler, "_IMPORTS", type(compiler._IMPORTS)())
+    key = fingerprint(model, "fp32")
+    target = tvm.target.Target({"kind": "llvm", "num-cores": 1})
+    nhwc = algorithms.plan(algorithms.AlgoConfig(conv="direct_nhwc"))
+    direct = algorithms.plan(algorithms.AlgoConfig(conv="direct"))
+    compiler.compile(model, example, direct, compiler.CompilerConfig(), target, model_key=key)
+    reused = compiler.compile(model, example, nhwc, compiler.CompilerConfig(), target,
+                              model_key=key)
+    assert len(imports) == 1
+    fresh = compiler.compile(model, example, nhwc, compiler.CompilerConfig(), target)
+    assert len(imports) == 2  # no key: imported again
+    np.testing.assert_array_equal(hardware.run_tvm(reused.executable, example),
+                                  hardware.run_tvm(fresh.executable, example))
+    assert reused.metrics["batchnorm_folded"] == fresh.metrics["batchnorm_folded"] == 1
+    other = copy.deepcopy(model)
+    with torch.no_grad():
+        other[0].weight.add_(1.0)
+    compiler.compile(other, example, nhwc, compiler.CompilerConfig(), target,
+                     model_key=fingerprint(other, "fp32"))
+    assert len(imports) == 3
