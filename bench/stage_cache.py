@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from dlas_search import hardware, pipeline
+from dlas_search import compiler, hardware, pipeline
 from dlas_search.cache import StageCache
 from dlas_search.space import load_space
 
@@ -62,6 +62,7 @@ def main() -> None:
     for rep in range(args.reps):
         with tempfile.TemporaryDirectory(prefix="dlas-bench-cache-") as folder:
             cache = StageCache(folder)
+            compiler._IMPORTS.clear()  # a cold trial: nothing in memory from the last rep
             for variant, pins in VARIANTS.items():
                 for arch in archs:
                     seconds, metrics, tags = trial(space, arch, pins, cache)
