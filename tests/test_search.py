@@ -68,7 +68,9 @@ def test_study_persists_and_continues(tiny_space, cache_dir):
 @pytest.mark.reliability("a trial whose compile raises",
                          "that trial FAIL in Optuna (reason in user attr error), FAILED in "
                          "MLflow with error.txt", kept="the study goes on; the other trials complete")
-def test_a_failing_trial_fails_alone(tiny_space, cache_dir, monkeypatch):
+def test_a_failing_trial_fails_alone(tiny_space, workdir, monkeypatch):
+    """A compile that raises fails that trial alone. (Its own stage cache: a shared one may
+    hold the first trial's compiled module from an earlier test, and it would not compile.)"""
     real_compile, calls = compiler.compile, []
 
     def compile_that_breaks_once(*args, **kwargs):
@@ -79,7 +81,7 @@ def test_a_failing_trial_fails_alone(tiny_space, cache_dir, monkeypatch):
 
     monkeypatch.setattr(compiler, "compile", compile_that_breaks_once)
     outcome = run_search(load_space(tiny_space), study_name="faulty", trials=2,
-                         cache_dir=cache_dir)
+                         cache_dir=workdir / "cache")
     ran = [t for t in outcome.study.trials if t.state != optuna.trial.TrialState.PRUNED]
     assert [t.state for t in ran] == [optuna.trial.TrialState.FAIL,
                                       optuna.trial.TrialState.COMPLETE]
