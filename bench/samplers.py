@@ -35,7 +35,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from dlas_search import pareto, search  # noqa: E402
-from dlas_search.space import Space, infeasible, load_space  # noqa: E402
+from dlas_search.space import Space, load_space  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 SPACE = HERE / "samplers.yaml"
@@ -46,9 +46,7 @@ SAMPLERS = ("tpe", "nsga2", "random", "qmc", "grid")
 BUDGETS = (0.10, 0.25, 0.50, 1.00)
 
 
-def config_key(config) -> str:
-    """The key the real search uses to spot repeats (search._Objective)."""
-    return json.dumps(config.params(), sort_keys=True, default=str)
+config_key = search.config_key  # the key the real search uses to spot repeats
 
 
 # --- the full grid, once ---------------------------------------------------------------------
@@ -132,18 +130,7 @@ class _Replay:
         self.space, self.cached = space, cached
 
     def __call__(self, trial: optuna.Trial) -> list[float]:
-        config = self.space.suggest(trial)
-        reason = infeasible(config)
-        if reason:
-            trial.set_user_attr("infeasible", reason)
-            raise optuna.TrialPruned(reason)
-        key = config_key(config)
-        for earlier in trial.study.get_trials(deepcopy=False,
-                                              states=(optuna.trial.TrialState.COMPLETE,)):
-            if earlier.user_attrs.get("config") == key:
-                trial.set_user_attr("duplicate_of", earlier.number)
-                raise optuna.TrialPruned(f"same configuration as trial {earlier.number}")
-        trial.set_user_attr("config", key)
+        key = config_key(search.suggest_new(self.space, trial))  # the search's own pruning
         if key not in self.cached:
             raise KeyError(f"configuration not in the grid's results: {key}")
         values = self.cached[key]

@@ -392,6 +392,31 @@ class _Budget:
             self.bar.close()
 
 
+def config_key(config: TrialConfig) -> str:
+    """What identifies a configuration among a study's trials (user attribute `config`)."""
+    return json.dumps(config.params(), sort_keys=True, default=str)
+
+
+def suggest_new(space: Space, trial: optuna.Trial) -> TrialConfig:
+    """The trial's configuration, or TrialPruned before any work when the space's constraints
+    rule it out (`infeasible`: the reason) or it repeats a configuration that completed or that
+    another worker is running (`duplicate_of`: that trial's number)."""
+    config = space.suggest(trial)
+    reason = infeasible(config)
+    if reason:
+        trial.set_user_attr("infeasible", reason)
+        raise optuna.TrialPruned(reason)
+    key = config_key(config)
+    done_or_running = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.RUNNING)
+    for earlier in trial.study.get_trials(deepcopy=False, states=done_or_running):
+        # running: another worker has it now (two workers must not both run it)
+        if earlier.user_attrs.get("config") == key and earlier.number != trial.number:
+            trial.set_user_attr("duplicate_of", earlier.number)
+            raise optuna.TrialPruned(f"same configuration as trial {earlier.number}")
+    trial.set_user_attr("config", key)
+    return config
+
+
 class _Objective:
     """One Optuna trial: sample, run the pipeline, log to MLflow; failures fail alone.
     A configuration the space's constraints rule out (`infeasible`: the reason) or that
@@ -423,19 +448,7 @@ class _Objective:
         return faults.run_limited(pipeline.run, config, self.cache.root, self.space.limits)
 
     def __call__(self, trial: optuna.Trial) -> list[float]:
-        config = self.space.suggest(trial)
-        reason = infeasible(config)
-        if reason:
-            trial.set_user_attr("infeasible", reason)
-            raise optuna.TrialPruned(reason)
-        key = json.dumps(config.params(), sort_keys=True, default=str)
-        done_or_running = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.RUNNING)
-        for earlier in trial.study.get_trials(deepcopy=False, states=done_or_running):
-            # running: another worker has it now (two workers must not both run it)
-            if earlier.user_attrs.get("config") == key and earlier.number != trial.number:
-                trial.set_user_attr("duplicate_of", earlier.number)
-                raise optuna.TrialPruned(f"same configuration as trial {earlier.number}")
-        trial.set_user_attr("config", key)
+        config = suggest_new(self.space, trial)
         try:
             run_id = self.tracker.start_trial(trial.number, config.summary(), config.params())
         except Exception as e:  # MLflow is gone: nothing ran; stop rather than run blind
