@@ -2,6 +2,7 @@
 against the embedded SQLite stores and against a real PostgreSQL + MLflow tracking server."""
 import glob
 import os
+import re
 import shutil
 import signal
 import socket
@@ -111,7 +112,8 @@ def test_two_workers_share_one_sqlite_study(workdir, cache_dir):
     assert "shares 2, 1" in out.stderr
     for worker in (0, 1):  # progress names the worker and the trial
         assert f"[worker {worker}] [trial " in out.stderr, out.stderr[-3000:]
-    assert "study tiny: 3 trials" in out.stdout
+    # 3 finished; more trials only if a sample repeated a configuration (pruned, no work)
+    assert re.search(r"study tiny: \d+ trials \(3 complete, 0 failed\)", out.stdout), out.stdout
     check_one_study(default_storage(), tracking.default_tracking_uri(), 3)
 
 
