@@ -29,6 +29,20 @@ def _tracking_arg(p: argparse.ArgumentParser) -> None:
                         "(default: sqlite:///tracking/mlflow.db)")
 
 
+def _study_args(p: argparse.ArgumentParser, trials_default: str, out: str) -> None:
+    """The options of a command that runs a study: which, how many trials, where it is
+    stored and logged, where its result and the stage cache go."""
+    p.add_argument("--study", default=None, help="study name (default: the space's `study`)")
+    p.add_argument("--trials", type=int, default=None,
+                   help=f"trials to run now (default: {trials_default})")
+    p.add_argument("--storage", default=None, help="Optuna storage, any SQLAlchemy URL "
+                   "(default: sqlite:///tracking/optuna.db)")
+    _tracking_arg(p)
+    p.add_argument("--out", default=None, help=f"folder for {out}")
+    p.add_argument("--cache-dir", default=None,
+                   help="stage cache folder (default: tracking/cache; 'none' disables)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="dlas", description="Search the Deep Learning Acceleration Stack: data, model, "
@@ -39,17 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Run (or continue) a multi-objective Optuna study over the "
                        "space; every trial is logged to MLflow; the Pareto front is exported.")
     _space_arg(p)
-    p.add_argument("--study", default=None, help="study name (default: the space's `study`)")
-    p.add_argument("--trials", type=int, default=None,
-                   help="trials to run now (default: the space's budget.trials)")
+    _study_args(p, "the space's budget.trials", "the Pareto export (default: "
+                "tracking/pareto/<study>)")
     p.add_argument("--timeout", type=float, default=None, help="stop after this many seconds")
-    p.add_argument("--storage", default=None, help="Optuna storage, any SQLAlchemy URL "
-                   "(default: sqlite:///tracking/optuna.db)")
-    _tracking_arg(p)
-    p.add_argument("--out", default=None,
-                   help="folder for the Pareto export (default: tracking/pareto/<study>)")
-    p.add_argument("--cache-dir", default=None,
-                   help="stage cache folder (default: tracking/cache; 'none' disables)")
     p.add_argument("--heartbeat", type=float, default=None, metavar="S",
                    help="seconds between a running trial's heartbeats (default: 60; 0: off); "
                    "a trial silent for 3 beats, its worker killed, is failed in Optuna and "
@@ -89,16 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"the laptop-sized grid, {REDUCED_SPACE} (108 configurations)")
     p.add_argument("--set", dest="pins", action="append", default=[], metavar="KEY=VALUE",
                    help="pin a parameter by its dotted name (repeatable)")
-    p.add_argument("--study", default=None, help="study name (default: the space's `study`)")
-    p.add_argument("--trials", type=int, default=None,
-                   help="trials to run now (default: until the grid is done)")
-    p.add_argument("--storage", default=None, help="Optuna storage, any SQLAlchemy URL "
-                   "(default: sqlite:///tracking/optuna.db)")
-    _tracking_arg(p)
-    p.add_argument("--out", default=None,
-                   help="folder for the report (default: tracking/report/<study>)")
-    p.add_argument("--cache-dir", default=None,
-                   help="stage cache folder (default: tracking/cache; 'none' disables)")
+    _study_args(p, "until the grid is done", "the report (default: tracking/report/<study>)")
 
     p = sub.add_parser("report", help="rebuild a perturbation study's report from MLflow",
                        description="Recompute the perturbation study's report from the "

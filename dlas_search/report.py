@@ -278,31 +278,36 @@ def obs_hardware(tables: dict, frame: pd.DataFrame) -> Verdict:
     return Verdict(claim, stat, SUPPORTED if spread.max() >= HW_SPREAD else NOT_SUPPORTED)
 
 
-def obs_tuning(tables: dict, frame: pd.DataFrame) -> Verdict:
-    claim = "Auto-tuning can change which algorithmic primitive is best for a configuration."
-    changes = tables["tuning_changes"].dropna(subset=["changed"])
+def _primitive_changes(claim: str, changes: pd.DataFrame, frame: pd.DataFrame, what: str,
+                       no_pairs: str, counted: str) -> Verdict:
+    """Supported when the best primitive changes (by more than MARGIN) in at least one of the
+    compared `changes` groups; not testable without such groups or with one primitive."""
+    changes = changes.dropna(subset=["changed"])
     if changes.empty or frame["primitive"].nunique() < 2:
-        why = "no configuration ran both untuned and tuned" if changes.empty else \
-            "only one primitive ran"
-        return Verdict(claim, "cells whose best primitive changes with tuning", UNTESTABLE, why)
+        why = no_pairs if changes.empty else "only one primitive ran"
+        return Verdict(claim, what, UNTESTABLE, why)
     n = int(changes["changed"].astype(bool).sum())
-    stat = f"best primitive changed in {n} of {len(changes)} cells (the untuned winner " \
-           f">{MARGIN:.0%} slower once tuned); rule: at least one"
+    stat = f"{counted.format(n=n, of=len(changes), margin=f'{MARGIN:.0%}')}; rule: at least one"
     return Verdict(claim, stat, SUPPORTED if n else NOT_SUPPORTED)
+
+
+def obs_tuning(tables: dict, frame: pd.DataFrame) -> Verdict:
+    return _primitive_changes(
+        "Auto-tuning can change which algorithmic primitive is best for a configuration.",
+        tables["tuning_changes"], frame, "cells whose best primitive changes with tuning",
+        "no configuration ran both untuned and tuned",
+        "best primitive changed in {n} of {of} cells (the untuned winner >{margin} slower "
+        "once tuned)")
 
 
 def obs_quantisation(tables: dict, frame: pd.DataFrame) -> Verdict:
-    claim = "The best primitive varies with the level of quantisation."
-    changes = tables["quantisation_changes"].dropna(subset=["changed"])
-    if changes.empty or frame["primitive"].nunique() < 2:
-        why = "no model ran both fp32 and a quantised level with the same settings" \
-            if changes.empty else "only one primitive ran"
-        return Verdict(claim, "groups whose best primitive differs from fp32's", UNTESTABLE,
-                       why)
-    n = int(changes["changed"].astype(bool).sum())
-    stat = f"best primitive differs from fp32's in {n} of {len(changes)} (model, target, " \
-           f"tuning, level) groups (by >{MARGIN:.0%}); rule: at least one"
-    return Verdict(claim, stat, SUPPORTED if n else NOT_SUPPORTED)
+    return _primitive_changes(
+        "The best primitive varies with the level of quantisation.",
+        tables["quantisation_changes"], frame,
+        "groups whose best primitive differs from fp32's",
+        "no model ran both fp32 and a quantised level with the same settings",
+        "best primitive differs from fp32's in {n} of {of} (model, target, tuning, level) "
+        "groups (by >{margin})")
 
 
 def obs_sparse(tables: dict, frame: pd.DataFrame) -> Verdict:
