@@ -149,3 +149,12 @@ def test_a_database_path_that_is_a_file_is_refused(tmp_path):
     path.write_text(json.dumps({}))
     with pytest.raises(BadInput, match="compiler.database.*not a folder"):
         compiler.check(compiler.CompilerConfig(tuner="metaschedule", database=str(path)))
+
+
+def test_small_budgets_search_a_smaller_population():
+    """A task measured once gets 64 candidates evolved, not 512 (the cost model is untrained
+    then); from 16 trials per task up, MetaSchedule's defaults."""
+    small = tuning.search_strategy(trials=16, tasks=19)
+    assert small.population_size == 64 and small.init_min_unmeasured == 50
+    assert tuning.search_strategy(trials=1000, tasks=20).population_size == 512
+    assert tuning.search_strategy(trials=200, tasks=20).population_size == 320
