@@ -335,8 +335,9 @@ def _optimize(study: optuna.Study, job: _Job, trials: int, worker: int,
     tracker = tracking.Tracker(job.tracking_uri, job.study)
     tracker.attach(job.experiment_id, job.parent_run_id)
     objective = _Objective(space, tracker, StageCache(job.cache_dir))
-    budget = _Budget(trials, None if space.sampler["name"] == "grid" else 30,
-                     bar=workers == 1)
+    grid = space.sampler["name"] == "grid"
+    budget = _Budget(trials, None if grid else 30, bar=workers == 1,
+                     expected=_grid_left(space, study, trials) if grid else trials)
     try:
         study.optimize(objective, timeout=job.timeout_s or space.timeout_s, catch=(Exception,),
                        callbacks=[budget], gc_after_trial=True)
@@ -347,6 +348,17 @@ def _optimize(study: optuna.Study, job: _Job, trials: int, worker: int,
                  "trials or were ruled out by the space's constraints (the space looks "
                  "exhausted)")
     return objective.tracking_lost
+
+
+def _grid_left(space: Space, study: optuna.Study, trials: int) -> int:
+    """How many trials a grid study will still run: its configurations not completed yet
+    (the progress bar's length and time estimate; the budget is usually far larger)."""
+    size = space.size()
+    if size is None:
+        return trials
+    done = {t.user_attrs.get("config") for t in study.get_trials(
+        deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))}
+    return max(0, min(trials, size - len(done - {None})))
 
 
 _PREFIX = ""  # "[worker i] " in a worker process
@@ -365,13 +377,15 @@ class _Budget:
     once every grid point was proposed: conditional parameters make many points repeat one
     configuration). Skipped samples do not count against the budget."""
 
-    def __init__(self, trials: int, max_skipped: int | None = 30, bar: bool = True):
+    def __init__(self, trials: int, max_skipped: int | None = 30, bar: bool = True,
+                 expected: int | None = None):
         from tqdm import tqdm
         self.trials, self.max_skipped = trials, max_skipped
         self.ran = self.skipped = 0
         self.exhausted = False
-        self.bar = tqdm(total=trials, desc="study", unit="trial", file=sys.stderr) if bar \
-            else None
+        # the bar's length: trials expected to run (a grid's configurations not run yet)
+        self.bar = tqdm(total=trials if expected is None else expected, desc="study",
+                        unit="trial", file=sys.stderr) if bar else None
 
     def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
         if {"duplicate_of", "infeasible"} & set(trial.user_attrs):

@@ -348,11 +348,13 @@ def test_shipped_spaces_load_and_show(name, capsys):
     assert "size:" in capsys.readouterr().out
 
 
-def test_grid_study_finishes_the_grid_despite_long_runs_of_repeats(workdir, monkeypatch):
+def test_grid_study_finishes_the_grid_despite_long_runs_of_repeats(workdir, monkeypatch,
+                                                                   capsys):
     """A grid whose points mostly repeat a configuration (here a parameter that applies to
     none of them: 40 values of compiler.trials, untuned) still runs every configuration: the
     'space looks exhausted' stop (30 repeats in a row) is off for the grid sampler, which
-    stops by itself at the end of the grid."""
+    stops by itself at the end of the grid. Its progress bar counts the 4 configurations, not
+    the budget of 50 trials."""
     text = GRID_SPACE.replace("amount: [0.5, 0.8]", "amount: [0.5]")
     text = text.replace("  algo:", "  compiler:\n    tuner: none\n    trials: [" +
                         ", ".join(str(n) for n in range(1, 41)) + "]\n  algo:", 1)
@@ -366,3 +368,5 @@ def test_grid_study_finishes_the_grid_despite_long_runs_of_repeats(workdir, monk
     complete = [t for t in outcome.study.trials if t.state.name == "COMPLETE"]
     assert len(outcome.study.trials) == 160  # every grid point proposed once
     assert len(complete) == len({t.user_attrs["config"] for t in complete}) == 4
+    bar = capsys.readouterr().err
+    assert "4/4 [" in bar and "/50 [" not in bar
