@@ -32,6 +32,8 @@ from tvm import relax
 from tvm.ir.utils import derived_object
 from tvm.s_tir.analysis import estimate_tir_flops
 from tvm.s_tir import meta_schedule as ms
+from tvm.s_tir.meta_schedule.builder import local_builder
+from tvm.support.popen_pool import PopenPoolExecutor, StatusKind
 
 log = logging.getLogger(__name__)
 
@@ -155,6 +157,44 @@ class _Progress(ms.measure_callback.PyMeasureCallback):
               file=sys.stderr, flush=True)
 
 
+@derived_object
+class KeptPoolBuilder(ms.builder.PyBuilder):
+    """MetaSchedule's LocalBuilder with its worker processes kept between batches. The
+    LocalBuilder starts a fresh pool for every batch of candidates (3.4 s here: a process
+    importing TVM); a small budget measures one candidate per batch, so that start-up was
+    most of a tuning run. A worker is replaced after `renew_after` builds (TVM renews them for
+    a memory leak in long-lived workers) and after a time-out."""
+
+    def __init__(self, max_workers: int, timeout_sec: float, initializer=None,
+                 renew_after: int = 64) -> None:
+        super().__init__()
+        self.timeout_sec = timeout_sec
+        self.pool: PopenPoolExecutor | None = PopenPoolExecutor(
+            max_workers=max_workers, timeout=timeout_sec, initializer=initializer,
+            maximum_process_uses=renew_after)
+
+    def build(self, build_inputs: list) -> list:
+        jobs = [(None, None, b.mod, b.target, local_builder._serialize_params(b.params))
+                for b in build_inputs]
+        results = []
+        for outcome in self.pool.map_with_error_catching(
+                lambda job: local_builder._worker_func(*job), jobs):
+            if outcome.status == StatusKind.COMPLETE:
+                results.append(ms.builder.BuilderResult(outcome.value, None))
+            elif outcome.status == StatusKind.TIMEOUT:
+                results.append(ms.builder.BuilderResult(
+                    None, f"LocalBuilder: Timeout, killed after {self.timeout_sec} seconds"))
+            else:
+                results.append(ms.builder.BuilderResult(
+                    None, f"LocalBuilder: An exception occurred\n{outcome.value}"))
+        return results
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown()
+        self.pool = None
+
+
 def search_strategy(trials: int, tasks: int) -> ms.search_strategy.EvolutionarySearch:
     """MetaSchedule's evolutionary search with its population cut for small budgets: a task
     measured once or twice gets its candidates from an untrained cost model, so evolving 512
@@ -202,15 +242,18 @@ def tune(mod: tvm.IRModule, target: tvm.target.Target, trials: int,
             callbacks = ms.measure_callback.MeasureCallback.create("default")
             if progress:
                 callbacks = [*callbacks, _Progress(trials, [t.task_name for t in todo])]
-            ms.tune.tune_tasks(
-                tasks=contexts, task_weights=weights, work_dir=work_dir,
-                # batches small enough that the budget reaches every task at least once
-                max_trials_global=trials,
-                num_trials_per_iter=max(1, min(64, trials // len(todo))),
-                builder=ms.builder.LocalBuilder(max_workers=max(1, threads), timeout_sec=120,
-                                                initializer=partial(_stub_foreign_intrinsics,
-                                                                    keep)),
-                runner=_runner(threads, rpc), database=db, measure_callbacks=callbacks)
+            builder = KeptPoolBuilder(max_workers=max(1, threads), timeout_sec=120,
+                                      initializer=partial(_stub_foreign_intrinsics, keep))
+            try:
+                ms.tune.tune_tasks(
+                    tasks=contexts, task_weights=weights, work_dir=work_dir,
+                    # batches small enough that the budget reaches every task at least once
+                    max_trials_global=trials,
+                    num_trials_per_iter=max(1, min(64, trials // len(todo))),
+                    builder=builder, runner=_runner(threads, rpc), database=db,
+                    measure_callbacks=callbacks)
+            finally:
+                builder.close()
     with target, db, tvm.transform.PassContext(opt_level=3):
         applied = relax.transform.MetaScheduleApplyDatabase(enable_warning=False)(mod)
     unscheduled, _ = task_functions(applied)
