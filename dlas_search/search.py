@@ -337,7 +337,7 @@ def _optimize(study: optuna.Study, job: _Job, trials: int, worker: int,
     objective = _Objective(space, tracker, StageCache(job.cache_dir))
     grid = space.sampler["name"] == "grid"
     budget = _Budget(trials, None if grid else 30, bar=workers == 1,
-                     expected=_grid_left(space, study, trials) if grid else trials)
+                     expected=_grid_left(space, study, trials) if grid else None)
     try:
         study.optimize(objective, timeout=job.timeout_s or space.timeout_s, catch=(Exception,),
                        callbacks=[budget], gc_after_trial=True)
