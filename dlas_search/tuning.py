@@ -195,6 +195,9 @@ class KeptPoolBuilder(ms.builder.PyBuilder):
         self.pool = None
 
 
+SEARCH_RETRIES = 2  # further MetaSchedule runs after one stops on an internal error
+
+
 def search_strategy(trials: int, tasks: int) -> ms.search_strategy.EvolutionarySearch:
     """MetaSchedule's evolutionary search with its population cut for small budgets: a task
     measured once or twice gets its candidates from an untrained cost model, so evolving 512
@@ -229,31 +232,28 @@ def tune(mod: tvm.IRModule, target: tvm.target.Target, trials: int,
     if todo and trials > 0:
         log.info("tuning %d of %d tasks with %d trials (database %s)", len(todo), len(tasks),
                  trials, folder)
-        # MetaSchedule's loggers print task tables on stdout: keep stdout for results (--json)
-        # MetaSchedule's logger config lists the handlers already on its logger by name: an
-        # unnamed one (left by an earlier run in this process) breaks it (None.format)
-        ms_log = logging.getLogger("tvm.s_tir.meta_schedule")
-        ms_log.handlers = [h for h in ms_log.handlers if h.get_name()]
-        with tempfile.TemporaryDirectory(prefix="dlas-tune-") as work_dir, \
-                contextlib.redirect_stdout(sys.stderr):
-            contexts, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(
-                todo, work_dir, strategy=search_strategy(trials, len(todo)),
-                num_threads=max(1, threads), seed=seed)
-            callbacks = ms.measure_callback.MeasureCallback.create("default")
-            if progress:
-                callbacks = [*callbacks, _Progress(trials, [t.task_name for t in todo])]
-            builder = KeptPoolBuilder(max_workers=max(1, threads), timeout_sec=120,
-                                      initializer=partial(_stub_foreign_intrinsics, keep))
+        # MetaSchedule's search can stop on an internal error in one task's sampling (seen
+        # with Winograd: "The block no longer exists in the IRModule"); the records measured
+        # so far are kept and the tasks still without one get another seed
+        pending = todo
+        for attempt in range(1 + SEARCH_RETRIES):
+            left = trials - (len(db.get_all_tuning_records()) - before)
+            pending = [t for t in pending if best_record(db, t) is None]
+            if not pending or left <= 0:
+                break
             try:
-                ms.tune.tune_tasks(
-                    tasks=contexts, task_weights=weights, work_dir=work_dir,
-                    # batches small enough that the budget reaches every task at least once
-                    max_trials_global=trials,
-                    num_trials_per_iter=max(1, min(64, trials // len(todo))),
-                    builder=builder, runner=_runner(threads, rpc), database=db,
-                    measure_callbacks=callbacks)
-            finally:
-                builder.close()
+                _run_metaschedule(pending, db, target, left, threads, seed + attempt, rpc, keep,
+                                  progress)
+                break
+            except RuntimeError as err:  # raised from MetaSchedule's C++ search threads
+                what = str(err).strip().splitlines()[-1] if str(err).strip() else repr(err)
+                if attempt == SEARCH_RETRIES:
+                    log.error("MetaSchedule failed %d times (%s): the tasks without a record "
+                              "keep the default schedule", attempt + 1, what)
+                else:
+                    log.warning("MetaSchedule stopped on an error (%s); tuning the tasks "
+                                "still without a record again with seed %d", what,
+                                seed + attempt + 1)
     with target, db, tvm.transform.PassContext(opt_level=3):
         applied = relax.transform.MetaScheduleApplyDatabase(enable_warning=False)(mod)
     unscheduled, _ = task_functions(applied)
@@ -270,6 +270,38 @@ def tune(mod: tvm.IRModule, target: tvm.target.Target, trials: int,
         log.warning("%d of %d task functions have no tuned schedule: %s", len(report.untuned),
                     len(tunable), ", ".join(report.untuned))
     return applied, report
+
+
+def _run_metaschedule(todo: list, db: ms.database.Database, target: tvm.target.Target,
+                      trials: int, threads: int, seed: int,
+                      rpc: tuple[str, int, str] | None, keep: tuple[str, ...],
+                      progress: bool) -> None:
+    """One MetaSchedule run over the tasks `todo`, its records committed to `db`."""
+    # MetaSchedule's loggers print task tables on stdout: keep stdout for results (--json)
+    # MetaSchedule's logger config lists the handlers already on its logger by name: an
+    # unnamed one (left by an earlier run in this process) breaks it (None.format)
+    ms_log = logging.getLogger("tvm.s_tir.meta_schedule")
+    ms_log.handlers = [h for h in ms_log.handlers if h.get_name()]
+    with tempfile.TemporaryDirectory(prefix="dlas-tune-") as work_dir, \
+            contextlib.redirect_stdout(sys.stderr):
+        contexts, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(
+            todo, work_dir, strategy=search_strategy(trials, len(todo)),
+            num_threads=max(1, threads), seed=seed)
+        callbacks = ms.measure_callback.MeasureCallback.create("default")
+        if progress:
+            callbacks = [*callbacks, _Progress(trials, [t.task_name for t in todo])]
+        builder = KeptPoolBuilder(max_workers=max(1, threads), timeout_sec=120,
+                                  initializer=partial(_stub_foreign_intrinsics, keep))
+        try:
+            ms.tune.tune_tasks(
+                tasks=contexts, task_weights=weights, work_dir=work_dir,
+                # batches small enough that the budget reaches every task at least once
+                max_trials_global=trials,
+                num_trials_per_iter=max(1, min(64, trials // len(todo))),
+                builder=builder, runner=_runner(threads, rpc), database=db,
+                measure_callbacks=callbacks)
+        finally:
+            builder.close()
 
 
 def _runner(threads: int, rpc: tuple[str, int, str] | None) -> ms.runner.Runner:

@@ -180,3 +180,58 @@ def test_the_builder_keeps_its_worker_between_batches_and_renews_it():
     builder.close()
     assert builder.pool is None and all(w._proc is None or w._proc.poll() is not None
                                         for w in pool._worker_map.values())
+
+
+def two_convs() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Conv2d(8, 16, 3, padding=1), torch.nn.ReLU(),
+                               torch.nn.Conv2d(16, 16, 3, padding=1), torch.nn.ReLU()).eval()
+
+
+def test_a_search_stopped_by_an_internal_error_goes_on_with_the_tasks_left(
+        tmp_path, monkeypatch, caplog):
+    """MetaSchedule's search threads can raise out of tune_tasks (Winograd on resnet18 224:
+    "The block no longer exists in the IRModule"); the records measured before are kept and
+    only the tasks without one are tuned again, with the budget left and another seed."""
+    real, calls = tuning._run_metaschedule, []
+
+    def first_run_stops_after_one_task(todo, db, target, trials, threads, seed, *rest):
+        calls.append(([t.task_name for t in todo], trials, seed))
+        if len(calls) == 1:
+            real(todo[:1], db, target, 4, threads, seed, *rest)
+            raise RuntimeError("parallel_for_dynamic error with The block no longer exists "
+                               "in the IRModule")
+        real(todo, db, target, trials, threads, seed, *rest)
+
+    monkeypatch.setattr(tuning, "_run_metaschedule", first_run_stops_after_one_task)
+    mod = legalised(two_convs(), torch.randn(1, 8, 10, 10))
+    with caplog.at_level("WARNING", logger=tuning.__name__):
+        _, report = tuning.tune(mod, hardware.local_target(1), 12, tmp_path, seed=0,
+                                progress=False)
+    (first, _, seed0), (second, left, seed1) = calls
+    assert len(first) == 2 and second == first[1:]      # the task with records is not redone
+    assert (seed0, seed1) == (0, 1)
+    assert 0 < left <= 12 - 4  # the budget less what the first run measured
+    assert report.untuned == [] and report.scheduled == report.tasks == 2
+    assert "no longer exists" in caplog.text and "seed 1" in caplog.text
+
+
+def test_a_search_that_keeps_failing_leaves_the_tasks_untuned_and_says_so(
+        tmp_path, monkeypatch, caplog):
+    """After the retries the module keeps default schedules for the tasks without a record,
+    and the report and the log name them (no exception escapes a trial's compile)."""
+    seeds = []
+
+    def always_stops(todo, db, target, trials, threads, seed, *rest):
+        seeds.append(seed)
+        raise RuntimeError("parallel_for_dynamic error with something internal")
+
+    monkeypatch.setattr(tuning, "_run_metaschedule", always_stops)
+    mod = legalised(conv_relu(), torch.randn(1, 8, 10, 10))
+    with caplog.at_level("WARNING", logger=tuning.__name__):
+        _, report = tuning.tune(mod, hardware.local_target(1), 8, tmp_path,
+                                progress=False)
+    assert seeds == [0, 1, 2]
+    assert report.scheduled == 0 and len(report.untuned) == report.tasks >= 1
+    assert "failed 3 times (parallel_for_dynamic error with something internal)" in caplog.text
+    assert "have no tuned schedule" in caplog.text
