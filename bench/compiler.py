@@ -10,8 +10,9 @@ time_torch); the spread is the min-max over rounds.
     # resnet18 pruned: sparse vs dense per primitive under one tuning setting
     python bench/compiler.py sparse --size 224 --sparsities 0.5,0.7,0.9,0.95
 
-Tuning wall time and trial counts are those of the run that tuned (kept beside the database in
-bench-tuning.json), so a re-run that reuses the records still reports what tuning cost.
+Tuning wall time and trial counts are those of the runs that tuned (kept beside the database in
+bench-tuning.json, summed over runs), so a re-run that reuses the records still reports what
+tuning cost; `--extend` spends --trials more on tasks the database has already.
 """
 from __future__ import annotations
 
@@ -45,7 +46,8 @@ def build(model, example, conv: str, tuner: str, args, target, fmt: str = "dense
     cfg = compiler.CompilerConfig(tuner=tuner, trials=args.trials if tuner != "none" else None,
                                   database=args.database if tuner != "none" else None)
     plan = algorithms.plan(algorithms.AlgoConfig(conv=conv, format=fmt, **algo))
-    built = compiler.compile(model, example, plan, cfg, target)
+    built = compiler.compile(model, example, plan, cfg, target,
+                             extend_tuning=tuner != "none" and args.extend)
     built.plan = plan
     return built
 
@@ -211,6 +213,8 @@ def main() -> None:
     parser.add_argument("--threshold", type=float, default=0.3)
     parser.add_argument("--tuner", default="none", choices=compiler.TUNERS)
     parser.add_argument("--trials", type=int, default=1000)
+    parser.add_argument("--extend", action="store_true",
+                        help="spend --trials on tasks already in the database too")
     parser.add_argument("--database", default="tracking/tuning")
     parser.add_argument("--threads", type=int, default=0, help="0: all cores")
     parser.add_argument("--rounds", type=int, default=5)

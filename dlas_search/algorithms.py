@@ -382,8 +382,8 @@ class Winograd(Primitive):
     channels with the transformed weights U = G·g·Gᵀ (computed at compile time), and the
     inverse transform Aᵀ·M·A. m = 4 (36 multiplies per 16 outputs instead of 144), or 2 when
     the output is smaller than 8 pixels on a side (a 4x4 tile would mostly compute padding).
-    Only 3x3, stride 1, dilation 1, groups 1, float32 convs; the stage structure and
-    schedule_rule names follow TOPI's, so MetaSchedule's Winograd rules apply."""
+    Only 3x3, stride 1, dilation 1, groups 1, float32 convs; the stage structure follows
+    TOPI's, and the transforms carry the MetaSchedule rules below."""
 
     def lower(self, bb, conv):
         conv.require_nchw()
@@ -420,6 +420,70 @@ def winograd_weight_transform(weight: te.Tensor, m: int) -> te.Tensor:
         name="winograd_weight")
 
 
+# MetaSchedule rules for the two Winograd transforms (the `schedule_rule` of their blocks, looked
+# up as s_tir.meta_schedule.<cpu|cuda>.<name>). TVM's own CPU rules sample where the input tile
+# is computed, and when the search mutates that decision to "inline", the replayed trace refers
+# to the inlined block: MetaSchedule stops with "The block no longer exists in the IRModule"
+# (resnet18 224, every seed tried). Ours fix those locations; the tiling stays searched.
+WINOGRAD_DATA_PACK_RULE = "dlas_winograd_data_pack"
+WINOGRAD_INVERSE_RULE = "dlas_winograd_inverse"
+
+
+def _producer_inlining_constants(sch, block):
+    """The one producer of `block` that reads memory; constant producers (the transform
+    matrices, which read nothing) are inlined so their values fold into the unrolled code."""
+    readers = []
+    for producer in sch.get_producers(block):
+        if sch.get(producer).reads:
+            readers.append(producer)
+        else:
+            sch.compute_inline(producer)
+    (reader,) = readers
+    return reader
+
+
+def _tile_and_unroll(sch, block, tiled: tuple[int, int], unrolled: tuple[int, ...]):
+    """The two loops over channels and tiles split by sampled factors, the transform's four
+    alpha/m loops unrolled innermost (TVM's ScheduleDataPack)."""
+    loops = sch.get_loops(block)
+    outer, inner = [], []
+    for axis in tiled:
+        factors = sch.sample_perfect_tile(loops[axis], n=2, max_innermost_factor=64)
+        o, i = sch.split(loops[axis], factors)
+        outer.append(o)
+        inner.append(i)
+    for axis in unrolled:
+        sch.unroll(loops[axis])
+    sch.reorder(*outer, *inner, *(loops[axis] for axis in unrolled))
+    return inner[-1]
+
+
+def _winograd_data_pack_rule(sch, data_pack):
+    input_tile = _producer_inlining_constants(sch, data_pack)
+    data_pad = _producer_inlining_constants(sch, input_tile)
+    innermost = _tile_and_unroll(sch, data_pack, (2, 3), (0, 1, 4, 5))
+    sch.compute_at(input_tile, innermost, preserve_unit_loops=True)
+    sch.compute_inline(data_pad)
+    return [sch]
+
+
+def _winograd_inverse_rule(sch, inverse):
+    _producer_inlining_constants(sch, inverse)
+    _tile_and_unroll(sch, inverse, (0, 1), (2, 3, 4, 5))
+    return [sch]
+
+
+tvm_ffi.register_global_func(f"s_tir.meta_schedule.cpu.{WINOGRAD_DATA_PACK_RULE}",
+                             _winograd_data_pack_rule, override=True)
+tvm_ffi.register_global_func(f"s_tir.meta_schedule.cpu.{WINOGRAD_INVERSE_RULE}",
+                             _winograd_inverse_rule, override=True)
+for _ours, _tvms in ((WINOGRAD_DATA_PACK_RULE, "conv2d_nchw_winograd_data_pack"),
+                     (WINOGRAD_INVERSE_RULE, "conv2d_nchw_winograd_inverse")):
+    tvm_ffi.register_global_func(f"s_tir.meta_schedule.cuda.{_ours}",
+                                 tvm.get_global_func(f"s_tir.meta_schedule.cuda.{_tvms}"),
+                                 override=True)
+
+
 def winograd_conv(data: te.Tensor, u: te.Tensor, padding, m: int) -> te.Tensor:
     """NCHW Winograd convolution with pre-transformed weights `u` [alpha, alpha, C, O]."""
     n, c, h, w = (int(d) for d in data.shape)
@@ -443,7 +507,7 @@ def winograd_conv(data: te.Tensor, u: te.Tensor, padding, m: int) -> te.Tensor:
         (alpha, alpha, c, tiles),
         lambda eps, nu, ci, p: te.sum(input_tile[ci, p, ra, rb] * b_mat[ra, eps]
                                       * b_mat[rb, nu], axis=[ra, rb]),
-        name="data_pack", attrs={"schedule_rule": "conv2d_nchw_winograd_data_pack"})
+        name="data_pack", attrs={"schedule_rule": WINOGRAD_DATA_PACK_RULE})
     rc = te.reduce_axis((0, c), name="ci")
     bgemm = te.compute(
         (alpha, alpha, o, tiles),
@@ -455,7 +519,7 @@ def winograd_conv(data: te.Tensor, u: te.Tensor, padding, m: int) -> te.Tensor:
         (o, tiles, m, m),
         lambda co, p, vh, vw: te.sum(bgemm[ra, rb, co, p] * a_mat[ra, vh] * a_mat[rb, vw],
                                      axis=[ra, rb]),
-        name="inverse", attrs={"schedule_rule": "conv2d_nchw_winograd_inverse"})
+        name="inverse", attrs={"schedule_rule": WINOGRAD_INVERSE_RULE})
     return te.compute(
         (n, o, oh, ow),
         lambda b, co, y, x: inverse[co, b * tiles_h * tiles_w + y // m * tiles_w + x // m,

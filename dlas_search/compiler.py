@@ -163,12 +163,13 @@ def compile(module: torch.nn.Module, example: torch.Tensor, algo: Primitive,
             cfg: CompilerConfig, target: tvm.target.Target, precision: str = "fp32",
             records_to: Path | None = None,
             measure_on: tuple[str, int, str] | None = None,
-            model_key: str | None = None) -> Compiled:
+            model_key: str | None = None, extend_tuning: bool = False) -> Compiled:
     """Compile `module` for `target` in `precision`, lowering convs with `algo` (a primitive
     or a Plan) and tuning with `cfg.tuner`; `records_to` receives the tuning records used;
     `measure_on` (tracker host, port, device key) has MetaSchedule measure on that device;
     `model_key` (a hash of the model's weights and structure) lets a later compile of the same
-    model, with other algorithms or for another target, reuse its import."""
+    model, with other algorithms or for another target, reuse its import; `extend_tuning`
+    spends `cfg.trials` on tasks already in the database too."""
     start = time.perf_counter()
     mod, batchnorms = imported(module, example, precision, model_key)
     mod = algo.rewrite(mod)
@@ -183,7 +184,8 @@ def compile(module: torch.nn.Module, example: torch.Tensor, algo: Primitive,
         with layer("tune"):
             mod, report = tuning.tune(mod, target, cfg.trials or DEFAULT_TRIALS,
                                       cfg.database or DEFAULT_DATABASE, threads=threads,
-                                      export_to=records_to, rpc=measure_on)
+                                      export_to=records_to, rpc=measure_on,
+                                      extend=extend_tuning)
     elif target.kind.name == "cuda":  # a GPU kernel needs a thread binding even untuned
         from tvm.s_tir import dlight
         with target:

@@ -211,12 +211,14 @@ def search_strategy(trials: int, tasks: int) -> ms.search_strategy.EvolutionaryS
 
 def tune(mod: tvm.IRModule, target: tvm.target.Target, trials: int,
          database_dir: str | Path, threads: int = 1, seed: int = 0, progress: bool = True,
-         export_to: Path | None = None, rpc: tuple[str, int, str] | None = None
-         ) -> tuple[tvm.IRModule, TuningReport]:
+         export_to: Path | None = None, rpc: tuple[str, int, str] | None = None,
+         extend: bool = False) -> tuple[tvm.IRModule, TuningReport]:
     """Tune the tasks of `mod` not yet in the database (a global budget of `trials`
     measurements) and return the fused module with every recorded schedule applied;
     `export_to` receives the best record of each task as a database of its own; `rpc`
-    (tracker host, port, device key) measures the candidates on that remote device."""
+    (tracker host, port, device key) measures the candidates on that remote device; `extend`
+    tunes the tasks already in the database too (MetaSchedule's search starts from their
+    best records), to add trials to an earlier run."""
     start = time.perf_counter()
     keep = _used_intrinsics(target)
     if target.kind.name == "llvm":
@@ -227,7 +229,7 @@ def tune(mod: tvm.IRModule, target: tvm.target.Target, trials: int,
     db = open_database(folder)
     tasks = [t for t in ms.relax_integration.extract_tasks(mod, target)
              if not any(_is_scheduled(f) for f in t.mod.functions.values())]
-    todo = [t for t in tasks if best_record(db, t) is None]
+    todo = tasks if extend else [t for t in tasks if best_record(db, t) is None]
     before = len(db.get_all_tuning_records())
     if todo and trials > 0:
         log.info("tuning %d of %d tasks with %d trials (database %s)", len(todo), len(tasks),
@@ -238,7 +240,8 @@ def tune(mod: tvm.IRModule, target: tvm.target.Target, trials: int,
         pending = todo
         for attempt in range(1 + SEARCH_RETRIES):
             left = trials - (len(db.get_all_tuning_records()) - before)
-            pending = [t for t in pending if best_record(db, t) is None]
+            if attempt and not extend:  # the stopped run may have left records for some
+                pending = [t for t in pending if best_record(db, t) is None]
             if not pending or left <= 0:
                 break
             try:

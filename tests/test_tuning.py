@@ -182,6 +182,24 @@ def test_the_builder_keeps_its_worker_between_batches_and_renews_it():
                                         for w in pool._worker_map.values())
 
 
+def test_extending_a_database_tunes_its_tasks_again_from_their_records(tuned, tmp_path):
+    """`extend` spends the budget on tasks the database has already (a second run that adds
+    trials to the first); without it the same compile measures nothing."""
+    import shutil
+    model, example, cfg, first, _ = tuned
+    shutil.copytree(cfg.database, tmp_path / "db")
+    copy = compiler.CompilerConfig(tuner="metaschedule", trials=4, database=str(tmp_path / "db"))
+    folder = first.tuning.database.name
+    before = len(records_in(tmp_path / "db" / folder))
+    plan, target = algorithms.plan(algorithms.AlgoConfig()), hardware.local_target(1)
+    again = compiler.compile(model, example, plan, copy, target, extend_tuning=True)
+    assert again.tuning.new_trials >= 4 and again.tuning.reused == 0
+    assert len(records_in(tmp_path / "db" / folder)) == before + again.tuning.new_trials
+    assert again.tuning.untuned == []
+    reused = compiler.compile(model, example, plan, copy, target)
+    assert reused.tuning.new_trials == 0 and reused.tuning.reused == reused.tuning.tasks
+
+
 def two_convs() -> torch.nn.Module:
     torch.manual_seed(0)
     return torch.nn.Sequential(torch.nn.Conv2d(8, 16, 3, padding=1), torch.nn.ReLU(),
@@ -235,3 +253,39 @@ def test_a_search_that_keeps_failing_leaves_the_tasks_untuned_and_says_so(
     assert report.scheduled == 0 and len(report.untuned) == report.tasks >= 1
     assert "failed 3 times (parallel_for_dynamic error with something internal)" in caplog.text
     assert "have no tuned schedule" in caplog.text
+
+
+def test_winograd_convs_tune_with_our_transform_rules_and_stay_correct(tmp_path):
+    """The Winograd transforms are scheduled by our MetaSchedule rules (TVM's sample the input
+    tile's location, and a mutated "inline" stopped the resnet18 224 search); a short tuning
+    run schedules every task and matches PyTorch."""
+    import tvm_ffi
+    calls = []
+
+    def counted(rule):
+        def wrapper(sch, block):
+            calls.append(rule.__name__)
+            return rule(sch, block)
+        return wrapper
+
+    for name, rule in ((algorithms.WINOGRAD_DATA_PACK_RULE, algorithms._winograd_data_pack_rule),
+                       (algorithms.WINOGRAD_INVERSE_RULE, algorithms._winograd_inverse_rule)):
+        tvm_ffi.register_global_func(f"s_tir.meta_schedule.cpu.{name}", counted(rule),
+                                     override=True)
+    try:
+        model, example = conv_relu(8, 16), torch.randn(1, 8, 12, 12)
+        cfg = compiler.CompilerConfig(tuner="metaschedule", trials=6, database=str(tmp_path))
+        plan = algorithms.plan(algorithms.AlgoConfig(conv="winograd"))
+        built = compiler.compile(model, example, plan, cfg, hardware.local_target(1))
+    finally:
+        for name, rule in ((algorithms.WINOGRAD_DATA_PACK_RULE,
+                            algorithms._winograd_data_pack_rule),
+                           (algorithms.WINOGRAD_INVERSE_RULE, algorithms._winograd_inverse_rule)):
+            tvm_ffi.register_global_func(f"s_tir.meta_schedule.cpu.{name}", rule, override=True)
+    assert plan.lowered["winograd"] == 1
+    assert sorted(set(calls)) == ["_winograd_data_pack_rule", "_winograd_inverse_rule"]
+    assert built.tuning.untuned == [] and built.tuning.new_trials >= 6
+    with torch.no_grad():
+        reference = model(example).numpy()
+    ours = hardware.run_tvm(built.executable, example)
+    assert compiler.max_relative_error(ours, reference) <= 1e-4
