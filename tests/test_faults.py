@@ -165,7 +165,8 @@ def test_a_full_disk_fails_the_trial_naming_the_path(workdir, monkeypatch):
     assert "could not store the trial's results" in failed.user_attrs["error"]
 
 
-def _records_only(mod, target, trials, database, threads=1, export_to=None, rpc=None):
+def _records_only(mod, target, trials, database, threads=1, export_to=None, rpc=None,
+                  extend=False):
     """Tuning stand-in: writes a records file (the artifact) without tuning."""
     export_to.mkdir(parents=True)
     (export_to / "records.json").write_text("{}")
