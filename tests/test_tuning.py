@@ -206,6 +206,9 @@ def two_convs() -> torch.nn.Module:
                                torch.nn.Conv2d(16, 16, 3, padding=1), torch.nn.ReLU()).eval()
 
 
+@pytest.mark.reliability("MetaSchedule's search raises out of tune_tasks mid-run",
+                         "a warning naming the error and the next seed; the run goes on",
+                         kept="the records measured so far; only tasks without one are retuned")
 def test_a_search_stopped_by_an_internal_error_goes_on_with_the_tasks_left(
         tmp_path, monkeypatch, caplog):
     """MetaSchedule's search threads can raise out of tune_tasks (Winograd on resnet18 224:
@@ -234,6 +237,9 @@ def test_a_search_stopped_by_an_internal_error_goes_on_with_the_tasks_left(
     assert "no longer exists" in caplog.text and "seed 1" in caplog.text
 
 
+@pytest.mark.reliability("MetaSchedule's search raises on every retry",
+                         "an error after 3 runs, and the tasks left untuned named in the report "
+                         "and the log", kept="the compile goes on with default schedules")
 def test_a_search_that_keeps_failing_leaves_the_tasks_untuned_and_says_so(
         tmp_path, monkeypatch, caplog):
     """After the retries the module keeps default schedules for the tasks without a record,
