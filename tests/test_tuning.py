@@ -274,20 +274,19 @@ def test_winograd_convs_tune_with_our_transform_rules_and_stay_correct(tmp_path)
             return rule(sch, block)
         return wrapper
 
-    for name, rule in ((algorithms.WINOGRAD_DATA_PACK_RULE, algorithms._winograd_data_pack_rule),
-                       (algorithms.WINOGRAD_INVERSE_RULE, algorithms._winograd_inverse_rule)):
-        tvm_ffi.register_global_func(f"s_tir.meta_schedule.cpu.{name}", counted(rule),
-                                     override=True)
+    def register(wrap):
+        for name, rule in algorithms.WINOGRAD_RULES.items():
+            tvm_ffi.register_global_func(f"s_tir.meta_schedule.cpu.{name}", wrap(rule),
+                                         override=True)
+
+    register(counted)
     try:
         model, example = conv_relu(8, 16), torch.randn(1, 8, 12, 12)
         cfg = compiler.CompilerConfig(tuner="metaschedule", trials=6, database=str(tmp_path))
         plan = algorithms.plan(algorithms.AlgoConfig(conv="winograd"))
         built = compiler.compile(model, example, plan, cfg, hardware.local_target(1))
     finally:
-        for name, rule in ((algorithms.WINOGRAD_DATA_PACK_RULE,
-                            algorithms._winograd_data_pack_rule),
-                           (algorithms.WINOGRAD_INVERSE_RULE, algorithms._winograd_inverse_rule)):
-            tvm_ffi.register_global_func(f"s_tir.meta_schedule.cpu.{name}", rule, override=True)
+        register(lambda rule: rule)
     assert plan.lowered["winograd"] == 1
     assert sorted(set(calls)) == ["_winograd_data_pack_rule", "_winograd_inverse_rule"]
     assert built.tuning.untuned == [] and built.tuning.new_trials >= 6
