@@ -6,7 +6,9 @@ A primitive is a small class registered by the name the YAML uses (`algo.conv`):
 - `direct_nhwc`  the same in NHWC with OHWI weights (a layout rewrite before legalisation);
 - `im2col_gemm`  explicit im2col matrix [C/g*kh*kw, OH*OW] per image and group, then a GEMM;
 - `spatial_pack` input packed to NCHW[c], weights to OIHW[i][o], a blocked conv, then unpacked;
-- `winograd`     Winograd F(4x4,3x3) (F(2x2,3x3) on small outputs) for 3x3 stride-1 convs.
+- `winograd`     Winograd F(4x4,3x3) (F(2x2,3x3) on small outputs) for 3x3 stride-1 convs;
+- `winograd_nhwc` the same in NHWC, its transforms vectorised along channels; the other convs
+                 run direct in NHWC.
 
 A trial lowers its convs through one `Plan` (`plan(cfg)`): its `legalize_map()` hands every
 `relax.nn.conv2d` to a dispatcher that tries the plan's lowerings in order and falls back to
@@ -22,7 +24,8 @@ the others go on to the dense primitive, counted as fallbacks ("sparse direct: s
 0.5"). The sparse kernel follows the dense primitive: `im2col_gemm` -> sparse im2col, every
 other primitive -> sparse direct (no im2col buffer). Winograd has no sparse form (G·g·Gᵀ fills
 in the zeros), so with `winograd` the pruned layers run sparse direct and the rest Winograd;
-with `direct_nhwc` the sparse layers stay in NCHW and only the dense ones are converted to NHWC.
+with `direct_nhwc` and `winograd_nhwc` the sparse layers stay in NCHW and only the dense ones are
+converted to NHWC.
 The space allows `sparse` only for unstructured-pruned fp32 models (space.infeasible).
 """
 from __future__ import annotations
@@ -114,20 +117,28 @@ class Conv:
 
     @property
     def kernel(self) -> tuple[int, int]:
-        return self.weight_shape[2], self.weight_shape[3]  # in OIHW
+        return tuple(self.weight_shape[self.kernel_layout.index(axis)] for axis in "HW")
+
+    @property
+    def input_size(self) -> tuple[int, int]:
+        return tuple(self.data_shape[self.data_layout.index(axis)] for axis in "HW")
 
     @property
     def output_size(self) -> tuple[int, int]:
-        (_, _, h, w), (kh, kw) = self.data_shape, self.kernel
+        (h, w), (kh, kw) = self.input_size, self.kernel
         (sh, sw), (dh, dw), (pt, pl, pb, pr) = self.strides, self.dilation, self.padding
         return ((h + pt + pb - dh * (kh - 1) - 1) // sh + 1,
                 (w + pl + pr - dw * (kw - 1) - 1) // sw + 1)
 
     def require_nchw(self) -> None:
         """The NCHW-only primitives' first check."""
+        self.require_layout("NCHW", "OIHW")
+
+    def require_layout(self, data: str, kernel: str) -> None:
+        """Static shapes in the layouts a primitive is written for (the output like the data)."""
         if not (self.data_shape and self.weight_shape):
             raise CannotExpress("dynamic shape")
-        if (self.data_layout, self.kernel_layout, self.out_layout) != ("NCHW", "OIHW", "NCHW"):
+        if (self.data_layout, self.kernel_layout, self.out_layout) != (data, kernel, data):
             raise CannotExpress(f"layout {self.data_layout}/{self.kernel_layout}")
 
 
@@ -387,36 +398,46 @@ class Winograd(Primitive):
 
     def lower(self, bb, conv):
         conv.require_nchw()
-        if conv.kernel != (3, 3):
-            raise CannotExpress(f"kernel {conv.kernel[0]}x{conv.kernel[1]}")
-        if conv.strides != (1, 1):
-            raise CannotExpress(f"stride {conv.strides[0]}x{conv.strides[1]}")
-        if conv.dilation != (1, 1):
-            raise CannotExpress(f"dilation {conv.dilation[0]}x{conv.dilation[1]}")
-        if conv.groups != 1:
-            raise CannotExpress("depthwise" if conv.weight_shape[1] == 1 else "groups")
-        if {conv.dtype, conv.weight_dtype, conv.out_dtype} != {"float32"}:
-            raise CannotExpress(f"dtype {conv.dtype}")
-        oh, ow = conv.output_size
-        m = 4 if min(oh, ow) >= 8 else 2
+        m = winograd_tile(conv)
         u = transform_weight(bb, partial(winograd_weight_transform, m=m), conv.weight,
                              "winograd_weight_transform")
         return bb.call_te(winograd_conv, conv.data, u, conv.padding, m,
                           primfunc_name_hint="conv2d_winograd")
 
 
-def winograd_weight_transform(weight: te.Tensor, m: int) -> te.Tensor:
-    """U[eps, nu, ci, co] = (G·g[co, ci]·Gᵀ)[eps, nu] for an OIHW 3x3 weight (TOPI's own
-    transform fails in TVM 0.27)."""
-    o, c, kh, kw = weight.shape
+def winograd_tile(conv: Conv) -> int:
+    """The output tile m of a conv Winograd can express (else CannotExpress): 4, or 2 when
+    the output is smaller than 8 pixels on a side (a 4x4 tile would mostly compute padding)."""
+    if conv.kernel != (3, 3):
+        raise CannotExpress(f"kernel {conv.kernel[0]}x{conv.kernel[1]}")
+    if conv.strides != (1, 1):
+        raise CannotExpress(f"stride {conv.strides[0]}x{conv.strides[1]}")
+    if conv.dilation != (1, 1):
+        raise CannotExpress(f"dilation {conv.dilation[0]}x{conv.dilation[1]}")
+    if conv.groups != 1:
+        in_per_group = conv.weight_shape[conv.kernel_layout.index("I")]
+        raise CannotExpress("depthwise" if in_per_group == 1 else "groups")
+    if {conv.dtype, conv.weight_dtype, conv.out_dtype} != {"float32"}:
+        raise CannotExpress(f"dtype {conv.dtype}")
+    return 4 if min(conv.output_size) >= 8 else 2
+
+
+def winograd_weight_transform(weight: te.Tensor, m: int, layout: str = "OIHW") -> te.Tensor:
+    """U[eps, nu, ci, co] = (G·g[co, ci]·Gᵀ)[eps, nu] for a 3x3 weight in `layout` (OIHW or
+    OHWI; TOPI's own transform fails in TVM 0.27)."""
+    o, c = (weight.shape[layout.index(axis)] for axis in "OI")
     _, _, g = winograd_transform_matrices(m, 3, str(weight.dtype))
     alpha = m + 2
-    ry = te.reduce_axis((0, kh), name="ry")
-    rx = te.reduce_axis((0, kw), name="rx")
+    ry = te.reduce_axis((0, 3), name="ry")
+    rx = te.reduce_axis((0, 3), name="rx")
+
+    def tap(co, ci):
+        index = {"O": co, "I": ci, "H": ry, "W": rx}
+        return weight[tuple(index[axis] for axis in layout)]
+
     return te.compute(
         (alpha, alpha, c, o),
-        lambda eps, nu, ci, co: te.sum(g[eps, ry] * weight[co, ci, ry, rx] * g[nu, rx],
-                                       axis=[ry, rx]),
+        lambda eps, nu, ci, co: te.sum(g[eps, ry] * tap(co, ci) * g[nu, rx], axis=[ry, rx]),
         name="winograd_weight")
 
 
@@ -525,6 +546,115 @@ def winograd_conv(data: te.Tensor, u: te.Tensor, padding, m: int) -> te.Tensor:
         lambda b, co, y, x: inverse[co, b * tiles_h * tiles_w + y // m * tiles_w + x // m,
                                     y % m, x % m],
         name="conv2d_winograd")
+
+
+@primitive("winograd_nhwc")
+class WinogradNHWC(DirectNHWC):
+    """Winograd F(m x m, 3x3) in NHWC: the network is converted to NHWC as for `direct_nhwc`
+    and the 3x3 stride-1 convs run Winograd with channels innermost, so both transforms and
+    the batched GEMM vectorise along channels (contiguous loads and stores; the NCHW
+    transforms run scalar). Other convs fall back to direct convolution in NHWC."""
+
+    def lower(self, bb, conv):
+        conv.require_layout("NHWC", "OHWI")
+        m = winograd_tile(conv)
+        u = transform_weight(bb, partial(winograd_weight_transform, m=m, layout="OHWI"),
+                             conv.weight, "winograd_weight_transform")
+        return bb.call_te(winograd_nhwc_conv, conv.data, u, conv.padding, m,
+                          primfunc_name_hint="conv2d_winograd_nhwc")
+
+
+WINOGRAD_NHWC_DATA_PACK_RULE = "dlas_winograd_nhwc_data_pack"
+WINOGRAD_NHWC_INVERSE_RULE = "dlas_winograd_nhwc_inverse"
+
+
+def winograd_nhwc_conv(data: te.Tensor, u: te.Tensor, padding, m: int) -> te.Tensor:
+    """NHWC Winograd convolution with pre-transformed weights `u` [alpha, alpha, C, O]: every
+    stage keeps channels innermost; the stages have TOPI's NHWC layouts (data_pack [alpha,
+    alpha, tiles, C], bgemm [alpha, alpha, tiles, O], inverse [m, m, tiles, O]), so TVM's
+    CUDA rules for them apply as they are."""
+    n, h, w, c = (int(d) for d in data.shape)
+    alpha, _, _, o = (int(d) for d in u.shape)
+    pt, pl, pb, pr = padding
+    oh, ow = h + pt + pb - 2, w + pl + pr - 2
+    tiles_h, tiles_w = -(-oh // m), -(-ow // m)
+    tiles = n * tiles_h * tiles_w
+    a_mat, b_mat, _ = winograd_transform_matrices(m, 3, str(data.dtype))
+    data_pad = _pad(data, (0, pt, pl, 0), (0, tiles_h * m + 2 - h - pt,
+                                           tiles_w * m + 2 - w - pl, 0))
+    input_tile = te.compute(
+        (alpha, alpha, tiles, c),
+        lambda eps, nu, p, ci: data_pad[p // (tiles_h * tiles_w), p // tiles_w % tiles_h * m + eps,
+                                        p % tiles_w * m + nu, ci],
+        name="input_tile", attrs={"schedule_rule": "None"})
+    ra = te.reduce_axis((0, alpha), "r_a")
+    rb = te.reduce_axis((0, alpha), "r_b")
+    data_pack = te.compute(
+        (alpha, alpha, tiles, c),
+        lambda eps, nu, p, ci: te.sum(input_tile[ra, rb, p, ci] * b_mat[ra, eps]
+                                      * b_mat[rb, nu], axis=[ra, rb]),
+        name="data_pack", attrs={"schedule_rule": WINOGRAD_NHWC_DATA_PACK_RULE})
+    rc = te.reduce_axis((0, c), name="ci")
+    bgemm = te.compute(
+        (alpha, alpha, tiles, o),
+        lambda eps, nu, p, co: te.sum(data_pack[eps, nu, p, rc] * u[eps, nu, rc, co], axis=rc),
+        name="bgemm")
+    ra = te.reduce_axis((0, alpha), "r_a")
+    rb = te.reduce_axis((0, alpha), "r_b")
+    inverse = te.compute(
+        (m, m, tiles, o),
+        lambda vh, vw, p, co: te.sum(bgemm[ra, rb, p, co] * a_mat[ra, vh] * a_mat[rb, vw],
+                                     axis=[ra, rb]),
+        name="inverse", attrs={"schedule_rule": WINOGRAD_NHWC_INVERSE_RULE})
+    return te.compute(
+        (n, oh, ow, o),
+        lambda b, y, x, co: inverse[y % m, x % m,
+                                    b * tiles_h * tiles_w + y // m * tiles_w + x // m, co],
+        name="conv2d_winograd_nhwc")
+
+
+def _tile_unroll_vectorize(sch, block, tiled: int, vector: int, unrolled: tuple[int, ...]):
+    """Loops: the tile loop and the channel loop split by sampled factors, the outer parts
+    first, then the inner tile loop, the transform's alpha/m loops unrolled, and the inner
+    channel loop innermost, vectorised (one vector of channels per transform). Returns the
+    inner tile loop."""
+    loops = sch.get_loops(block)
+    p_outer, p_inner = sch.split(loops[tiled], sch.sample_perfect_tile(
+        loops[tiled], n=2, max_innermost_factor=16))
+    c_outer, c_inner = sch.split(loops[vector], sch.sample_perfect_tile(
+        loops[vector], n=2, max_innermost_factor=64))
+    for axis in unrolled:
+        sch.unroll(loops[axis])
+    sch.reorder(p_outer, c_outer, p_inner, *(loops[axis] for axis in unrolled), c_inner)
+    sch.vectorize(c_inner)
+    return p_inner
+
+
+def _winograd_nhwc_data_pack_rule(sch, data_pack):
+    input_tile = _producer_inlining_constants(sch, data_pack)
+    data_pad = _producer_inlining_constants(sch, input_tile)
+    p_inner = _tile_unroll_vectorize(sch, data_pack, 2, 3, (0, 1, 4, 5))
+    sch.compute_at(input_tile, p_inner, preserve_unit_loops=True)
+    sch.vectorize(sch.get_loops(input_tile)[-1])
+    sch.compute_inline(data_pad)
+    return [sch]
+
+
+def _winograd_nhwc_inverse_rule(sch, inverse):
+    _producer_inlining_constants(sch, inverse)
+    _tile_unroll_vectorize(sch, inverse, 2, 3, (0, 1, 4, 5))
+    return [sch]
+
+
+WINOGRAD_RULES.update({WINOGRAD_NHWC_DATA_PACK_RULE: _winograd_nhwc_data_pack_rule,
+                       WINOGRAD_NHWC_INVERSE_RULE: _winograd_nhwc_inverse_rule})
+for _ours, _tvms in ((WINOGRAD_NHWC_DATA_PACK_RULE, "conv2d_nhwc_winograd_data_pack"),
+                     (WINOGRAD_NHWC_INVERSE_RULE, "conv2d_nhwc_winograd_inverse")):
+    tvm_ffi.register_global_func(f"s_tir.meta_schedule.cpu.{_ours}", WINOGRAD_RULES[_ours],
+                                 override=True)
+    tvm_ffi.register_global_func(f"s_tir.meta_schedule.cuda.{_ours}",
+                                 tvm.get_global_func(f"s_tir.meta_schedule.cuda.{_tvms}"),
+                                 override=True)
 
 
 # --- sparse weights ------------------------------------------------------------------------------

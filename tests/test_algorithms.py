@@ -22,10 +22,11 @@ from dlas_search.space import LAYERS, TrialConfig, infeasible
 
 from conftest import compiled_error, randomise_batchnorm
 
-NAMES = ["direct", "direct_nhwc", "im2col_gemm", "spatial_pack", "winograd"]
+NAMES = ["direct", "direct_nhwc", "im2col_gemm", "spatial_pack", "winograd", "winograd_nhwc"]
 # The PrimFunc each primitive's conv kernel is named after.
 KERNEL = {"direct": "conv2d", "direct_nhwc": "conv2d", "im2col_gemm": "conv2d_im2col_gemm",
-          "spatial_pack": "conv2d_nchwc", "winograd": "conv2d_winograd"}
+          "spatial_pack": "conv2d_nchwc", "winograd": "conv2d_winograd",
+          "winograd_nhwc": "conv2d_winograd_nhwc"}
 # Weight transforms, computed at compile time: none may be left as a kernel in the module.
 WEIGHT_KERNELS = ("weight_matrix", "pack_weight", "winograd_weight_transform")
 
@@ -122,8 +123,8 @@ def kernel_names(mod: tvm.IRModule) -> set[str]:
 
 def expected_lowering(name: str, case: Case) -> tuple[str, dict]:
     """(what lowers the conv, fallbacks counted) for primitive `name` on `case`."""
-    if name == "winograd" and case.winograd_refuses:
-        return "direct", {f"winograd: {case.winograd_refuses}": 1}
+    if name in ("winograd", "winograd_nhwc") and case.winograd_refuses:
+        return "direct", {f"{name}: {case.winograd_refuses}": 1}
     return name, {}
 
 
@@ -142,11 +143,13 @@ def test_primitive_matches_pytorch_on_single_conv(name, case_id, target):
     assert not kernel_names(mod) & set(WEIGHT_KERNELS)  # weight transforms were folded
 
 
-def test_direct_nhwc_really_computes_in_nhwc(target):
+@pytest.mark.parametrize("name", ["direct_nhwc", "winograd_nhwc"])
+def test_nhwc_primitives_really_compute_in_nhwc(name, target):
     case = CASES["3x3 batch 2 non-square (F2x2)"]
     x, w = random_case(case)
-    mod = lower(plan(AlgoConfig(conv="direct_nhwc")), conv_module(case, w))
-    signature = re.sub(r"T\.int64\((\d+)\)", r"\1", mod["conv2d"].script().split("):\n", 1)[0])
+    mod = lower(plan(AlgoConfig(conv=name)), conv_module(case, w))
+    script = mod[KERNEL[name]].script()
+    signature = re.sub(r"T\.int64\((\d+)\)", r"\1", script.split("):\n", 1)[0])
     n, c, h, wd = case.data
     assert f'T.Buffer(({n}, {h}, {wd}, {c}), "float32")' in signature  # the data, NHWC
 
@@ -189,7 +192,7 @@ def test_int8_conv_is_exact_in_integer_arithmetic(name, target):
     out = run(mod, target, x)
     assert out.dtype == np.int32
     np.testing.assert_array_equal(out, reference(case, x, w).astype("int64"))
-    used, reason = (("direct", {"winograd: dtype uint8": 1}) if name == "winograd"
+    used, reason = (("direct", {f"{name}: dtype uint8": 1}) if "winograd" in name
                     else (name, {}))
     assert conv_plan.lowered == {used: 1} and conv_plan.fallbacks == reason
     assert lowering.arithmetic_dtypes(mod)["conv2d"] == {"uint8xint8->int32"}
@@ -205,7 +208,7 @@ def test_fp16_conv_multiplies_in_fp16_and_accumulates_in_fp32(name, target):
     out = run(mod, target, x)
     assert out.dtype == np.float32
     assert relative_error(out, reference(case, x, w)) <= 1e-4
-    used, reason = (("direct", {"winograd: dtype float16": 1}) if name == "winograd"
+    used, reason = (("direct", {f"{name}: dtype float16": 1}) if "winograd" in name
                     else (name, {}))
     assert conv_plan.lowered == {used: 1} and conv_plan.fallbacks == reason
     assert lowering.arithmetic_dtypes(mod)["conv2d"] == {"float16xfloat16->float32"}
@@ -263,6 +266,10 @@ MODEL_CASES = {
     ("resnet18", "winograd"): ({"winograd": 13, "direct": 7},
                                {"winograd: kernel 7x7": 1, "winograd: stride 2x2": 3,
                                 "winograd: kernel 1x1": 3}),
+    ("resnet18", "winograd_nhwc"): ({"winograd_nhwc": 13, "direct": 7},
+                                    {"winograd_nhwc: kernel 7x7": 1,
+                                     "winograd_nhwc: stride 2x2": 3,
+                                     "winograd_nhwc: kernel 1x1": 3}),
     ("mobilenet_v2", "im2col_gemm"): ({"im2col_gemm": 52}, {}),
     ("mobilenet_v2", "spatial_pack"): ({"spatial_pack": 52}, {}),
 }
@@ -318,6 +325,7 @@ SPARSE_MODEL_CASES = {  # (algo.conv, algo.block): the sparse conv kernel, the d
     ("im2col_gemm", "4x1"): ("sparse im2col", "im2col_gemm"),
     ("direct_nhwc", "1x1"): ("sparse direct", "direct_nhwc"),
     ("winograd", "8x1"): ("sparse direct", "direct"),  # winograd refuses the stride-2 conv
+    ("winograd_nhwc", "1x1"): ("sparse direct", "direct"),  # the stride-2 conv: direct NHWC
 }
 
 
@@ -333,8 +341,8 @@ def test_sparse_plan_matches_pytorch_on_a_pruned_cnn(conv, block, target):
     sparse_kernel, dense = SPARSE_MODEL_CASES[conv, block]
     assert conv_plan.lowered == {sparse_kernel: 2, dense: 1, "sparse linear": 1}
     refused = {f"{sparse_kernel}: sparsity 0.20 < 0.5": 1}
-    if conv == "winograd":
-        refused["winograd: stride 2x2"] = 1
+    if "winograd" in conv:
+        refused[f"{conv}: stride 2x2"] = 1
     assert conv_plan.fallbacks == refused
     assert built.arithmetic["matmul"] == {"float32xfloat32->float32"}  # the sparse linear
 

@@ -261,7 +261,10 @@ def test_a_search_that_keeps_failing_leaves_the_tasks_untuned_and_says_so(
     assert "have no tuned schedule" in caplog.text
 
 
-def test_winograd_convs_tune_with_our_transform_rules_and_stay_correct(tmp_path):
+@pytest.mark.parametrize("conv,rules", [
+    ("winograd", ["_winograd_data_pack_rule", "_winograd_inverse_rule"]),
+    ("winograd_nhwc", ["_winograd_nhwc_data_pack_rule", "_winograd_nhwc_inverse_rule"])])
+def test_winograd_convs_tune_with_our_transform_rules_and_stay_correct(conv, rules, tmp_path):
     """The Winograd transforms are scheduled by our MetaSchedule rules (TVM's sample the input
     tile's location, and a mutated "inline" stopped the resnet18 224 search); a short tuning
     run schedules every task and matches PyTorch."""
@@ -283,12 +286,12 @@ def test_winograd_convs_tune_with_our_transform_rules_and_stay_correct(tmp_path)
     try:
         model, example = conv_relu(8, 16), torch.randn(1, 8, 12, 12)
         cfg = compiler.CompilerConfig(tuner="metaschedule", trials=6, database=str(tmp_path))
-        plan = algorithms.plan(algorithms.AlgoConfig(conv="winograd"))
+        plan = algorithms.plan(algorithms.AlgoConfig(conv=conv))
         built = compiler.compile(model, example, plan, cfg, hardware.local_target(1))
     finally:
         register(lambda rule: rule)
-    assert plan.lowered["winograd"] == 1
-    assert sorted(set(calls)) == ["_winograd_data_pack_rule", "_winograd_inverse_rule"]
+    assert plan.lowered[conv] == 1
+    assert sorted(set(calls)) == rules
     assert built.tuning.untuned == [] and built.tuning.new_trials >= 6
     with torch.no_grad():
         reference = model(example).numpy()
