@@ -1,9 +1,11 @@
 """Whole tuned model vs the sum of its kernels, each timed alone, in interleaved rounds.
 
 The tuned table's per-task breakdown sums MetaSchedule's best measurements, each kernel run
-alone and repeated; this checks whether the whole model, run by the Relax VM, costs more than
-that sum (runtime between kernels, caches cold between layers) or whether a gap seen between
-runs is the machine's speed changing. Builds from an existing tuning database (no new trials):
+alone and repeated (its weights and inputs warm in the caches); this checks whether the whole
+model, run by the Relax VM, costs more than that sum, and whether caches explain it: each call
+is also timed once right after the caches were evicted (a buffer twice the last-level cache
+written), the other bound, where every weight comes from memory. Builds from an existing tuning
+database (no new trials):
 
     python bench/compiler.py tuned --models mobilenet_v2 --sizes 224 --database DB
     python bench/kernel_sum.py --model mobilenet_v2 --size 224 --database DB
@@ -16,6 +18,7 @@ import statistics
 import time
 from collections import defaultdict
 
+import numpy as np
 import torch
 import tvm
 from tvm import relax
@@ -56,6 +59,17 @@ def time_alone(func, args, min_s: float = 0.01, repeat: int = 5) -> float:
     return statistics.median(runs)
 
 
+def time_cold(func, args, flush: np.ndarray, repeat: int = 5) -> float:
+    """Median seconds of one call run right after the caches were evicted."""
+    runs = []
+    for _ in range(repeat):
+        flush += 1
+        start = time.perf_counter()
+        func(*args)
+        runs.append(time.perf_counter() - start)
+    return statistics.median(runs)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="mobilenet_v2")
@@ -81,28 +95,36 @@ def main() -> None:
     print(f"# {device.description}; {args.model} {args.size}x{args.size} {args.conv}; "
           f"{len(calls)} VM calls per run; {args.rounds} interleaved rounds; "
           f"{time.strftime('%Y-%m-%d %H:%M')}\n")
-    print("| round | whole model ms | sum of calls alone ms | whole / sum |")
-    print("| --- | --- | --- | --- |", flush=True)
-    per_symbol = defaultdict(list)
+    print("| round | whole model ms | sum of calls alone, warm ms | whole / warm sum | "
+          "sum of calls alone, caches evicted ms |")
+    print("| --- | --- | --- | --- | --- |", flush=True)
+    per_symbol = defaultdict(lambda: ([], []))
     ratios = []
+    flush = np.zeros(2 * hardware.last_level_cache_bytes() // 4, dtype=np.float32)
     for r in range(args.rounds):
         whole = hardware.time_tvm(built.executable, example, hw, threads=threads).median_ms
         with hardware.pinned(threads):
-            alone = [time_alone(func, call_args) for _, func, call_args in calls]
-        total = 1e3 * sum(alone)
+            warm = [time_alone(func, call_args) for _, func, call_args in calls]
+            cold = [time_cold(func, call_args, flush) for _, func, call_args in calls]
+        total, total_cold = 1e3 * sum(warm), 1e3 * sum(cold)
         ratios.append(whole / total)
-        by_symbol = defaultdict(float)
-        for (symbol, _, _), t in zip(calls, alone):
-            by_symbol[symbol] += 1e3 * t
-        for symbol, t in by_symbol.items():
-            per_symbol[symbol].append(t)
-        print(f"| {r + 1} | {whole:.2f} | {total:.2f} | {whole / total:.2f} |", flush=True)
-    print(f"\nwhole / sum: median {statistics.median(ratios):.2f} "
+        by_symbol = defaultdict(lambda: [0.0, 0.0])
+        for (symbol, _, _), t, c in zip(calls, warm, cold):
+            by_symbol[symbol][0] += 1e3 * t
+            by_symbol[symbol][1] += 1e3 * c
+        for symbol, (t, c) in by_symbol.items():
+            per_symbol[symbol][0].append(t)
+            per_symbol[symbol][1].append(c)
+        print(f"| {r + 1} | {whole:.2f} | {total:.2f} | {whole / total:.2f} | "
+              f"{total_cold:.2f} |", flush=True)
+    print(f"\nwhole / warm sum: median {statistics.median(ratios):.2f} "
           f"({min(ratios):.2f}-{max(ratios):.2f})\n")
-    print("| call | ms per run (median over rounds) |\n| --- | --- |")
-    for symbol, times in sorted(per_symbol.items(),
-                                key=lambda kv: -statistics.median(kv[1]))[:args.top]:
-        print(f"| {symbol} | {statistics.median(times):.3f} |")
+    print("| call | warm ms per run | caches evicted ms per run |\n| --- | --- | --- |")
+    for symbol, (warm_t, cold_t) in sorted(per_symbol.items(),
+                                           key=lambda kv: -statistics.median(kv[1][0])
+                                           )[:args.top]:
+        print(f"| {symbol} | {statistics.median(warm_t):.3f} | "
+              f"{statistics.median(cold_t):.3f} |")
 
 
 if __name__ == "__main__":
