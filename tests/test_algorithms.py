@@ -171,7 +171,7 @@ def test_direct_nhwc_keeps_relu6_in_nhwc():
     assert error <= 1e-5
 
 
-@pytest.mark.parametrize("name", ["im2col_gemm", "spatial_pack", "winograd"])
+@pytest.mark.parametrize("name", ["im2col_gemm", "spatial_pack", "winograd", "winograd_nhwc"])
 def test_weight_transform_runs_as_a_kernel_when_the_weight_is_an_input(name, target):
     case = CASES["3x3 odd channels partial tiles (F4x4)"]
     x, w = random_case(case)
@@ -284,6 +284,30 @@ def test_primitive_matches_pytorch_on_a_model(arch, name, small_models, target):
         ref = model(example).numpy()
     assert compiler.max_relative_error(hardware.run_tvm(built.executable, example), ref) <= 1e-4
     assert (conv_plan.lowered, conv_plan.fallbacks) == MODEL_CASES[arch, name]
+
+
+def first_buffer_shape(func) -> list[int]:
+    """The shape of a PrimFunc's first parameter (its data input), from its signature."""
+    signature = re.sub(r"T\.int64\((\d+)\)", r"\1", func.script().split("):\n", 1)[0])
+    return [int(d) for d in re.search(r"T\.Buffer\(\(([\d, ]+)\)", signature)[1].split(",")]
+
+
+def test_winograd_nhwc_runs_its_fallbacks_in_nhwc(small_models):
+    """resnet18 under winograd_nhwc: the layout changes once on the way in and once before the
+    classifier, so the seven convs Winograd cannot take (stem, stride 2, 1x1) run direct in
+    NHWC, not between transposes."""
+    model, example = small_models["resnet18"], torch.randn(1, 3, 32, 32)
+    mod = compiler.fold_batchnorm(compiler.import_module(model, example))
+    conv_plan = plan(AlgoConfig(conv="winograd_nhwc"))
+    rewritten = conv_plan.rewrite(mod)
+    assert str(rewritten).count("R.permute_dims") == 2
+    lowered = relax.transform.LegalizeOps(customize_legalize_map=conv_plan.legalize_map())(
+        rewritten)
+    assert conv_plan.lowered == {"winograd_nhwc": 13, "direct": 7}
+    direct_inputs = [first_buffer_shape(func) for gv, func in lowered.functions.items()
+                     if gv.name_hint.startswith("conv2d") and "winograd" not in gv.name_hint]
+    assert direct_inputs and all(shape[3] in (3, 64, 128, 256) and shape[1] == shape[2]
+                                 for shape in direct_inputs)  # NHWC: channels last
 
 
 @pytest.mark.parametrize("name", NAMES)
