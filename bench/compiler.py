@@ -44,7 +44,8 @@ def interleaved(rounds: int, timers: dict[str, callable]) -> dict[str, list[floa
 def build(model, example, conv: str, tuner: str, args, target, fmt: str = "dense",
           **algo) -> compiler.Compiled:
     cfg = compiler.CompilerConfig(tuner=tuner, trials=args.trials if tuner != "none" else None,
-                                  database=args.database if tuner != "none" else None)
+                                  database=args.database if tuner != "none" else None,
+                                  cold_weights=args.cold_weights if tuner != "none" else None)
     plan = algorithms.plan(algorithms.AlgoConfig(conv=conv, format=fmt, **algo))
     built = compiler.compile(model, example, plan, cfg, target,
                              extend_tuning=tuner != "none" and args.extend)
@@ -160,7 +161,8 @@ def tuned_table(args, hw, device) -> None:
             untuned = build(model, example, conv, "none", args, device.target)
             tuned = build(model, example, conv, "metaschedule", args, device.target)
             report = tuned.tuning
-            cost = record_tuning(args, f"{arch}-{size}-{conv}-{device.threads}t", report)
+            mode = "-cold" if args.cold_weights else ""
+            cost = record_tuning(args, f"{arch}-{size}-{conv}-{device.threads}t{mode}", report)
             ref = model(example).detach().numpy()
             error = compiler.max_relative_error(hardware.run_tvm(tuned.executable, example), ref)
             assert error < 1e-3, f"tuned {arch} differs from PyTorch: {error:.2e}"
@@ -170,7 +172,8 @@ def tuned_table(args, hw, device) -> None:
                 "tuned": lambda: hardware.time_tvm(tuned.executable, example, hw).median_ms})
             ratio = {k: [t / e for t, e in zip(times[k], times["eager"])]
                      for k in ("untuned", "tuned")}
-            print(f"| {arch} | {size}x{size} | {conv} | {spread(times['eager'])} | "
+            shown = f"{conv}, cold weights" if args.cold_weights else conv
+            print(f"| {arch} | {size}x{size} | {shown} | {spread(times['eager'])} | "
                   f"{spread(times['untuned'])} | {spread(ratio['untuned'])} | "
                   f"{spread(times['tuned'])} | {spread(ratio['tuned'])} | "
                   f"{cost['trials']} ({cost['tune_s'] / 60:.0f} min) | "
@@ -257,6 +260,8 @@ def main() -> None:
     parser.add_argument("--extend", action="store_true",
                         help="spend --trials on tasks already in the database too")
     parser.add_argument("--database", default="tracking/tuning")
+    parser.add_argument("--cold-weights", action="store_true",
+                        help="tune with each candidate's weights evicted from the caches")
     parser.add_argument("--threads", type=int, default=0, help="0: all cores")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--repeat", type=int, default=10, help="timed repeats per measurement")

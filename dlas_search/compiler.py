@@ -45,6 +45,10 @@ class CompilerConfig:
     # Tuning database folder (one subfolder per target); unset: tracking/tuning.
     database: str | None = field(default=None, metadata={
         "when": {"compiler.tuner": ("metaschedule",)}, "unset": "tracking/tuning"})
+    # Measure tuning candidates with their weights evicted from the caches (as in a whole
+    # model whose weights exceed the last-level cache); records kept apart. Unset: false.
+    cold_weights: bool | None = field(default=None, metadata={
+        "when": {"compiler.tuner": ("metaschedule",)}, "unset": False})
 
 
 @dataclass
@@ -185,7 +189,8 @@ def compile(module: torch.nn.Module, example: torch.Tensor, algo: Primitive,
             mod, report = tuning.tune(mod, target, cfg.trials or DEFAULT_TRIALS,
                                       cfg.database or DEFAULT_DATABASE, threads=threads,
                                       export_to=records_to, rpc=measure_on,
-                                      extend=extend_tuning)
+                                      extend=extend_tuning,
+                                      cold_weights=bool(cfg.cold_weights))
     elif target.kind.name == "cuda":  # a GPU kernel needs a thread binding even untuned
         from tvm.s_tir import dlight
         with target:

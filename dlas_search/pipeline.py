@@ -156,7 +156,8 @@ class _Stages:
         database = ""
         if cfg.compiler.tuner == "metaschedule":
             database = folder_digest(tuning.target_folder(
-                cfg.compiler.database or compiler.DEFAULT_DATABASE, device.target))
+                cfg.compiler.database or compiler.DEFAULT_DATABASE, device.target,
+                cold_weights=bool(cfg.compiler.cold_weights)))
         key = json.dumps({"model": model_key,
                           "settings": cfg.key("algo", "compiler"), "target": str(device.target),
                           "input": [list(example.shape), str(example.dtype)],

@@ -88,13 +88,16 @@ class TuningReport:
 
 
 def target_folder(database_dir: str | Path, target: tvm.target.Target,
-                  device: str | None = None) -> Path:
+                  device: str | None = None, cold_weights: bool = False) -> Path:
     """The database folder of one target (and remote device key): records only match the
-    target and device they were measured on (MetaSchedule's own lookup ignores the target)."""
-    text = str(target) + (f" @{device}" if device else "")
+    target and device they were measured on (MetaSchedule's own lookup ignores the target).
+    Records measured with cold weights get a folder of their own (their times are not
+    comparable with warm ones)."""
+    text = str(target) + (f" @{device}" if device else "") + (" cold" if cold_weights else "")
     kind = tvm.target.Target(target).kind.name
     mcpu = str(target.attrs.get("mcpu", "")) or "generic"
-    slug = re.sub(r"[^A-Za-z0-9_.-]+", "-", f"{kind}-{mcpu}" + (f"-{device}" if device else ""))
+    slug = re.sub(r"[^A-Za-z0-9_.-]+", "-", f"{kind}-{mcpu}" + (f"-{device}" if device else "")
+                  + ("-cold" if cold_weights else ""))
     return Path(database_dir) / f"{slug}-{hashlib.sha256(text.encode()).hexdigest()[:10]}"
 
 
@@ -212,20 +215,23 @@ def search_strategy(trials: int, tasks: int) -> ms.search_strategy.EvolutionaryS
 def tune(mod: tvm.IRModule, target: tvm.target.Target, trials: int,
          database_dir: str | Path, threads: int = 1, seed: int = 0, progress: bool = True,
          export_to: Path | None = None, rpc: tuple[str, int, str] | None = None,
-         extend: bool = False) -> tuple[tvm.IRModule, TuningReport]:
+         extend: bool = False, cold_weights: bool = False) -> tuple[tvm.IRModule, TuningReport]:
     """Tune the tasks of `mod` not yet in the database (a global budget of `trials`
     measurements) and return the fused module with every recorded schedule applied;
     `export_to` receives the best record of each task as a database of its own; `rpc`
     (tracker host, port, device key) measures the candidates on that remote device; `extend`
     tunes the tasks already in the database too (MetaSchedule's search starts from their
-    best records), to add trials to an earlier run."""
+    best records), to add trials to an earlier run; `cold_weights` measures every candidate
+    with its weights (every argument but the input) evicted from the caches, as they are in a
+    whole model whose weights exceed the last-level cache, so the search prefers schedules
+    that stream them well."""
     start = time.perf_counter()
     keep = _used_intrinsics(target)
     if target.kind.name == "llvm":
         _stub_foreign_intrinsics(keep)
     mod = fuse(mod)
     tunable, hand = task_functions(mod)
-    folder = target_folder(database_dir, target, rpc[2] if rpc else None)
+    folder = target_folder(database_dir, target, rpc[2] if rpc else None, cold_weights)
     db = open_database(folder)
     tasks = [t for t in ms.relax_integration.extract_tasks(mod, target)
              if not any(_is_scheduled(f) for f in t.mod.functions.values())]
@@ -246,7 +252,7 @@ def tune(mod: tvm.IRModule, target: tvm.target.Target, trials: int,
                 break
             try:
                 _run_metaschedule(pending, db, target, left, threads, seed + attempt, rpc, keep,
-                                  progress)
+                                  progress, cold_weights)
                 break
             except RuntimeError as err:  # raised from MetaSchedule's C++ search threads
                 what = str(err).strip().splitlines()[-1] if str(err).strip() else repr(err)
@@ -278,7 +284,7 @@ def tune(mod: tvm.IRModule, target: tvm.target.Target, trials: int,
 def _run_metaschedule(todo: list, db: ms.database.Database, target: tvm.target.Target,
                       trials: int, threads: int, seed: int,
                       rpc: tuple[str, int, str] | None, keep: tuple[str, ...],
-                      progress: bool) -> None:
+                      progress: bool, cold_weights: bool = False) -> None:
     """One MetaSchedule run over the tasks `todo`, its records committed to `db`."""
     # MetaSchedule's loggers print task tables on stdout: keep stdout for results (--json)
     # MetaSchedule's logger config lists the handlers already on its logger by name: an
@@ -301,17 +307,21 @@ def _run_metaschedule(todo: list, db: ms.database.Database, target: tvm.target.T
                 # batches small enough that the budget reaches every task at least once
                 max_trials_global=trials,
                 num_trials_per_iter=max(1, min(64, trials // len(todo))),
-                builder=builder, runner=_runner(threads, rpc), database=db,
+                builder=builder, runner=_runner(threads, rpc, cold_weights), database=db,
                 measure_callbacks=callbacks)
         finally:
             builder.close()
 
 
-def _runner(threads: int, rpc: tuple[str, int, str] | None) -> ms.runner.Runner:
+def _runner(threads: int, rpc: tuple[str, int, str] | None,
+            cold_weights: bool = False) -> ms.runner.Runner:
     """Where candidates are measured: the device the trial targets. A remote server runs with
-    the thread count it was started with (TVM_NUM_THREADS in its environment)."""
-    evaluator = ms.runner.EvaluatorConfig(number=3, repeat=1, min_repeat_ms=50,
-                                          enable_cpu_cache_flush=False)
+    the thread count it was started with (TVM_NUM_THREADS in its environment). Cold weights:
+    TVM flushes every argument but the first from the caches before each single run."""
+    evaluator = (ms.runner.EvaluatorConfig(number=1, repeat=5, min_repeat_ms=0,
+                                           enable_cpu_cache_flush=True) if cold_weights else
+                 ms.runner.EvaluatorConfig(number=3, repeat=1, min_repeat_ms=50,
+                                           enable_cpu_cache_flush=False))
     if rpc is None:
         return ms.runner.LocalRunner(timeout_sec=60, initializer=partial(_set_threads, threads),
                                      evaluator_config=evaluator)

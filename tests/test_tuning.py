@@ -4,6 +4,7 @@ One small real tuning run (a conv, 16 trials) is shared by the tests of this mod
 read its database or compile with zero new trials."""
 from __future__ import annotations
 
+import dataclasses
 import json
 from functools import partial
 from pathlib import Path
@@ -83,6 +84,28 @@ def test_records_are_kept_per_target(tuned):
     one, two = hardware.local_target(1), hardware.local_target(2)
     assert tuning.target_folder(root / "db", one) == built.tuning.database
     assert tuning.target_folder(root / "db", two) != built.tuning.database
+
+
+def test_cold_weight_tuning_measures_with_flushed_caches_and_keeps_its_records_apart(tuned):
+    """compiler.cold_weights: candidates timed with every argument but the input evicted from
+    the caches, one run per repeat; its records go to a folder of their own, so the warm
+    records of the same target are neither reused for it nor mixed with its times."""
+    model, example, cfg, warm, root = tuned
+    runner = tuning._runner(1, None, cold_weights=True)
+    assert runner.evaluator_config.enable_cpu_cache_flush
+    assert runner.evaluator_config.number == 1
+    assert not tuning._runner(1, None).evaluator_config.enable_cpu_cache_flush
+    cold_cfg = dataclasses.replace(cfg, cold_weights=True, trials=4)
+    cold = compiler.compile(model, example, algorithms.plan(algorithms.AlgoConfig()), cold_cfg,
+                            hardware.local_target(1))
+    folder = tuning.target_folder(root / "db", hardware.local_target(1), cold_weights=True)
+    assert cold.tuning.database == folder != warm.tuning.database
+    assert cold.tuning.reused == 0 and cold.tuning.new_trials >= 4  # warm records not reused
+    assert cold.tuning.untuned == []
+    with torch.no_grad():
+        reference = model(example).numpy()
+    ours = hardware.run_tvm(cold.executable, example)
+    assert compiler.max_relative_error(ours, reference) <= 1e-5
 
 
 def test_the_report_names_task_functions_left_without_a_schedule(tuned):
