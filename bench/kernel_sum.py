@@ -78,6 +78,8 @@ def main() -> None:
     parser.add_argument("--database", required=True)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--top", type=int, default=10)
+    parser.add_argument("--cold-weights", action="store_true",
+                        help="use the records tuned with compiler.cold_weights")
     args = parser.parse_args()
     threads = os.cpu_count()
     hw = hardware.HardwareConfig(threads=threads, repeat=10, min_repeat_ms=100)
@@ -86,13 +88,15 @@ def main() -> None:
     model = models.create(models.ModelConfig(arch=args.model), 1000).eval()
     example = torch.randn(1, 3, args.size, args.size)
     plan = algorithms.plan(algorithms.AlgoConfig(conv=args.conv))
-    cfg = compiler.CompilerConfig(tuner="metaschedule", trials=1, database=args.database)
+    cfg = compiler.CompilerConfig(tuner="metaschedule", trials=1, database=args.database,
+                                  cold_weights=args.cold_weights)
     built = compiler.compile(model, example, plan, cfg, device.target)
     if built.tuning.new_trials or built.tuning.untuned:
         print(f"warning: the database lacked tasks ({built.tuning.new_trials} new trials, "
               f"untuned: {built.tuning.untuned})")
     calls, _vm = kernel_calls(built.executable, example)
-    print(f"# {device.description}; {args.model} {args.size}x{args.size} {args.conv}; "
+    print(f"# {device.description}; {args.model} {args.size}x{args.size} {args.conv}"
+          f"{' tuned with cold weights' if args.cold_weights else ''}; "
           f"{len(calls)} VM calls per run; {args.rounds} interleaved rounds; "
           f"{time.strftime('%Y-%m-%d %H:%M')}\n")
     print("| round | whole model ms | sum of calls alone, warm ms | whole / warm sum | "

@@ -7,8 +7,11 @@ A primitive is a small class registered by the name the YAML uses (`algo.conv`):
 - `im2col_gemm`  explicit im2col matrix [C/g*kh*kw, OH*OW] per image and group, then a GEMM;
 - `spatial_pack` input packed to NCHW[c], weights to OIHW[i][o], a blocked conv, then unpacked;
 - `winograd`     Winograd F(4x4,3x3) (F(2x2,3x3) on small outputs) for 3x3 stride-1 convs;
-- `winograd_nhwc` the same in NHWC, its transforms vectorised along channels; the other convs
-                 run direct in NHWC.
+- `im2col_gemm_nhwc` the same in NHWC: patches [N, OH, OW, KH, KW, C] (channels contiguous),
+                 then a GEMM with HWIO weights whose result is already NHWC;
+- `winograd_nhwc` the same in NHWC, its transforms vectorised along channels; strided convs
+                 wider than 1x1 with 16 or more input channels run `im2col_gemm_nhwc`, the
+                 others direct in NHWC.
 
 A trial lowers its convs through one `Plan` (`plan(cfg)`): its `legalize_map()` hands every
 `relax.nn.conv2d` to a dispatcher that tries the plan's lowerings in order and falls back to
@@ -82,7 +85,12 @@ class AlgoConfig:
 
 class CannotExpress(Exception):
     """A primitive has no algorithm for this conv; the message is the short reason that the
-    plan counts (e.g. "kernel 1x1") before it falls back."""
+    plan counts (e.g. "kernel 1x1") before it falls back. `instead`: primitives the plan tries
+    next for this conv, before the rest of its chain (a primitive's own choice of fallback)."""
+
+    def __init__(self, reason: str, instead: tuple["Primitive", ...] = ()):
+        super().__init__(reason)
+        self.instead = instead
 
 
 @dataclass(frozen=True)
@@ -313,6 +321,52 @@ class Im2colGemm(Primitive):
         weights = transform_weight(bb, lambda w: topi.reshape(w, (o, k_len)), conv.weight,
                                    "weight_matrix")
         return bb.call_te(gemm, cols, weights, primfunc_name_hint="conv2d_im2col_gemm")
+
+
+@primitive("im2col_gemm_nhwc")
+class Im2colGemmNHWC(DirectNHWC):
+    """im2col in NHWC: the network converted as for `direct_nhwc`, each conv gathers its input
+    patches into [N, OH, OW, KH, KW, C] (a copy of contiguous channel rows), then one GEMM
+    with the [KH, KW, C, O] weights reduces over (KH, KW, C) straight into NHWC, output
+    channels innermost. Where few output pixels share many weights (strided convs deep in a
+    network) the GEMM tiles and vectorises far better than the direct loop nest. Grouped
+    convs fall back to direct NHWC."""
+    sparse_kernel = "im2col"
+
+    def lower(self, bb, conv):
+        conv.require_layout("NHWC", "OHWI")
+        if conv.groups != 1:
+            in_per_group = conv.weight_shape[conv.kernel_layout.index("I")]
+            raise CannotExpress("depthwise" if in_per_group == 1 else "groups")
+        n, _, _, c = conv.data_shape
+        o, kh, kw, _ = conv.weight_shape
+        (oh, ow), (sh, sw), (dh, dw) = conv.output_size, conv.strides, conv.dilation
+        pt, pl, pb, pr = conv.padding
+
+        def im2col(x):
+            x = _pad(x, (0, pt, pl, 0), (0, pb, pr, 0))
+            return te.compute((n, oh, ow, kh, kw, c),
+                              lambda b, y, x_, ky, kx, ci: x[b, y * sh + ky * dh,
+                                                             x_ * sw + kx * dw, ci],
+                              name="im2col")
+
+        def gemm(cols, weights):
+            ky, kx = te.reduce_axis((0, kh), name="ky"), te.reduce_axis((0, kw), name="kx")
+            ci = te.reduce_axis((0, c), name="ci")
+            return te.compute(
+                (n, oh, ow, o),
+                lambda b, y, x_, oc: te.sum(
+                    cols[b, y, x_, ky, kx, ci].astype(conv.out_dtype)
+                    * weights[ky, kx, ci, oc].astype(conv.out_dtype), axis=[ky, kx, ci]),
+                name="gemm")
+
+        cols = bb.emit(bb.call_te(im2col, conv.data, primfunc_name_hint="im2col"))
+        weights = transform_weight(bb, lambda w: topi.transpose(w, (1, 2, 3, 0)), conv.weight,
+                                   "weight_matrix")
+        return bb.call_te(gemm, cols, weights, primfunc_name_hint="conv2d_im2col_gemm_nhwc")
+
+
+IM2COL_GEMM_NHWC = PRIMITIVES["im2col_gemm_nhwc"]
 
 
 def _block(channels: int) -> int:
@@ -553,11 +607,19 @@ class WinogradNHWC(DirectNHWC):
     """Winograd F(m x m, 3x3) in NHWC: the network is converted to NHWC as for `direct_nhwc`
     and the 3x3 stride-1 convs run Winograd with channels innermost, so both transforms and
     the batched GEMM vectorise along channels (contiguous loads and stores; the NCHW
-    transforms run scalar). Other convs fall back to direct convolution in NHWC."""
+    transforms run scalar). Other convs fall back in NHWC: strided ones wider than 1x1 with at
+    least 16 input channels (resnet18's 3x3 stride-2 convs) to `im2col_gemm_nhwc`, which
+    tuned faster than direct there (README, layers 4-5); the rest to direct (the stem's 3
+    channels make a slow gather)."""
 
     def lower(self, bb, conv):
         conv.require_layout("NHWC", "OHWI")
-        m = winograd_tile(conv)
+        try:
+            m = winograd_tile(conv)
+        except CannotExpress as why:
+            strided_gemm = (conv.strides != (1, 1) and conv.kernel != (1, 1)
+                            and conv.groups == 1 and conv.data_shape[3] >= 16)
+            raise CannotExpress(str(why), (IM2COL_GEMM_NHWC,) if strided_gemm else ()) from None
         u = transform_weight(bb, partial(winograd_weight_transform, m=m, layout="OHWI"),
                              conv.weight, "winograd_weight_transform")
         return bb.call_te(winograd_nhwc_conv, conv.data, u, conv.padding, m,
@@ -760,7 +822,8 @@ def block_shape(text: str) -> sparse.BlockShape:
 
 class Plan:
     """How one trial lowers its convs: each conv goes to the first of `lowerings` that can
-    express it (a sparse lowering goes before the dense primitive), else to `direct`.
+    express it (a sparse lowering goes before the dense primitive), else to `direct`; a
+    lowering that refuses a conv may name primitives to try next for it (`CannotExpress.instead`).
     `lowered` counts layers per lowering name (convs, and linear layers a sparse lowering
     took: "sparse linear"); `fallbacks` counts each refusal by "<name>: <reason>" (e.g.
     "winograd: kernel 1x1", "sparse direct: sparsity 0.31 < 0.5"). A matmul no lowering takes
@@ -788,12 +851,15 @@ class Plan:
 
     def lower(self, bb: relax.BlockBuilder, call: relax.Call) -> relax.Expr:
         conv = Conv.of(call)
-        for lowering in self.chain:
+        chain = list(self.chain)
+        while chain:
+            lowering = chain.pop(0)
             try:
                 lowered = lowering.lower(bb, conv)
             except CannotExpress as why:
                 self._refused(lowering.name, why, f"conv {conv.data_shape} "
                                                    f"{list(conv.weight_shape)}")
+                chain[:0] = why.instead
                 continue
             self.lowered[lowering.name] += 1
             return lowered

@@ -22,9 +22,11 @@ from dlas_search.space import LAYERS, TrialConfig, infeasible
 
 from conftest import compiled_error, randomise_batchnorm
 
-NAMES = ["direct", "direct_nhwc", "im2col_gemm", "spatial_pack", "winograd", "winograd_nhwc"]
+NAMES = ["direct", "direct_nhwc", "im2col_gemm", "im2col_gemm_nhwc", "spatial_pack", "winograd",
+         "winograd_nhwc"]
 # The PrimFunc each primitive's conv kernel is named after.
 KERNEL = {"direct": "conv2d", "direct_nhwc": "conv2d", "im2col_gemm": "conv2d_im2col_gemm",
+          "im2col_gemm_nhwc": "conv2d_im2col_gemm_nhwc",
           "spatial_pack": "conv2d_nchwc", "winograd": "conv2d_winograd",
           "winograd_nhwc": "conv2d_winograd_nhwc"}
 # Weight transforms, computed at compile time: none may be left as a kernel in the module.
@@ -55,6 +57,8 @@ CASES = {
     "3x3 16->32 (F4x4)": Case((1, 16, 12, 12), 32, 3, padding=(1, 1, 1, 1)),
     "3x3 asymmetric padding": Case((1, 4, 8, 8), 6, 3, padding=(1, 0, 0, 1)),
     "3x3 stride 2": Case((1, 6, 9, 9), 8, 3, 2, (1, 1, 1, 1), winograd_refuses="stride 2x2"),
+    "3x3 stride 2 16 channels": Case((1, 16, 9, 9), 8, 3, 2, (1, 1, 1, 1),
+                                     winograd_refuses="stride 2x2"),
     "5x5": Case((1, 3, 10, 10), 4, 5, padding=(2, 2, 2, 2), winograd_refuses="kernel 5x5"),
     "7x7 stride 2 odd": Case((1, 3, 15, 15), 5, 7, 2, (3, 3, 3, 3),
                              winograd_refuses="kernel 7x7"),
@@ -124,7 +128,13 @@ def kernel_names(mod: tvm.IRModule) -> set[str]:
 def expected_lowering(name: str, case: Case) -> tuple[str, dict]:
     """(what lowers the conv, fallbacks counted) for primitive `name` on `case`."""
     if name in ("winograd", "winograd_nhwc") and case.winograd_refuses:
-        return "direct", {f"{name}: {case.winograd_refuses}": 1}
+        # winograd_nhwc hands strided convs of 16+ channels to im2col_gemm_nhwc
+        wide_strided = case.stride > 1 and case.kernel > 1 and case.data[1] >= 16
+        used = "im2col_gemm_nhwc" if name == "winograd_nhwc" and wide_strided else "direct"
+        return used, {f"{name}: {case.winograd_refuses}": 1}
+    if name == "im2col_gemm_nhwc" and case.groups > 1:
+        in_per_group = case.data[1] // case.groups
+        return "direct", {f"{name}: {'depthwise' if in_per_group == 1 else 'groups'}": 1}
     return name, {}
 
 
@@ -143,12 +153,14 @@ def test_primitive_matches_pytorch_on_single_conv(name, case_id, target):
     assert not kernel_names(mod) & set(WEIGHT_KERNELS)  # weight transforms were folded
 
 
-@pytest.mark.parametrize("name", ["direct_nhwc", "winograd_nhwc"])
-def test_nhwc_primitives_really_compute_in_nhwc(name, target):
+@pytest.mark.parametrize("name,reads_data", [("direct_nhwc", "conv2d"),
+                                             ("im2col_gemm_nhwc", "im2col"),
+                                             ("winograd_nhwc", "conv2d_winograd_nhwc")])
+def test_nhwc_primitives_really_compute_in_nhwc(name, reads_data, target):
     case = CASES["3x3 batch 2 non-square (F2x2)"]
     x, w = random_case(case)
     mod = lower(plan(AlgoConfig(conv=name)), conv_module(case, w))
-    script = mod[KERNEL[name]].script()
+    script = mod[reads_data].script()
     signature = re.sub(r"T\.int64\((\d+)\)", r"\1", script.split("):\n", 1)[0])
     n, c, h, wd = case.data
     assert f'T.Buffer(({n}, {h}, {wd}, {c}), "float32")' in signature  # the data, NHWC
@@ -171,7 +183,8 @@ def test_direct_nhwc_keeps_relu6_in_nhwc():
     assert error <= 1e-5
 
 
-@pytest.mark.parametrize("name", ["im2col_gemm", "spatial_pack", "winograd", "winograd_nhwc"])
+@pytest.mark.parametrize("name", ["im2col_gemm", "im2col_gemm_nhwc", "spatial_pack", "winograd",
+                                  "winograd_nhwc"])
 def test_weight_transform_runs_as_a_kernel_when_the_weight_is_an_input(name, target):
     case = CASES["3x3 odd channels partial tiles (F4x4)"]
     x, w = random_case(case)
@@ -262,16 +275,19 @@ MODEL_CASES = {
     ("resnet18", "direct"): ({"direct": 20}, {}),
     ("resnet18", "direct_nhwc"): ({"direct_nhwc": 20}, {}),
     ("resnet18", "im2col_gemm"): ({"im2col_gemm": 20}, {}),
+    ("resnet18", "im2col_gemm_nhwc"): ({"im2col_gemm_nhwc": 20}, {}),
     ("resnet18", "spatial_pack"): ({"spatial_pack": 20}, {}),
     ("resnet18", "winograd"): ({"winograd": 13, "direct": 7},
                                {"winograd: kernel 7x7": 1, "winograd: stride 2x2": 3,
                                 "winograd: kernel 1x1": 3}),
-    ("resnet18", "winograd_nhwc"): ({"winograd_nhwc": 13, "direct": 7},
+    ("resnet18", "winograd_nhwc"): ({"winograd_nhwc": 13, "im2col_gemm_nhwc": 3, "direct": 4},
                                     {"winograd_nhwc: kernel 7x7": 1,
                                      "winograd_nhwc: stride 2x2": 3,
                                      "winograd_nhwc: kernel 1x1": 3}),
     ("mobilenet_v2", "im2col_gemm"): ({"im2col_gemm": 52}, {}),
     ("mobilenet_v2", "spatial_pack"): ({"spatial_pack": 52}, {}),
+    ("mobilenet_v2", "im2col_gemm_nhwc"): ({"im2col_gemm_nhwc": 35, "direct": 17},
+                                           {"im2col_gemm_nhwc: depthwise": 17}),
 }
 
 
@@ -294,8 +310,8 @@ def first_buffer_shape(func) -> list[int]:
 
 def test_winograd_nhwc_runs_its_fallbacks_in_nhwc(small_models):
     """resnet18 under winograd_nhwc: the layout changes once on the way in and once before the
-    classifier, so the seven convs Winograd cannot take (stem, stride 2, 1x1) run direct in
-    NHWC, not between transposes."""
+    classifier, so the seven convs Winograd cannot take run in NHWC, not between transposes:
+    the three 3x3 stride-2 convs as im2col + GEMM, the stem and the 1x1 downsamples direct."""
     model, example = small_models["resnet18"], torch.randn(1, 3, 32, 32)
     mod = compiler.fold_batchnorm(compiler.import_module(model, example))
     conv_plan = plan(AlgoConfig(conv="winograd_nhwc"))
@@ -303,11 +319,11 @@ def test_winograd_nhwc_runs_its_fallbacks_in_nhwc(small_models):
     assert str(rewritten).count("R.permute_dims") == 2
     lowered = relax.transform.LegalizeOps(customize_legalize_map=conv_plan.legalize_map())(
         rewritten)
-    assert conv_plan.lowered == {"winograd_nhwc": 13, "direct": 7}
-    direct_inputs = [first_buffer_shape(func) for gv, func in lowered.functions.items()
-                     if gv.name_hint.startswith("conv2d") and "winograd" not in gv.name_hint]
-    assert direct_inputs and all(shape[3] in (3, 64, 128, 256) and shape[1] == shape[2]
-                                 for shape in direct_inputs)  # NHWC: channels last
+    assert conv_plan.lowered == {"winograd_nhwc": 13, "im2col_gemm_nhwc": 3, "direct": 4}
+    inputs = [first_buffer_shape(func) for gv, func in lowered.functions.items()
+              if re.fullmatch(r"(conv2d|im2col)\d*", gv.name_hint)]  # direct convs, gathers
+    assert len(inputs) == 7 and all(shape[3] in (3, 64, 128, 256) and shape[1] == shape[2]
+                                    for shape in inputs)  # NHWC: channels last
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -350,6 +366,7 @@ SPARSE_MODEL_CASES = {  # (algo.conv, algo.block): the sparse conv kernel, the d
     ("direct_nhwc", "1x1"): ("sparse direct", "direct_nhwc"),
     ("winograd", "8x1"): ("sparse direct", "direct"),  # winograd refuses the stride-2 conv
     ("winograd_nhwc", "1x1"): ("sparse direct", "direct"),  # the stride-2 conv: direct NHWC
+    ("im2col_gemm_nhwc", "1x1"): ("sparse im2col", "im2col_gemm_nhwc"),
 }
 
 
