@@ -247,6 +247,31 @@ def test_plan_tries_its_lowerings_in_order_then_falls_back_to_direct():
     assert second.lowered == {"spatial_pack": 1} and second.fallbacks == {"sparse: dense weight": 1}
 
 
+class RefuseInstead(algorithms.Primitive):
+    """Refuses every conv and names the primitives to try next for it."""
+    name = "picky"
+
+    def __init__(self, *instead):
+        self.instead = instead
+
+    def lower(self, bb, conv):
+        raise CannotExpress("never", self.instead)
+
+
+def test_a_refusal_can_name_what_to_try_next_before_the_rest_of_the_chain():
+    case = CASES["1x1"]
+    _, w = random_case(case)
+    handed = Plan(RefuseInstead(algorithms.PRIMITIVES["spatial_pack"]),
+                  algorithms.PRIMITIVES["im2col_gemm"])
+    lower(handed, conv_module(case, w))
+    assert handed.lowered == {"spatial_pack": 1} and handed.fallbacks == {"picky: never": 1}
+    # a named primitive that refuses too: the plan goes on with the rest of its chain
+    refused_again = Plan(RefuseInstead(RefuseAll()), algorithms.PRIMITIVES["im2col_gemm"])
+    lower(refused_again, conv_module(case, w))
+    assert refused_again.lowered == {"im2col_gemm": 1}
+    assert refused_again.fallbacks == {"picky: never": 1, "sparse: dense weight": 1}
+
+
 def test_unknown_primitive_is_bad_input_listing_the_names():
     with pytest.raises(BadInput) as error:
         plan(AlgoConfig(conv="fft"))
