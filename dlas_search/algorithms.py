@@ -7,9 +7,9 @@ A primitive is a small class registered by the name the YAML uses (`algo.conv`):
 - `im2col_gemm`  explicit im2col matrix [C/g*kh*kw, OH*OW] per image and group, then a GEMM;
 - `spatial_pack` input packed to NCHW[c], weights to OIHW[i][o], a blocked conv, then unpacked;
 - `winograd`     Winograd F(4x4,3x3) (F(2x2,3x3) on small outputs) for 3x3 stride-1 convs;
-- `im2col_gemm_nhwc` the same in NHWC: patches [N, OH, OW, KH, KW, C] (channels contiguous),
+- `im2col_gemm_nhwc` im2col in NHWC: patches [N, OH, OW, KH, KW, C] (channels contiguous),
                  then a GEMM with HWIO weights whose result is already NHWC;
-- `winograd_nhwc` the same in NHWC, its transforms vectorised along channels; strided convs
+- `winograd_nhwc` Winograd in NHWC, its transforms vectorised along channels; strided convs
                  wider than 1x1 with 16 or more input channels run `im2col_gemm_nhwc`, the
                  others direct in NHWC.
 
