@@ -7,6 +7,8 @@ time_torch); the spread is the min-max over rounds.
 
     # tuned vs untuned vs PyTorch (tuning records kept in --database and reused)
     python bench/compiler.py tuned --models resnet18,mobilenet_v2 --sizes 224,32 --trials 1000
+    # each model under its own primitive
+    python bench/compiler.py tuned --conv resnet18=winograd_nhwc,mobilenet_v2=direct_nhwc
     # resnet18 pruned: sparse vs dense per primitive under one tuning setting
     python bench/compiler.py sparse --size 224 --sparsities 0.5,0.7,0.9,0.95
 
@@ -146,6 +148,17 @@ def breakdown(name: str, report: tuning.TuningReport, peak: float, top: int = 8)
     return lines
 
 
+def conv_of(spec: str, arch: str) -> str:
+    """`--conv`: one primitive for every model, or one per model (`resnet18=winograd_nhwc,
+    mobilenet_v2=direct_nhwc`), so one run can time each model under its own best primitive."""
+    if "=" not in spec:
+        return spec
+    choice = dict(item.split("=", 1) for item in spec.split(","))
+    if arch not in choice:
+        raise SystemExit(f"--conv names no primitive for {arch} (it names {', '.join(choice)})")
+    return choice[arch]
+
+
 def tuned_table(args, hw, device) -> None:
     peak, peak_text = peak_gflops(device)
     notes = [f"\nfp32 roofline of this machine: {peak_text}"]
@@ -157,7 +170,7 @@ def tuned_table(args, hw, device) -> None:
             torch.manual_seed(0)
             model = models.create(models.ModelConfig(arch=arch), 1000).eval()
             example = torch.randn(1, 3, size, size)
-            conv = args.conv
+            conv = conv_of(args.conv, arch)
             untuned = build(model, example, conv, "none", args, device.target)
             tuned = build(model, example, conv, "metaschedule", args, device.target)
             report = tuned.tuning
@@ -246,7 +259,9 @@ def main() -> None:
     parser.add_argument("--sizes", type=lambda s: [int(x) for x in s.split(",")],
                         default=[224, 32])
     parser.add_argument("--size", type=int, default=224, help="input size of the sparse table")
-    parser.add_argument("--conv", default="direct_nhwc", help="conv primitive of the tuned table")
+    parser.add_argument("--conv", default="direct_nhwc",
+                        help="conv primitive of the tuned table, or one per model: "
+                             "resnet18=winograd_nhwc,mobilenet_v2=direct_nhwc")
     parser.add_argument("--primitives", type=lambda s: s.split(","),
                         default=["direct", "im2col_gemm"])
     parser.add_argument("--sparsities", type=lambda s: [float(x) for x in s.split(",")],
@@ -266,6 +281,11 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--repeat", type=int, default=10, help="timed repeats per measurement")
     args = parser.parse_args()
+    if args.table == "tuned":
+        for arch in args.models:
+            if conv_of(args.conv, arch) not in algorithms.PRIMITIVES:
+                parser.error(f"unknown conv primitive {conv_of(args.conv, arch)!r} for {arch}; "
+                             f"choose from {', '.join(algorithms.PRIMITIVES)}")
     import os
     threads = args.threads or os.cpu_count()
     hw = hardware.HardwareConfig(threads=threads, repeat=args.repeat, min_repeat_ms=100)

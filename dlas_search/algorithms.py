@@ -3,7 +3,7 @@
 A primitive is a small class registered by the name the YAML uses (`algo.conv`):
 
 - `direct`       direct convolution in NCHW (TOPI's compute, what Relax lowers by default);
-- `direct_nhwc`  the same in NHWC with OHWI weights (a layout rewrite before legalisation);
+- `direct_nhwc`  the same in NHWC (a layout rewrite before legalisation), HWIO weights;
 - `im2col_gemm`  explicit im2col matrix [C/g*kh*kw, OH*OW] per image and group, then a GEMM;
 - `spatial_pack` input packed to NCHW[c], weights to OIHW[i][o], a blocked conv, then unpacked;
 - `winograd`     Winograd F(4x4,3x3) (F(2x2,3x3) on small outputs) for 3x3 stride-1 convs;
@@ -233,8 +233,16 @@ class Direct(Primitive):
     def lower(self, bb, conv):
         if conv.out_layout != conv.data_layout:
             raise CannotExpress(f"output layout {conv.out_layout}")
-        return bb.call_te(topi.nn.conv, conv.data, conv.weight, conv.strides, conv.padding,
-                          conv.dilation, conv.groups, conv.data_layout, conv.kernel_layout,
+        weight, kernel_layout = conv.weight, conv.kernel_layout
+        if (conv.data_layout, kernel_layout) == ("NHWC", "OHWI"):
+            # output channels innermost in the weights too, as in the NHWC output, so the
+            # vectorised loop over them loads weights contiguously (OHWI strides them by C*KH*KW;
+            # a 1x1 conv tuned 1.9x faster so)
+            weight = transform_weight(bb, lambda w: topi.transpose(w, (1, 2, 3, 0)), weight,
+                                      "weight_hwio")
+            kernel_layout = "HWIO"
+        return bb.call_te(topi.nn.conv, conv.data, weight, conv.strides, conv.padding,
+                          conv.dilation, conv.groups, conv.data_layout, kernel_layout,
                           conv.out_dtype, primfunc_name_hint="conv2d")
 
 
@@ -243,7 +251,9 @@ DIRECT = PRIMITIVES["direct"]
 
 @primitive("direct_nhwc")
 class DirectNHWC(Direct):
-    """Direct convolution in NHWC (channels innermost, OHWI weights): vectorises along C."""
+    """Direct convolution in NHWC (channels innermost): the network is converted to NHWC with
+    OHWI weights (ConvertLayout's), which `Direct` lowers with HWIO weights (transposed at
+    compile time) so the loop over output channels vectorises on both operands."""
 
     def rewrite(self, mod, claimed=lambda call: False):
         nhwc, as_is = {"relax.nn.conv2d": ["NHWC", "OHWI"]}, {"relax.nn.conv2d": ["NCHW", "OIHW"]}

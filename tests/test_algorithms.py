@@ -30,7 +30,7 @@ KERNEL = {"direct": "conv2d", "direct_nhwc": "conv2d", "im2col_gemm": "conv2d_im
           "spatial_pack": "conv2d_nchwc", "winograd": "conv2d_winograd",
           "winograd_nhwc": "conv2d_winograd_nhwc"}
 # Weight transforms, computed at compile time: none may be left as a kernel in the module.
-WEIGHT_KERNELS = ("weight_matrix", "pack_weight", "winograd_weight_transform")
+WEIGHT_KERNELS = ("weight_matrix", "pack_weight", "winograd_weight_transform", "weight_hwio")
 
 
 @pytest.fixture(scope="module")
@@ -164,6 +164,19 @@ def test_nhwc_primitives_really_compute_in_nhwc(name, reads_data, target):
     signature = re.sub(r"T\.int64\((\d+)\)", r"\1", script.split("):\n", 1)[0])
     n, c, h, wd = case.data
     assert f'T.Buffer(({n}, {h}, {wd}, {c}), "float32")' in signature  # the data, NHWC
+
+
+@pytest.mark.parametrize("case_id", ["3x3 batch 2 non-square (F2x2)", "depthwise"])
+def test_direct_nhwc_reads_hwio_weights(case_id, target):
+    """Output channels innermost in the weights as in the output (HWIO, transposed at compile
+    time from ConvertLayout's OHWI), so the vectorised loop over them loads contiguously."""
+    case = CASES[case_id]
+    x, w = random_case(case)
+    mod = lower(plan(AlgoConfig(conv="direct_nhwc")), conv_module(case, w))
+    signature = re.sub(r"T\.int64\((\d+)\)", r"\1", mod["conv2d"].script().split("):\n", 1)[0])
+    o, i, kh, kw = w.shape
+    assert f'T.Buffer(({kh}, {kw}, {i}, {o}), "float32")' in signature
+    assert relative_error(run(mod, target, x), reference(case, x, w)) <= 1e-4
 
 
 def test_direct_nhwc_keeps_relu6_in_nhwc():

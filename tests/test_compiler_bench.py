@@ -1,11 +1,12 @@
-"""bench/compiler.py's roofline: the FMA loop whose rate is reported as the machine's fp32 peak
+"""bench/compiler.py: the FMA loop whose rate is reported as the machine's fp32 peak
 really computes `depth` dependent multiply-adds per accumulator and iteration (so the FLOPs it
-counts are FLOPs done), on every thread's slice."""
+counts are FLOPs done), on every thread's slice; `--conv` names one primitive or one per model."""
 from __future__ import annotations
 
 import importlib.util
 
 import numpy as np
+import pytest
 import tvm
 
 from conftest import ROOT
@@ -27,3 +28,13 @@ def test_fma_loop_does_the_multiply_adds_it_counts():
     for _ in range(iters * depth):
         expected = expected * 1.01 + 0.001  # 1% per step: a step more or less shows
     np.testing.assert_allclose(acc.numpy(), expected, rtol=1e-5)
+
+
+def test_conv_can_be_one_primitive_or_one_per_model():
+    per_model = "resnet18=winograd_nhwc,mobilenet_v2=direct_nhwc"
+    assert bench.conv_of("direct_nhwc", "resnet18") == "direct_nhwc"
+    assert bench.conv_of(per_model, "resnet18") == "winograd_nhwc"
+    assert bench.conv_of(per_model, "mobilenet_v2") == "direct_nhwc"
+    with pytest.raises(SystemExit, match="names no primitive for vgg11 .it names resnet18, "
+                                         "mobilenet_v2"):
+        bench.conv_of(per_model, "vgg11")
