@@ -124,11 +124,13 @@ def conv_weight_to_sparse(weight: np.ndarray, groups: int, block: BlockShape) ->
     return _from_coo(oc, cols, weight[oc, ic, h, w], (o, ig * groups * kh * kw), block)
 
 
-def _kernel_arrays(sm: SparseMatrix, offsets: np.ndarray) -> list[np.ndarray]:
+def _kernel_arrays(sm: SparseMatrix, offsets: np.ndarray, indptr: np.ndarray
+                   ) -> list[np.ndarray]:
     """Constants for the kernels: data [B, rows, cols], per-element input offsets [B, cols] (the
     column indices already translated to where that column lives in the kernel's input buffer)
-    and indptr. An empty matrix keeps one unreferenced zero block (no zero-size constants)."""
-    data, indptr = sm.data[:sm.blocks], sm.indptr
+    and the kernel's indptr (the matrix's, or finer: see _Chunks). An empty matrix keeps one
+    unreferenced zero block (no zero-size constants)."""
+    data = sm.data[:sm.blocks]
     if sm.blocks == 0:
         data = np.zeros((1, sm.block.rows, sm.block.cols), np.float32)
         offsets = np.zeros((1, sm.block.cols), np.int32)
@@ -319,62 +321,143 @@ class _PhaseSplit:
     """The input, zero-padded and split by stride phase: buf[n, ic, ph, pw, hq, wq]. Output
     (oh, ow) of tap (kh, kw) reads row oh + DH*kh//SH, column ow + DW*kw//SW of phase
     (DH*kh%SH, DW*kw%SW), so for any stride one tap over a run of output columns is one
-    contiguous run of the copy. Each image's copy is followed by zeros: slack for the tail
-    tile's over-read and the run that BSR padding columns point to (at `zoff`)."""
+    contiguous run of the copy. Only phase (0, 0) is kept (`nph` = `npw` = 1) when no tap
+    reads another (1x1 convs of any stride): a quarter of the copying at stride 2. Each
+    image's copy is followed by zeros: slack for the tail tile's over-read and the run that BSR
+    padding columns point to (at `zoff`). `lo`, `hi`: the columns of phase column 0 that lie
+    inside the image."""
     hq: int
     wq: int
     zoff: int
     size: int
+    nph: int
+    npw: int
+    lo: int
+    hi: int
 
     @staticmethod
     def plan(s: ConvShape, out_rows: int, overread: int) -> "_PhaseSplit":
         """For kernels reading `out_rows` output rows (tail tile included) and up to
         `overread` lanes past a row start."""
-        (sh, sw), dh = s.stride, s.dilation[0]
+        (sh, sw), (dh, dw) = s.stride, s.dilation
         pt, pl, pb, pr = s.padding
         hq, wq = -(-(s.h + pt + pb) // sh), -(-(s.w + pl + pr) // sw)
-        zoff = s.ic * sh * sw * hq * wq
+        nph = 1 if all(dh * k % sh == 0 for k in range(s.kh)) else sh
+        npw = 1 if all(dw * k % sw == 0 for k in range(s.kw)) else sw
+        zoff = s.ic * nph * npw * hq * wq
         size = zoff + (out_rows + 1 + (dh * (s.kh - 1)) // sh) * wq + overread
-        return _PhaseSplit(hq, wq, zoff, size)
+        lo = min(wq, max(0, (pl + sw - 1) // sw))
+        return _PhaseSplit(hq, wq, zoff, size, nph, npw, lo,
+                           max(lo, min(wq, (s.w + pl + sw - 1) // sw)))
+
+    def source(self, s: ConvShape, ic, kh, kw):
+        """Offset of tap (kh, kw) of input channel `ic` in one image's copy (numpy or TIR)."""
+        (sh, sw), (dh, dw) = s.stride, s.dilation
+        phase = (ic * self.nph + (dh * kh) % sh) * self.npw + (dw * kw) % sw
+        return (phase * self.hq + (dh * kh) // sh) * self.wq + (dw * kw) // sw
 
     def offsets(self, s: ConvShape, col: np.ndarray) -> np.ndarray:
         """Where column ic*kh*kw of the weight matrix starts in one image's copy (-1: zeros)."""
-        (sh, sw), (dh, dw) = s.stride, s.dilation
         ic, rest = np.divmod(np.maximum(col, 0), s.kh * s.kw)
         kh, kw = np.divmod(rest, s.kw)
-        off = ((ic * (sh * sw) + ((dh * kh) % sh) * sw + (dw * kw) % sw) * self.hq
-               + (dh * kh) // sh) * self.wq + (dw * kw) // sw
-        return np.where(col >= 0, off, self.zoff).astype(np.int32)
+        return np.where(col >= 0, self.source(s, ic, kh, kw), self.zoff).astype(np.int32)
 
 
 @T.macro
-def _phase_split(x, buf, n_img, ic, h, w, sh, sw, hq, wq, pt, pl, size, zoff):
-    """Fill buf (see _PhaseSplit), input channels in parallel."""
-    for nc in T.parallel(n_img * ic):
-        for ph, pw, qh in T.grid(sh, sw, hq):
+def _phase_split(x, buf, n_img, ic, h, w, sh, sw, hq, wq, pt, pl, size, zoff, nph, npw, lo0,
+                 hi0):
+    """Fill buf (see _PhaseSplit), one (image, channel, phase) plane per parallel task. With
+    one column phase the row's inside columns are known here (`lo0`, `hi0`) and copied as
+    vectors; otherwise element by element."""
+    for task in T.parallel(n_img * ic * nph * npw):
+        ph = T.Bind((task // npw) % nph)
+        pw = T.Bind(task % npw)
+        nc = T.Bind(task // (nph * npw))
+        for qh in range(hq):
             hh = T.Bind(qh * sh + ph - pt)
-            dst = T.Bind((nc // ic) * size + (((nc % ic) * sh + ph) * sw + pw) * (hq * wq)
-                         + qh * wq)
-            lo = T.Bind(T.min(wq, T.max(0, (pl - pw + sw - 1) // sw)))       # first column inside
-            hi = T.Bind(T.max(lo, T.min(wq, (w + pl - pw + sw - 1) // sw)))  # first column past
+            dst = T.Bind((nc // ic) * size + task % (ic * nph * npw) * (hq * wq) + qh * wq)
             if 0 <= hh and hh < h:
-                for q in range(lo):
-                    buf[dst + q] = T.float32(0)
-                for q in range(hi - lo):
-                    buf[dst + lo + q] = x[nc // ic, nc % ic, hh, (lo + q) * sw + pw - pl]
-                for q in range(wq - hi):
-                    buf[dst + hi + q] = T.float32(0)
+                if npw == 1:
+                    if lo0 > 0:
+                        for q in T.vectorized(lo0):
+                            buf[dst + q] = T.float32(0)
+                    for q in T.vectorized(hi0 - lo0):
+                        buf[dst + lo0 + q] = x[nc // ic, nc % ic, hh, (lo0 + q) * sw - pl]
+                    if wq > hi0:
+                        for q in T.vectorized(wq - hi0):
+                            buf[dst + hi0 + q] = T.float32(0)
+                else:
+                    lo = T.Bind(T.min(wq, T.max(0, (pl - pw + sw - 1) // sw)))
+                    hi = T.Bind(T.max(lo, T.min(wq, (w + pl - pw + sw - 1) // sw)))
+                    for q in range(lo):
+                        buf[dst + q] = T.float32(0)
+                    for q in range(hi - lo):
+                        buf[dst + lo + q] = x[nc // ic, nc % ic, hh, (lo + q) * sw + pw - pl]
+                    for q in range(wq - hi):
+                        buf[dst + hi + q] = T.float32(0)
             else:
-                for q in range(wq):
+                for q in T.vectorized(wq):
                     buf[dst + q] = T.float32(0)
     for n, q in T.grid(n_img, size - zoff):
         buf[n * size + zoff + q] = T.float32(0)
 
 
+# Bytes of L1 the direct kernel's working set should fit in: one chunk of input channels (the
+# rows one output row tile reads) plus its group's partial sums. Reads from L2 instead of L1
+# made the 3x3 convs of a 90%-pruned resnet18 1.3-1.5x slower.
+L1_BYTES = 40 * 1024
+# Fewest stored blocks per block row and chunk worth a chunk: each chunk costs a load and a
+# store of the partial sums per tile. Measured on resnet18's convs (90% and 70% pruned): chunks
+# of 5-14 blocks made them 5-50% slower, of 16 or more 7-20% faster.
+MIN_CHUNK_BLOCKS = 16
+
+
+@dataclass(frozen=True)
+class _Chunks:
+    """Input channels split into `n` chunks of `per` channels; the output block rows run in
+    groups of `group`, each group walking one chunk's nonzeros (which all read the same few KB
+    of input, kept in L1) for all its rows before the next chunk, keeping partial sums in
+    memory between chunks."""
+    per: int
+    n: int
+    group: int
+
+    @staticmethod
+    def plan(s: ConvShape, rows_read: int, wq: int, tile_bytes: int, block_rows: int,
+             n_blocks: int) -> "_Chunks":
+        """`rows_read` phase rows of `wq` floats per input channel and phase for one row tile;
+        `tile_bytes` of partial sums per block row. Grouped convs walk only their own
+        channels, so chunking would buy them nothing."""
+        group = min(16, max(1, block_rows // 8))
+        per_channel = s.stride[0] * s.stride[1] * rows_read * wq * 4
+        per = max(1, (L1_BYTES - group * tile_bytes) // per_channel)
+        n = min(-(-s.ic // per), n_blocks // (block_rows * MIN_CHUNK_BLOCKS))
+        if s.groups > 1 or n <= 1:
+            return _Chunks(s.ic, 1, 1)
+        per = -(-s.ic // n)
+        return _Chunks(per, -(-s.ic // per), group)
+
+    def pointers(self, sm: SparseMatrix, kh: int, kw: int) -> np.ndarray:
+        """indptr over (block row, chunk): chunk c of row r owns blocks
+        ptr[r * n + c]:ptr[r * n + c + 1]. CSR/BSR columns are sorted within a row, so each
+        chunk's blocks are already contiguous (a block belongs to its first column's chunk)."""
+        rows = len(sm.indptr) - 1
+        if self.n == 1:
+            return sm.indptr
+        brow = np.repeat(np.arange(rows), np.diff(sm.indptr))
+        chunk = (sm.indices[:sm.blocks].astype(np.int64) * sm.block.cols) // (kh * kw) // self.per
+        counts = np.bincount(brow * self.n + np.minimum(chunk, self.n - 1),
+                             minlength=rows * self.n)
+        ptr = np.zeros(rows * self.n + 1, np.int32)
+        np.cumsum(counts, out=ptr[1:])
+        return ptr
+
+
 def _direct_func(s: ConvShape, block: BlockShape, n_blocks: int, isa: Isa):
     """Sparse direct conv: no im2col; each stored weight multiplies a contiguous run of the
-    phase-split input at a precomputed offset. Block rows run in parallel; each walks its
-    nonzeros once per position tile, accumulating in registers."""
+    phase-split input at a precomputed offset. Groups of block rows run in parallel; each walks
+    its nonzeros once per position tile and input-channel chunk (see _Chunks), accumulating in
+    registers."""
     N, IC, H, W, O = s.n, s.ic, s.h, s.w, s.oc
     OH, OW = s.out_hw
     (SH, SW), PT, PL = s.stride, s.padding[0], s.padding[1]
@@ -385,38 +468,60 @@ def _direct_func(s: ConvShape, block: BlockShape, n_blocks: int, isa: Isa):
     K_ROWS, CW, N_RT, N_CT, NV = t.k, t.cw, t.n_rt, t.n_ct, t.nv
     p = _PhaseSplit.plan(s, N_RT * K_ROWS, NV * L)
     HQ, WQ, ZOFF, XS = p.hq, p.wq, p.zoff, p.size
+    TILE = R * NV * L
+    ch = _Chunks.plan(s, -(-(NV * L) // WQ) + (s.dilation[0] * (s.kh - 1)) // SH + 1, WQ,
+                      N_CT * TILE * 4, MB, n_blocks)
+    NCH, G = ch.n, ch.group
+    NG = -(-MB // G)
 
     @T.prim_func
     def sparse_conv2d_direct(x: T.Buffer((N, IC, H, W), "float32"),
                              data: T.Buffer((NB, R, C), "float32"),
                              offs: T.Buffer((NB, C), "int32"),
-                             indptr: T.Buffer((MB + 1,), "int32"),
+                             indptr: T.Buffer((MB * NCH + 1,), "int32"),
                              out: T.Buffer((N, O, OH, OW), "float32")):
         buf = T.alloc_buffer((N * XS,), "float32")
-        _phase_split(x, buf, N, IC, H, W, SH, SW, HQ, WQ, PT, PL, XS, ZOFF)
-        for nb in T.parallel(N * MB):
-            for rt, ct in T.grid(N_RT, N_CT):
-                acc = T.alloc_buffer((R, NV, L), "float32", scope="local")
-                tile = T.alloc_buffer((R, NV * L), "float32", scope="local")
-                c0 = T.Bind(T.min(ct * CW, OW - CW))
-                _accumulate(acc, buf, data, offs, indptr, nb % MB,
-                            (nb // MB) * XS + rt * K_ROWS * WQ + c0, R, C, NV, L)
-                for r in T.unroll(R):
-                    for u in T.unroll(NV):
-                        for v in T.vectorized(L):
-                            tile[r, u * L + v] = acc[r, u, v]
-                for r in range(R):
-                    if (nb % MB) * R + r < O:
-                        for i in range(K_ROWS):
-                            if rt * K_ROWS + i < OH:
-                                for v in T.vectorized(CW):
-                                    out[nb // MB, (nb % MB) * R + r, rt * K_ROWS + i, c0 + v] = (
-                                        tile[r, i * WQ + v])
+        partial = T.alloc_buffer((N * NG * G * N_CT * TILE,), "float32")
+        _phase_split(x, buf, N, IC, H, W, SH, SW, HQ, WQ, PT, PL, XS, ZOFF, p.nph, p.npw, p.lo,
+                     p.hi)
+        for task in T.parallel(N * NG):
+            for rt, c, m, ct in T.grid(N_RT, NCH, G, N_CT):
+                if (task % NG) * G + m < MB:
+                    acc = T.alloc_buffer((R, NV, L), "float32", scope="local")
+                    tile = T.alloc_buffer((R, NV * L), "float32", scope="local")
+                    brow = T.Bind((task % NG) * G + m)
+                    at = T.Bind(((task * G + m) * N_CT + ct) * TILE)
+                    c0 = T.Bind(T.min(ct * CW, OW - CW))
+                    _accumulate(acc, buf, data, offs, indptr, brow * NCH + c,
+                                (task // NG) * XS + rt * K_ROWS * WQ + c0, R, C, NV, L)
+                    if c > 0:
+                        for r in T.unroll(R):
+                            for u in T.unroll(NV):
+                                for v in T.vectorized(L):
+                                    acc[r, u, v] = acc[r, u, v] + partial[
+                                        at + (r * NV + u) * L + v]
+                    if c < NCH - 1:
+                        for r in T.unroll(R):
+                            for u in T.unroll(NV):
+                                for v in T.vectorized(L):
+                                    partial[at + (r * NV + u) * L + v] = acc[r, u, v]
+                    else:
+                        for r in T.unroll(R):
+                            for u in T.unroll(NV):
+                                for v in T.vectorized(L):
+                                    tile[r, u * L + v] = acc[r, u, v]
+                        for r in range(R):
+                            if brow * R + r < O:
+                                for i in range(K_ROWS):
+                                    if rt * K_ROWS + i < OH:
+                                        for v in T.vectorized(CW):
+                                            out[task // NG, brow * R + r, rt * K_ROWS + i,
+                                                c0 + v] = tile[r, i * WQ + v]
 
-    def offsets(sm: SparseMatrix) -> np.ndarray:
-        return p.offsets(s, _element_columns(sm))
+    def index_arrays(sm: SparseMatrix) -> tuple[np.ndarray, np.ndarray]:
+        return p.offsets(s, _element_columns(sm)), ch.pointers(sm, s.kh, s.kw)
 
-    return _mark_scheduled(sparse_conv2d_direct), offsets
+    return _mark_scheduled(sparse_conv2d_direct), index_arrays
 
 
 # Bytes of one im2col panel: it should stay in L2 while every block row reads it.
@@ -478,14 +583,14 @@ def _im2col_func(s: ConvShape, block: BlockShape, n_blocks: int, isa: Isa):
         buf = T.alloc_buffer((N * XS,), "float32")
         panel = T.alloc_buffer((KP * VP,), "float32")
         out_flat = T.decl_buffer((N * O * P,), "float32", data=out.data)
-        _phase_split(x, buf, N, IC, H, W, SH, SW, HQ, WQ, PT, PL, XS, ZOFF)
+        _phase_split(x, buf, N, IC, H, W, SH, SW, HQ, WQ, PT, PL, XS, ZOFF, p.nph, p.npw, p.lo,
+                     p.hi)
         for n, pan in T.grid(N, N_PAN):
             for kk in T.parallel(KP):
                 kh = T.Bind((kk // KW) % KH)
                 kw = T.Bind(kk % KW)
                 src = T.Bind(n * XS + pan * K_P * WQ + T.if_then_else(
-                    kk < KK, ((((kk // (KH * KW)) * SH + (kh * DH) % SH) * SW + (kw * DW) % SW)
-                              * HQ + (kh * DH) // SH) * WQ + (kw * DW) // SW, ZOFF))
+                    kk < KK, p.source(s, kk // (KH * KW), kh, kw), ZOFF))
                 for i in range(K_P):
                     for v in T.vectorized(OW):
                         panel[kk * VP + i * OW + v] = buf[src + i * WQ + v]
@@ -500,11 +605,11 @@ def _im2col_func(s: ConvShape, block: BlockShape, n_blocks: int, isa: Isa):
                 sub_tile(acc, tile, panel, data, offs, indptr, out_flat, n, b, pan, N_SUB - 1,
                          NV_LAST)
 
-    def offsets(sm: SparseMatrix) -> np.ndarray:
+    def index_arrays(sm: SparseMatrix) -> tuple[np.ndarray, np.ndarray]:
         col = _element_columns(sm)      # padding columns read the zero rows KK.. of the panel
-        return (np.where(col >= 0, col, KK) * VP).astype(np.int32)
+        return (np.where(col >= 0, col, KK) * VP).astype(np.int32), sm.indptr
 
-    return _mark_scheduled(sparse_conv2d_im2col), offsets
+    return _mark_scheduled(sparse_conv2d_im2col), index_arrays
 
 
 def _linear_func(batch: int, k: int, o: int, block: BlockShape, n_blocks: int, isa: Isa):
@@ -540,11 +645,11 @@ def _linear_func(batch: int, k: int, o: int, block: BlockShape, n_blocks: int, i
                     if b * R + r < o and pc * VP + v < batch:
                         out[pc * VP + v, b * R + r] = tile[r, v]
 
-    def offsets(sm: SparseMatrix) -> np.ndarray:
+    def index_arrays(sm: SparseMatrix) -> tuple[np.ndarray, np.ndarray]:
         col = _element_columns(sm)
-        return (np.where(col >= 0, col, k) * VP).astype(np.int32)
+        return (np.where(col >= 0, col, k) * VP).astype(np.int32), sm.indptr
 
-    return _mark_scheduled(sparse_linear), offsets
+    return _mark_scheduled(sparse_linear), index_arrays
 
 
 # ---------------------------------------------------------------------------------------------
@@ -561,9 +666,9 @@ def emit_conv(bb: relax.BlockBuilder, call: relax.Call, kernel: str,
     s = conv_shape(call)
     sm = conv_weight_to_sparse(constant_array(call.args[1]), s.groups, block)
     build = _direct_func if kernel == "direct" else _im2col_func
-    func, offsets = build(s, block, sm.blocks, target_isa())
+    func, index_arrays = build(s, block, sm.blocks, target_isa())
     gv = bb.add_func(func, f"sparse_conv2d_{kernel}")
-    consts = [relax.const(a) for a in _kernel_arrays(sm, offsets(sm))]
+    consts = [relax.const(a) for a in _kernel_arrays(sm, *index_arrays(sm))]
     oh, ow = s.out_hw
     return relax.call_tir(gv, [call.args[0], *consts],
                           relax.TensorType((s.n, s.oc, oh, ow), "float32"))
@@ -581,7 +686,7 @@ def emit_linear(bb: relax.BlockBuilder, x: relax.Expr, weight: np.ndarray,
     if k != k_w:
         raise ValueError(f"input has {k} features, weight expects {k_w}")
     sm = to_sparse(weight, block)
-    func, offsets = _linear_func(batch, k, o, block, sm.blocks, target_isa())
+    func, index_arrays = _linear_func(batch, k, o, block, sm.blocks, target_isa())
     gv = bb.add_func(func, "sparse_linear")
-    consts = [relax.const(a) for a in _kernel_arrays(sm, offsets(sm))]
+    consts = [relax.const(a) for a in _kernel_arrays(sm, *index_arrays(sm))]
     return relax.call_tir(gv, [x, *consts], relax.TensorType((batch, o), "float32"))

@@ -116,6 +116,68 @@ def test_dilation(kernel):
                dilation=(2, 2), stride=(2, 1))
 
 
+CHUNKED = [
+    pytest.param(1, 40, 9, 11, 37, 3, 3, (1, 1), (1, 1, 1, 1), (1, 1), id="3x3-ragged-row-groups"),
+    pytest.param(2, 24, 12, 10, 20, 3, 3, (2, 2), (1, 1, 1, 1), (1, 1), id="3x3-s2-batch2"),
+    pytest.param(1, 24, 9, 9, 16, 1, 1, (2, 2), (0, 0, 0, 0), (1, 1), id="1x1-s2"),
+    pytest.param(1, 16, 12, 11, 16, 3, 3, (2, 1), (2, 2, 2, 2), (2, 2), id="dilated"),
+    pytest.param(1, 9, 6, 70, 16, 3, 3, (1, 1), (1, 1, 1, 1), (1, 1), id="wide-rows"),
+]
+
+
+@pytest.mark.parametrize("block", [CSR, BSR4, BlockShape(1, 4)], ids=["csr", "bsr4x1", "bsr1x4"])
+@pytest.mark.parametrize("n,c,h,w,o,kh,kw,stride,padding,dilation", CHUNKED)
+def test_direct_walks_input_channels_in_chunks(monkeypatch, block, n, c, h, w, o, kh, kw,
+                                               stride, padding, dilation):
+    """With an L1 budget of a few hundred bytes every conv here is cut into input-channel
+    chunks (partial sums kept between chunks, rows in groups with a ragged last group); the
+    result still matches PyTorch and the kernel's indptr has one entry per row and chunk."""
+    monkeypatch.setattr(sparse, "L1_BYTES", 600)
+    monkeypatch.setattr(sparse, "MIN_CHUNK_BLOCKS", 1)
+    x = np.random.default_rng(7).standard_normal((n, c, h, w)).astype("float32")
+    weight = pruned((o, c, kh, kw), 0.6)
+    conv = dict(stride=stride, padding=padding, dilation=dilation)
+    calls = []
+
+    def emit(bb, xv):
+        calls.append(sparse.emit_conv(bb, conv_call(bb, xv, weight, **conv), "direct", block))
+        return calls[-1]
+
+    err = rel_err(run(emit, x), torch_conv(x, weight, **conv))
+    assert err <= TOL, f"relative error {err:.2e}"
+    indptr = calls[0].args[1].fields[3].value.numpy()
+    block_rows = -(-o // block.rows)
+    assert len(indptr) > block_rows + 1 and (len(indptr) - 1) % block_rows == 0
+    sm = sparse.conv_weight_to_sparse(weight, 1, block)
+    assert indptr[-1] == sm.blocks and np.all(np.diff(indptr) >= 0)
+    n_chunks = (len(indptr) - 1) // block_rows
+    per = -(-c // n_chunks)
+    channel = sm.indices[:sm.blocks] * block.cols // (kh * kw)   # a block's first column's
+    for k in range(len(indptr) - 1):
+        assert np.all(channel[indptr[k]:indptr[k + 1]] // per == k % n_chunks)
+
+
+def test_chunks_only_where_they_pay():
+    """Chunks need enough nonzeros each to pay for their partial sums, and grouped convs never
+    chunk (their rows read their own channels only)."""
+    s = sparse.ConvShape(1, 256, 14, 14, 256, 3, 3, (1, 1), (1, 1, 1, 1), (1, 1), 1)
+    many = sparse._Chunks.plan(s, 17, 16, 14 * 64, 256, 256 * 230)
+    assert many.n > 1 and many.per * many.n >= 256 and many.group > 1
+    few = sparse._Chunks.plan(s, 17, 16, 14 * 64, 256, 256 * 20)
+    assert few.n == 1
+    grouped = sparse.ConvShape(1, 256, 14, 14, 256, 3, 3, (1, 1), (1, 1, 1, 1), (1, 1), 4)
+    assert sparse._Chunks.plan(grouped, 17, 16, 14 * 64, 256, 256 * 230).n == 1
+
+
+def test_phase_split_keeps_only_the_phases_taps_read():
+    """A strided 1x1 conv reads phase (0, 0) only: a quarter of the copy at stride 2."""
+    one = sparse.ConvShape(1, 8, 9, 9, 8, 1, 1, (2, 2), (0, 0, 0, 0), (1, 1), 1)
+    three = sparse.ConvShape(1, 8, 9, 9, 8, 3, 3, (2, 2), (1, 1, 1, 1), (1, 1), 1)
+    p1, p3 = sparse._PhaseSplit.plan(one, 5, 16), sparse._PhaseSplit.plan(three, 5, 16)
+    assert (p1.nph, p1.npw, p3.nph, p3.npw) == (1, 1, 2, 2)
+    assert p1.zoff == 8 * p1.hq * p1.wq and p3.zoff == 8 * 4 * p3.hq * p3.wq
+
+
 @pytest.mark.parametrize("block", [CSR, BSR4, BlockShape(1, 4)], ids=["csr", "bsr4x1", "bsr1x4"])
 @pytest.mark.parametrize("batch", [1, 3, 37])
 def test_linear_matches_torch(block, batch):
