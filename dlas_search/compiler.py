@@ -176,9 +176,9 @@ def compile(module: torch.nn.Module, example: torch.Tensor, algo: Primitive,
     spends `cfg.trials` on tasks already in the database too."""
     start = time.perf_counter()
     mod, batchnorms = imported(module, example, precision, model_key)
-    mod = algo.rewrite(mod)
-    convs = _count(mod, "R.nn.conv2d")  # before a custom legalisation lowers them away
-    with target:  # the sparse kernels read their vector width from the target
+    convs = _count(mod, "R.nn.conv2d")  # before the sparse kernels and legalisation take them
+    with target:  # the sparse kernels (some emitted by the rewrite) read the vector width here
+        mod = algo.rewrite(mod)
         mod = relax.transform.LegalizeOps(
             customize_legalize_map=algo.legalize_map() or None)(mod)
     dtypes = lowering.arithmetic_dtypes(mod)  # of the TIR kernels tvm.compile builds

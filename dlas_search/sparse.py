@@ -299,6 +299,24 @@ def conv_shape(call: relax.Call) -> ConvShape:
 # kernels
 
 
+@dataclass(frozen=True)
+class Epilogue:
+    """What follows a conv in the model, applied as each output is stored: + bias[o] (always;
+    zeros when the model has none), + residual[n, o, h, w] (a kernel input), then max(., 0).
+    Each saves a pass over the output after the kernel."""
+    residual: bool = False
+    relu: bool = False
+
+
+def _epilogue(value, bias, o, res, at, relu: bool):
+    """The stored value of output channel `o` (TIR, built at parse time): + bias, + `res[at]`
+    (`res` None: no residual input), ReLU."""
+    value = value + bias[o]
+    if res is not None:
+        value = value + res[at]
+    return T.max(value, T.float32(0)) if relu else value
+
+
 @T.macro
 def _accumulate(acc, buf, data, offs, indptr, brow, base, rows, cols, nv, lanes):
     """acc[rows, nv, lanes] = sum over block row `brow`'s blocks of weight x the input run at
@@ -453,11 +471,12 @@ class _Chunks:
         return ptr
 
 
-def _direct_func(s: ConvShape, block: BlockShape, n_blocks: int, isa: Isa):
+def _direct_func(s: ConvShape, block: BlockShape, n_blocks: int, isa: Isa,
+                 epi: Epilogue = Epilogue()):
     """Sparse direct conv: no im2col; each stored weight multiplies a contiguous run of the
     phase-split input at a precomputed offset. Groups of block rows run in parallel; each walks
     its nonzeros once per position tile and input-channel chunk (see _Chunks), accumulating in
-    registers."""
+    registers. Parameters: x, data, offs, indptr, bias, [residual,] out."""
     N, IC, H, W, O = s.n, s.ic, s.h, s.w, s.oc
     OH, OW = s.out_hw
     (SH, SW), PT, PL = s.stride, s.padding[0], s.padding[1]
@@ -474,12 +493,10 @@ def _direct_func(s: ConvShape, block: BlockShape, n_blocks: int, isa: Isa):
     NCH, G = ch.n, ch.group
     NG = -(-MB // G)
 
-    @T.prim_func
-    def sparse_conv2d_direct(x: T.Buffer((N, IC, H, W), "float32"),
-                             data: T.Buffer((NB, R, C), "float32"),
-                             offs: T.Buffer((NB, C), "int32"),
-                             indptr: T.Buffer((MB * NCH + 1,), "int32"),
-                             out: T.Buffer((N, O, OH, OW), "float32")):
+    RELU = epi.relu
+
+    @T.macro
+    def body(x, data, offs, indptr, bias, res, out):
         buf = T.alloc_buffer((N * XS,), "float32")
         partial = T.alloc_buffer((N * NG * G * N_CT * TILE,), "float32")
         _phase_split(x, buf, N, IC, H, W, SH, SW, HQ, WQ, PT, PL, XS, ZOFF, p.nph, p.npw, p.lo,
@@ -516,25 +533,49 @@ def _direct_func(s: ConvShape, block: BlockShape, n_blocks: int, isa: Isa):
                                     if rt * K_ROWS + i < OH:
                                         for v in T.vectorized(CW):
                                             out[task // NG, brow * R + r, rt * K_ROWS + i,
-                                                c0 + v] = tile[r, i * WQ + v]
+                                                c0 + v] = _epilogue(
+                                                tile[r, i * WQ + v], bias, brow * R + r, res,
+                                                (task // NG, brow * R + r, rt * K_ROWS + i,
+                                                 c0 + v), RELU)
+
+    @T.prim_func
+    def sparse_conv2d_direct(x: T.Buffer((N, IC, H, W), "float32"),
+                             data: T.Buffer((NB, R, C), "float32"),
+                             offs: T.Buffer((NB, C), "int32"),
+                             indptr: T.Buffer((MB * NCH + 1,), "int32"),
+                             bias: T.Buffer((O,), "float32"),
+                             out: T.Buffer((N, O, OH, OW), "float32")):
+        body(x, data, offs, indptr, bias, None, out)
+
+    @T.prim_func
+    def sparse_conv2d_direct_res(x: T.Buffer((N, IC, H, W), "float32"),
+                                 data: T.Buffer((NB, R, C), "float32"),
+                                 offs: T.Buffer((NB, C), "int32"),
+                                 indptr: T.Buffer((MB * NCH + 1,), "int32"),
+                                 bias: T.Buffer((O,), "float32"),
+                                 res: T.Buffer((N, O, OH, OW), "float32"),
+                                 out: T.Buffer((N, O, OH, OW), "float32")):
+        body(x, data, offs, indptr, bias, res, out)
 
     def index_arrays(sm: SparseMatrix) -> tuple[np.ndarray, np.ndarray]:
         return p.offsets(s, _element_columns(sm)), ch.pointers(sm, s.kh, s.kw)
 
-    return _mark_scheduled(sparse_conv2d_direct), index_arrays
+    func = sparse_conv2d_direct_res if epi.residual else sparse_conv2d_direct
+    return _mark_scheduled(func), index_arrays
 
 
 # Bytes of one im2col panel: it should stay in L2 while every block row reads it.
 PANEL_BYTES = 256 * 1024
 
 
-def _im2col_func(s: ConvShape, block: BlockShape, n_blocks: int, isa: Isa):
+def _im2col_func(s: ConvShape, block: BlockShape, n_blocks: int, isa: Isa,
+                 epi: Epilogue = Epilogue()):
     """Sparse im2col + GEMM. The explicit im2col matrix [KP, P] (row ic*kh*kw, column: output
     position, packed as in the output) is built one panel of `K_P` whole output rows at a time
     from the phase-split input (plain row copies), then every block row multiplies the panel
     in register tiles of NV vectors: each stored weight reads aligned panel rows, and the
     panel stays in L2 for all output channels. Tiles are stored straight into the output,
-    whose packed positions they are."""
+    whose packed positions they are. Parameters as _direct_func's."""
     N, IC, H, W, O, KH, KW = s.n, s.ic, s.h, s.w, s.oc, s.kh, s.kw
     OH, OW = s.out_hw
     (SH, SW), (DH, DW) = s.stride, s.dilation
@@ -555,8 +596,11 @@ def _im2col_func(s: ConvShape, block: BlockShape, n_blocks: int, isa: Isa):
     p = _PhaseSplit.plan(s, N_PAN * K_P, OW)
     HQ, WQ, ZOFF, XS = p.hq, p.wq, p.zoff, p.size
 
+    RELU = epi.relu
+
     @T.macro
-    def sub_tile(acc, tile, panel, data, offs, indptr, out_flat, n, b, pan, sub, nv):
+    def sub_tile(acc, tile, panel, data, offs, indptr, bias, res_flat, out_flat, n, b, pan, sub,
+                 nv):
         """Multiply vectors [sub * NV, sub * NV + nv) of the panel, store to the output."""
         _accumulate(acc, panel, data, offs, indptr, b, sub * NV * L, R, C, nv, L)
         for r in T.unroll(R):
@@ -565,21 +609,18 @@ def _im2col_func(s: ConvShape, block: BlockShape, n_blocks: int, isa: Isa):
                     tile[r, u * L + v] = acc[r, u, v]
         for r in range(R):
             if b * R + r < O:
+                at = T.Bind((n * O + b * R + r) * P + pan * K_P * OW + sub * NV * L)
                 if pan * K_P * OW + (sub * NV + nv) * L <= P:
                     for v in T.vectorized(nv * L):
-                        out_flat[(n * O + b * R + r) * P + pan * K_P * OW + sub * NV * L + v] = (
-                            tile[r, v])
+                        out_flat[at + v] = _epilogue(tile[r, v], bias, b * R + r, res_flat,
+                                                     at + v, RELU)
                 else:
                     for v in range(T.max(0, P - pan * K_P * OW - sub * NV * L)):
-                        out_flat[(n * O + b * R + r) * P + pan * K_P * OW + sub * NV * L + v] = (
-                            tile[r, v])
+                        out_flat[at + v] = _epilogue(tile[r, v], bias, b * R + r, res_flat,
+                                                     at + v, RELU)
 
-    @T.prim_func
-    def sparse_conv2d_im2col(x: T.Buffer((N, IC, H, W), "float32"),
-                             data: T.Buffer((NB, R, C), "float32"),
-                             offs: T.Buffer((NB, C), "int32"),
-                             indptr: T.Buffer((MB + 1,), "int32"),
-                             out: T.Buffer((N, O, OH, OW), "float32")):
+    @T.macro
+    def body(x, data, offs, indptr, bias, res_flat, out):
         buf = T.alloc_buffer((N * XS,), "float32")
         panel = T.alloc_buffer((KP * VP,), "float32")
         out_flat = T.decl_buffer((N * O * P,), "float32", data=out.data)
@@ -601,15 +642,37 @@ def _im2col_func(s: ConvShape, block: BlockShape, n_blocks: int, isa: Isa):
                 acc = T.alloc_buffer((R, NV, L), "float32", scope="local")
                 tile = T.alloc_buffer((R, NV * L), "float32", scope="local")
                 for sub in range(N_SUB - 1):
-                    sub_tile(acc, tile, panel, data, offs, indptr, out_flat, n, b, pan, sub, NV)
-                sub_tile(acc, tile, panel, data, offs, indptr, out_flat, n, b, pan, N_SUB - 1,
-                         NV_LAST)
+                    sub_tile(acc, tile, panel, data, offs, indptr, bias, res_flat, out_flat, n, b,
+                             pan, sub, NV)
+                sub_tile(acc, tile, panel, data, offs, indptr, bias, res_flat, out_flat, n, b,
+                         pan, N_SUB - 1, NV_LAST)
+
+    @T.prim_func
+    def sparse_conv2d_im2col(x: T.Buffer((N, IC, H, W), "float32"),
+                             data: T.Buffer((NB, R, C), "float32"),
+                             offs: T.Buffer((NB, C), "int32"),
+                             indptr: T.Buffer((MB + 1,), "int32"),
+                             bias: T.Buffer((O,), "float32"),
+                             out: T.Buffer((N, O, OH, OW), "float32")):
+        body(x, data, offs, indptr, bias, None, out)
+
+    @T.prim_func
+    def sparse_conv2d_im2col_res(x: T.Buffer((N, IC, H, W), "float32"),
+                                 data: T.Buffer((NB, R, C), "float32"),
+                                 offs: T.Buffer((NB, C), "int32"),
+                                 indptr: T.Buffer((MB + 1,), "int32"),
+                                 bias: T.Buffer((O,), "float32"),
+                                 res: T.Buffer((N, O, OH, OW), "float32"),
+                                 out: T.Buffer((N, O, OH, OW), "float32")):
+        res_flat = T.decl_buffer((N * O * P,), "float32", data=res.data)
+        body(x, data, offs, indptr, bias, res_flat, out)
 
     def index_arrays(sm: SparseMatrix) -> tuple[np.ndarray, np.ndarray]:
         col = _element_columns(sm)      # padding columns read the zero rows KK.. of the panel
         return (np.where(col >= 0, col, KK) * VP).astype(np.int32), sm.indptr
 
-    return _mark_scheduled(sparse_conv2d_im2col), index_arrays
+    func = sparse_conv2d_im2col_res if epi.residual else sparse_conv2d_im2col
+    return _mark_scheduled(func), index_arrays
 
 
 def _linear_func(batch: int, k: int, o: int, block: BlockShape, n_blocks: int, isa: Isa):
@@ -657,21 +720,34 @@ def _linear_func(batch: int, k: int, o: int, block: BlockShape, n_blocks: int, i
 
 
 def emit_conv(bb: relax.BlockBuilder, call: relax.Call, kernel: str,
-              block: BlockShape = BlockShape()) -> relax.Expr:
+              block: BlockShape = BlockShape(), bias: np.ndarray | None = None,
+              residual: relax.Expr | None = None, relu: bool = False) -> relax.Expr:
     """Lower one NCHW fp32 `relax.nn.conv2d` with a constant weight to a sparse kernel: adds the
     PrimFunc to `bb`'s module and returns the `R.call_tir` (input + index arrays as constants).
-    The vector width follows the current target (AVX2 when none is set)."""
+    The kernel also adds `bias` ([out channels]) and `residual` (shaped as the output) and
+    applies ReLU if asked, as it stores (see Epilogue). The vector width follows the current
+    target (AVX2 when none is set)."""
     if kernel not in KERNELS:
         raise ValueError(f"unknown sparse kernel {kernel!r}; choose from {KERNELS}")
     s = conv_shape(call)
+    oh, ow = s.out_hw
+    out_shape = (s.n, s.oc, oh, ow)
+    bias = np.zeros(s.oc, np.float32) if bias is None else np.asarray(bias, np.float32)
+    if bias.size != s.oc:
+        raise ValueError(f"bias has {bias.size} values for {s.oc} output channels")
+    if residual is not None and (static_shape(residual) != out_shape
+                                 or residual.ty.dtype != "float32"):
+        raise NotImplementedError(f"residual {residual.ty} is not the output {out_shape} fp32")
     sm = conv_weight_to_sparse(constant_array(call.args[1]), s.groups, block)
     build = _direct_func if kernel == "direct" else _im2col_func
-    func, index_arrays = build(s, block, sm.blocks, target_isa())
+    func, index_arrays = build(s, block, sm.blocks, target_isa(),
+                               Epilogue(residual is not None, relu))
     gv = bb.add_func(func, f"sparse_conv2d_{kernel}")
     consts = [relax.const(a) for a in _kernel_arrays(sm, *index_arrays(sm))]
-    oh, ow = s.out_hw
-    return relax.call_tir(gv, [call.args[0], *consts],
-                          relax.TensorType((s.n, s.oc, oh, ow), "float32"))
+    inputs = [call.args[0], *consts, relax.const(bias.reshape(-1))]
+    if residual is not None:
+        inputs.append(residual)
+    return relax.call_tir(gv, inputs, relax.TensorType(out_shape, "float32"))
 
 
 def emit_linear(bb: relax.BlockBuilder, x: relax.Expr, weight: np.ndarray,

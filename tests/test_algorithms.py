@@ -443,11 +443,88 @@ def test_sparse_plan_matches_pytorch_on_a_pruned_cnn(conv, block, target):
 
 
 def test_direct_nhwc_converts_only_the_dense_convs():
-    """The sparse kernels are NCHW: the convs the sparse lowering claims keep that layout."""
+    """The sparse kernels are NCHW: the convs the sparse lowering claims keep that layout (here
+    lowered by the rewrite already, each with the bias add after it) and get NCHW inputs."""
     example = torch.randn(1, 3, 10, 10)
     mod = compiler.fold_batchnorm(compiler.import_module(pruned_cnn(), example))
-    text = str(sparse_plan("direct_nhwc").rewrite(mod))
-    assert text.count('data_layout="NHWC"') == 1 and text.count('data_layout="NCHW"') == 2
+    text = sparse_plan("direct_nhwc").rewrite(mod).script(show_meta=False)
+    assert text.count('data_layout="NHWC"') == 1 and text.count('data_layout="NCHW"') == 0
+    assert text.count("R.call_tir(cls.sparse_conv2d_direct") == 2
+    assert text.count("R.permute_dims(") == 2  # into NHWC for the dense conv, back after it
+
+
+class ResidualBlock(torch.nn.Module):
+    """resnet's basic block with a 1x1 projection: conv-BN-ReLU, conv-BN, + projection, ReLU."""
+
+    def __init__(self):
+        super().__init__()
+        nn = torch.nn
+        self.conv1, self.bn1 = nn.Conv2d(8, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16)
+        self.conv2, self.bn2 = nn.Conv2d(16, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16)
+        self.proj, self.bn3 = nn.Conv2d(8, 16, 1, bias=False), nn.BatchNorm2d(16)
+
+    def forward(self, x):
+        y = torch.relu(self.bn1(self.conv1(x)))
+        return torch.relu(self.bn2(self.conv2(y)) + self.bn3(self.proj(x)))
+
+
+def run_model(mod: tvm.IRModule, target, x: torch.Tensor) -> np.ndarray:
+    """An imported model's main returns a tuple: its first field."""
+    vm = relax.VirtualMachine(tvm.compile(mod, target), tvm.cpu())
+    return vm["main"](tvm.runtime.tensor(x.numpy()))[0].numpy()
+
+
+def pruned(model: torch.nn.Module, amount: float) -> torch.nn.Module:
+    for m in model.modules():
+        if isinstance(m, torch.nn.Conv2d):
+            prune.l1_unstructured(m, "weight", amount)
+            prune.remove(m, "weight")
+    return randomise_batchnorm(model).eval()
+
+
+@pytest.mark.parametrize("conv", ["direct", "im2col_gemm", "direct_nhwc"])
+def test_sparse_kernels_apply_bias_residual_and_relu_as_they_store(conv, target):
+    """In a residual block every bias add, the residual add and both ReLUs go into the sparse
+    kernels: no elementwise kernel is left, and the result is PyTorch's."""
+    model, example = pruned(ResidualBlock(), 0.8), torch.randn(1, 8, 9, 9)
+    conv_plan = sparse_plan(conv)
+    mod = compiler.fold_batchnorm(compiler.import_module(model, example))
+    with target:
+        lowered = lower(conv_plan, mod)
+    kernel = "sparse_conv2d_direct" if conv != "im2col_gemm" else "sparse_conv2d_im2col"
+    assert all(name.startswith(kernel) for name in kernel_names(lowered)), kernel_names(lowered)
+    assert conv_plan.lowered == {f"sparse {kernel.split('_')[-1]}": 3}
+    with torch.no_grad():
+        ref = model(example).numpy()
+    assert relative_error(run_model(lowered, target, example), ref) <= 1e-4
+
+
+def test_epilogue_stops_where_a_result_has_another_user(target):
+    """y = conv + bias is read twice (ReLU and the final add): the kernel takes the bias only,
+    ReLU and the add stay kernels of their own, and the result is right."""
+    nn = torch.nn
+
+    class TwoUsers(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(4, 8, 3, padding=1)
+
+        def forward(self, x):
+            y = self.conv(x)
+            return torch.relu(y) + y
+
+    model, example = pruned(TwoUsers(), 0.7), torch.randn(1, 4, 7, 7)
+    conv_plan = sparse_plan()
+    mod = compiler.fold_batchnorm(compiler.import_module(model, example))
+    with target:
+        lowered = lower(conv_plan, mod)
+    names = kernel_names(lowered)
+    assert "sparse_conv2d_direct" in names and any("relu" in n for n in names), names
+    bias = [f for gv, f in lowered.functions.items() if gv.name_hint == "sparse_conv2d_direct"]
+    assert len(bias[0].params) == 6  # x, values, offsets, indptr, bias, out: no residual
+    with torch.no_grad():
+        ref = model(example).numpy()
+    assert relative_error(run_model(lowered, target, example), ref) <= 1e-4
 
 
 def half_zero_weight(case: Case) -> np.ndarray:

@@ -116,6 +116,27 @@ def test_dilation(kernel):
                dilation=(2, 2), stride=(2, 1))
 
 
+@pytest.mark.parametrize("kernel", sparse.KERNELS)
+@pytest.mark.parametrize("block", [CSR, BSR4], ids=["csr", "bsr4x1"])
+@pytest.mark.parametrize("residual,relu", [(False, True), (True, False), (True, True)])
+def test_epilogue_adds_bias_and_residual_then_relu(kernel, block, residual, relu):
+    """Two images, a strided conv with a ragged output-channel block: each output gets its
+    channel's bias, the residual at its own position, then ReLU."""
+    rng = np.random.default_rng(8)
+    x = rng.standard_normal((2, 5, 12, 10)).astype("float32")
+    w, bias = pruned((7, 5, 3, 3), 0.7), rng.standard_normal(7).astype("float32")
+    res = rng.standard_normal((2, 7, 6, 5)).astype("float32")
+    conv = dict(stride=(2, 2), padding=(1, 1, 1, 1))
+
+    def emit(bb, xv):
+        return sparse.emit_conv(bb, conv_call(bb, xv, w, **conv), kernel, block, bias,
+                                relax.const(res) if residual else None, relu)
+
+    ref = torch_conv(x, w, **conv) + bias.reshape(1, 7, 1, 1) + (res if residual else 0)
+    ref = np.maximum(ref, 0) if relu else ref
+    assert rel_err(run(emit, x), ref) <= TOL
+
+
 CHUNKED = [
     pytest.param(1, 40, 9, 11, 37, 3, 3, (1, 1), (1, 1, 1, 1), (1, 1), id="3x3-ragged-row-groups"),
     pytest.param(2, 24, 12, 10, 20, 3, 3, (2, 2), (1, 1, 1, 1), (1, 1), id="3x3-s2-batch2"),
@@ -227,12 +248,13 @@ def test_index_arrays_are_call_tir_constants():
     with bb.function("main", [xv]):
         call = sparse.emit_conv(bb, conv_call(bb, xv, w, padding=(1, 1, 1, 1)), "direct", CSR)
         bb.emit_func_output(bb.emit(call))
-    data, offsets, indptr = (a.value.numpy() for a in call.args[1].fields[1:])
+    data, offsets, indptr, bias = (a.value.numpy() for a in call.args[1].fields[1:])
     assert data.size == np.count_nonzero(w)
     np.testing.assert_array_equal(np.sort(data.ravel()), np.sort(w[w != 0]))
     assert offsets.shape == (data.shape[0], 1) and indptr.shape == (9,)
     func = _prim_funcs(bb.get())["sparse_conv2d_direct"]
-    assert len(func.params) == 5 and func.attrs["tirx.is_scheduled"]
+    np.testing.assert_array_equal(bias, np.zeros(8, np.float32))  # the model has none
+    assert len(func.params) == 6 and func.attrs["tirx.is_scheduled"]
 
 
 @pytest.mark.parametrize("kernel", sparse.KERNELS)
