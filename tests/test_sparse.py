@@ -166,16 +166,23 @@ def test_direct_walks_input_channels_in_chunks(monkeypatch, block, n, c, h, w, o
 
     err = rel_err(run(emit, x), torch_conv(x, weight, **conv))
     assert err <= TOL, f"relative error {err:.2e}"
-    indptr = calls[0].args[1].fields[3].value.numpy()
-    block_rows = -(-o // block.rows)
-    assert len(indptr) > block_rows + 1 and (len(indptr) - 1) % block_rows == 0
+    data, indptr = (calls[0].args[1].fields[i].value.numpy() for i in (1, 3))
     sm = sparse.conv_weight_to_sparse(weight, 1, block)
+    assert len(indptr) > -(-o // block.rows) + 1  # more (row, chunk) slots than rows
     assert indptr[-1] == sm.blocks and np.all(np.diff(indptr) >= 0)
-    n_chunks = (len(indptr) - 1) // block_rows
-    per = -(-c // n_chunks)
-    channel = sm.indices[:sm.blocks] * block.cols // (kh * kw)   # a block's first column's
+    # the kernel's blocks, traced back to the matrix's by their first nonzero value
+    where = {b.flat[np.flatnonzero(b)[0]]: (row, col) for row in range(len(sm.indptr) - 1)
+             for b, col in zip(sm.data[sm.indptr[row]:sm.indptr[row + 1]],
+                               sm.indices[sm.indptr[row]:sm.indptr[row + 1]])}
+    seen = {}
     for k in range(len(indptr) - 1):
-        assert np.all(channel[indptr[k]:indptr[k + 1]] // per == k % n_chunks)
+        blocks = [where[b.flat[np.flatnonzero(b)[0]]] for b in data[indptr[k]:indptr[k + 1]]]
+        assert len({row for row, _ in blocks}) <= 1  # a slot holds one row's blocks
+        for row, col in blocks:
+            seen.setdefault(row, []).append(col)
+    # every block once, each row's in column order across its slots (chunks by channel)
+    assert sum(map(len, seen.values())) == sm.blocks
+    assert all(cols == sorted(cols) for cols in seen.values())
 
 
 def test_chunks_only_where_they_pay():
