@@ -337,6 +337,15 @@ def _accumulate(acc, buf, data, offs, indptr, brow, base, rows, cols, nv, lanes)
                         acc[r, u, v] = acc[r, u, v] + data[j, r, c] * buf[off + u * lanes + v]
 
 
+@T.macro
+def _to_tile(acc, tile, rows, nv, lanes):
+    """The accumulators as rows of nv * lanes floats, for stores that start mid-vector."""
+    for r in T.unroll(rows):
+        for u in T.unroll(nv):
+            for v in T.vectorized(lanes):
+                tile[r, u * lanes + v] = acc[r, u, v]
+
+
 @dataclass(frozen=True)
 class _PhaseSplit:
     """The input, zero-padded and split by stride phase: buf[n, ic, ph, pw, hq, wq]. Output
@@ -421,6 +430,34 @@ def _phase_split(x, buf, n_img, ic, h, w, sh, sw, hq, wq, pt, pl, size, zoff, np
                     buf[dst + q] = T.float32(0)
     for n, q in T.grid(n_img, size - zoff):
         buf[n * size + zoff + q] = T.float32(0)
+
+
+def _entry(body, x_shape: tuple, n_blocks: int, block: BlockShape, n_ptr: int,
+           out_shape: tuple, residual: bool, flat: bool = False) -> tvm.tirx.PrimFunc:
+    """A conv kernel's PrimFunc around `body(x, data, offs, indptr, bias, res, out)`:
+    parameters x, data, offs, indptr, bias, [residual,] out (`res` None without one; with
+    `flat`, the residual seen as one dimension)."""
+    NB, R, C, O = n_blocks, block.rows, block.cols, out_shape[1]
+    SIZE = int(np.prod(out_shape))
+
+    @T.prim_func
+    def with_residual(x: T.Buffer(x_shape, "float32"), data: T.Buffer((NB, R, C), "float32"),
+                      offs: T.Buffer((NB, C), "int32"), indptr: T.Buffer((n_ptr,), "int32"),
+                      bias: T.Buffer((O,), "float32"), res: T.Buffer(out_shape, "float32"),
+                      out: T.Buffer(out_shape, "float32")):
+        if flat:
+            res_flat = T.decl_buffer((SIZE,), "float32", data=res.data)
+            body(x, data, offs, indptr, bias, res_flat, out)
+        else:
+            body(x, data, offs, indptr, bias, res, out)
+
+    @T.prim_func
+    def without(x: T.Buffer(x_shape, "float32"), data: T.Buffer((NB, R, C), "float32"),
+                offs: T.Buffer((NB, C), "int32"), indptr: T.Buffer((n_ptr,), "int32"),
+                bias: T.Buffer((O,), "float32"), out: T.Buffer(out_shape, "float32")):
+        body(x, data, offs, indptr, bias, None, out)
+
+    return _mark_scheduled(with_residual if residual else without)
 
 
 # Bytes of L1 the direct kernel's working set should fit in: one chunk of input channels (the
@@ -530,10 +567,7 @@ def _direct_func(s: ConvShape, block: BlockShape, n_blocks: int, isa: Isa,
                                 for v in T.vectorized(L):
                                     partial[at + (r * NV + u) * L + v] = acc[r, u, v]
                     else:
-                        for r in T.unroll(R):
-                            for u in T.unroll(NV):
-                                for v in T.vectorized(L):
-                                    tile[r, u * L + v] = acc[r, u, v]
+                        _to_tile(acc, tile, R, NV, L)
                         for r in range(R):
                             if brow * R + r < O:
                                 for i in range(K_ROWS):
@@ -545,31 +579,12 @@ def _direct_func(s: ConvShape, block: BlockShape, n_blocks: int, isa: Isa,
                                                 (task // NG, brow * R + r, rt * K_ROWS + i,
                                                  c0 + v), RELU)
 
-    @T.prim_func
-    def sparse_conv2d_direct(x: T.Buffer((N, IC, H, W), "float32"),
-                             data: T.Buffer((NB, R, C), "float32"),
-                             offs: T.Buffer((NB, C), "int32"),
-                             indptr: T.Buffer((NG * NCH * G + 1,), "int32"),
-                             bias: T.Buffer((O,), "float32"),
-                             out: T.Buffer((N, O, OH, OW), "float32")):
-        body(x, data, offs, indptr, bias, None, out)
-
-    @T.prim_func
-    def sparse_conv2d_direct_res(x: T.Buffer((N, IC, H, W), "float32"),
-                                 data: T.Buffer((NB, R, C), "float32"),
-                                 offs: T.Buffer((NB, C), "int32"),
-                                 indptr: T.Buffer((NG * NCH * G + 1,), "int32"),
-                                 bias: T.Buffer((O,), "float32"),
-                                 res: T.Buffer((N, O, OH, OW), "float32"),
-                                 out: T.Buffer((N, O, OH, OW), "float32")):
-        body(x, data, offs, indptr, bias, res, out)
-
     def index_arrays(sm: SparseMatrix) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
         order, ptr = ch.pointers(sm, s.kh, s.kw)
         return p.offsets(s, _element_columns(sm)), ptr, order
 
-    func = sparse_conv2d_direct_res if epi.residual else sparse_conv2d_direct
-    return _mark_scheduled(func), index_arrays
+    return _entry(body, (N, IC, H, W), NB, block, NG * NCH * G + 1, (N, O, OH, OW),
+                  epi.residual), index_arrays
 
 
 # Bytes of one im2col panel: it should stay in L2 while every block row reads it.
@@ -611,10 +626,7 @@ def _im2col_func(s: ConvShape, block: BlockShape, n_blocks: int, isa: Isa,
                  nv):
         """Multiply vectors [sub * NV, sub * NV + nv) of the panel, store to the output."""
         _accumulate(acc, panel, data, offs, indptr, b, sub * NV * L, R, C, nv, L)
-        for r in T.unroll(R):
-            for u in T.unroll(nv):
-                for v in T.vectorized(L):
-                    tile[r, u * L + v] = acc[r, u, v]
+        _to_tile(acc, tile, R, nv, L)
         for r in range(R):
             if b * R + r < O:
                 at = T.Bind((n * O + b * R + r) * P + pan * K_P * OW + sub * NV * L)
@@ -655,32 +667,12 @@ def _im2col_func(s: ConvShape, block: BlockShape, n_blocks: int, isa: Isa,
                 sub_tile(acc, tile, panel, data, offs, indptr, bias, res_flat, out_flat, n, b,
                          pan, N_SUB - 1, NV_LAST)
 
-    @T.prim_func
-    def sparse_conv2d_im2col(x: T.Buffer((N, IC, H, W), "float32"),
-                             data: T.Buffer((NB, R, C), "float32"),
-                             offs: T.Buffer((NB, C), "int32"),
-                             indptr: T.Buffer((MB + 1,), "int32"),
-                             bias: T.Buffer((O,), "float32"),
-                             out: T.Buffer((N, O, OH, OW), "float32")):
-        body(x, data, offs, indptr, bias, None, out)
-
-    @T.prim_func
-    def sparse_conv2d_im2col_res(x: T.Buffer((N, IC, H, W), "float32"),
-                                 data: T.Buffer((NB, R, C), "float32"),
-                                 offs: T.Buffer((NB, C), "int32"),
-                                 indptr: T.Buffer((MB + 1,), "int32"),
-                                 bias: T.Buffer((O,), "float32"),
-                                 res: T.Buffer((N, O, OH, OW), "float32"),
-                                 out: T.Buffer((N, O, OH, OW), "float32")):
-        res_flat = T.decl_buffer((N * O * P,), "float32", data=res.data)
-        body(x, data, offs, indptr, bias, res_flat, out)
-
     def index_arrays(sm: SparseMatrix) -> tuple[np.ndarray, np.ndarray]:
         col = _element_columns(sm)      # padding columns read the zero rows KK.. of the panel
         return (np.where(col >= 0, col, KK) * VP).astype(np.int32), sm.indptr
 
-    func = sparse_conv2d_im2col_res if epi.residual else sparse_conv2d_im2col
-    return _mark_scheduled(func), index_arrays
+    return _entry(body, (N, IC, H, W), NB, block, MB + 1, (N, O, OH, OW),
+                  epi.residual, flat=True), index_arrays
 
 
 def _linear_func(batch: int, k: int, o: int, block: BlockShape, n_blocks: int, isa: Isa):
@@ -708,10 +700,7 @@ def _linear_func(batch: int, k: int, o: int, block: BlockShape, n_blocks: int, i
                 acc = T.alloc_buffer((R, NV, L), "float32", scope="local")
                 tile = T.alloc_buffer((R, VP), "float32", scope="local")
                 _accumulate(acc, buf, data, offs, indptr, b, pc * KP * VP, R, C, NV, L)
-                for r in T.unroll(R):
-                    for u in T.unroll(NV):
-                        for v in T.vectorized(L):
-                            tile[r, u * L + v] = acc[r, u, v]
+                _to_tile(acc, tile, R, NV, L)
                 for r, v in T.grid(R, VP):
                     if b * R + r < o and pc * VP + v < batch:
                         out[pc * VP + v, b * R + r] = tile[r, v]
