@@ -776,7 +776,7 @@ class SparseLowering(Primitive):
         self.fused = 0
         return fused
 
-    def lower_fused(self, bb: relax.BlockBuilder, chain: "_Epilogue") -> relax.Expr | None:
+    def lower_fused(self, bb: relax.BlockBuilder, chain: "_EpilogueChain") -> relax.Expr | None:
         """The sparse kernel for `chain`'s conv with its epilogue, or None where it cannot."""
         conv = Conv.of(chain.conv)
         try:
@@ -847,7 +847,7 @@ def _constant_weight(weight: relax.Expr) -> np.ndarray:
 
 
 @dataclass
-class _Epilogue:
+class _EpilogueChain:
     """A conv and what follows it that its sparse kernel can apply: + bias, + residual, ReLU,
     in that order. `end` is the last call of the chain, whose result the kernel's replaces."""
     conv: relax.Call
@@ -858,7 +858,7 @@ class _Epilogue:
 
 
 def _epilogue_chains(func: relax.Function, takes: Callable[[relax.Call], bool]
-                     ) -> list[_Epilogue]:
+                     ) -> list[_EpilogueChain]:
     """The chains conv -> [add constant bias] -> [add residual] -> [relu] in `func`'s dataflow
     blocks, for the convs `takes`, each step the only user of the previous one's result; a
     binding belongs to one chain at most."""
@@ -879,7 +879,7 @@ def _epilogue_chains(func: relax.Function, takes: Callable[[relax.Call], bool]
         if not (isinstance(value, relax.Call) and getattr(value.op, "name", "") ==
                 "relax.nn.conv2d" and takes(value)):
             continue
-        chain, cur, step = _Epilogue(value, value), var, 0
+        chain, cur, step = _EpilogueChain(value, value), var, 0
         out_shape = sparse.static_shape(var)
         while uses[cur] == 1 and isinstance(users.get(cur), relax.Call) and not any(
                 users[cur].same_as(t) for t in taken):
@@ -930,7 +930,7 @@ class _FuseSparseEpilogues(PyExprMutator):
                 chain.conv.op, [self.visit_expr(chain.conv.args[0]), chain.conv.args[1]],
                 chain.conv.attrs))
             residual = None if chain.residual is None else self.visit_expr(chain.residual)
-            fused = self.lowering.lower_fused(self.builder_, _Epilogue(
+            fused = self.lowering.lower_fused(self.builder_, _EpilogueChain(
                 conv, call, chain.bias, residual, chain.relu))
             if fused is not None:
                 return fused

@@ -486,7 +486,7 @@ class _Chunks:
         """`rows_read` phase rows of `wq` floats per input channel and phase for one row tile;
         `tile_bytes` of partial sums per block row. Grouped convs walk only their own
         channels, so chunking would buy them nothing."""
-        group = min(16, max(1, block_rows // 8))
+        group = min(16, max(1, block_rows // 8))  # at least 8 groups: work for every core
         per_channel = s.stride[0] * s.stride[1] * rows_read * wq * 4
         per = max(1, (L1_BYTES - group * tile_bytes) // per_channel)
         n = min(-(-s.ic // per), n_blocks // (block_rows * MIN_CHUNK_BLOCKS))
