@@ -292,13 +292,19 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+def _feature_key(name: str) -> str:
+    """A feature name as both spellings agree on: /proc/cpuinfo writes `amx_bf16` and
+    `sse4_1`, LLVM `amx-bf16` and `sse4.1`."""
+    return name.replace("_", "").replace("-", "").replace(".", "")
+
+
 def _cpuinfo_flags() -> set[str] | None:
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
                 if line.startswith("flags"):
                     flags = line.split(":", 1)[1].split()
-                    return {_CPUINFO_ALIASES.get(x, x).replace("_", "") for x in flags}
+                    return {_feature_key(_CPUINFO_ALIASES.get(x, x)) for x in flags}
     except OSError:
         return None
     return None
@@ -312,8 +318,7 @@ def local_target(threads: int) -> tvm.target.Target:
     if flags is not None and platform.machine() in ("x86_64", "AMD64"):
         assumed = tvm.target.codegen.llvm_get_cpu_features(tvm.target.Target(spec))
         missing = sorted(f for f in assumed
-                         if f.startswith(_ISA_PREFIXES) and f.replace(".", "") not in
-                         {x.replace(".", "") for x in flags})
+                         if f.startswith(_ISA_PREFIXES) and _feature_key(f) not in flags)
         if missing:
             spec["mattr"] = [f"-{f}" for f in missing]
     return tvm.target.Target(spec)

@@ -93,6 +93,9 @@ def test_local_target_uses_only_features_the_os_reports():
     enabled = tvm_features(target)
     hidden = {f for f in enabled if f.startswith("avx512") and f not in flags}
     assert not hidden
+    # and nothing the OS does report is switched off (LLVM's `amx-bf16` is cpuinfo's amx_bf16)
+    off = {f[1:] for f in target.attrs.get("mattr", [])}
+    assert not {f for f in off if hardware._feature_key(f) in flags}
 
 
 def tvm_features(target) -> set:
