@@ -96,13 +96,20 @@ def fma_loop(threads: int, lanes: int, chains: int = 12, depth: int = 8):
     return fma, depth
 
 
-def peak_gflops(device, fma_units: int = 2, rounds: int = 7) -> tuple[float, str]:
+# CPUs whose FMA units are narrower than their widest vectors: Zen 4 runs a 512-bit FMA on
+# both of its 256-bit FMA pipes, so it issues one 512-bit (16-lane) FMA per cycle, not two.
+HALF_WIDTH_FMA = {"znver4"}
+
+
+def peak_gflops(device, rounds: int = 7) -> tuple[float, str]:
     """fp32 roofline: cores x SIMD lanes x FMA units x 2 flops x clock, with the clock the one
     the cores run at under an FMA loop on all of them (measured: the nominal clock that
     /proc/cpuinfo shows on a VM is not the one the cores boost to). Median of `rounds`."""
     import numpy as np
     features = tvm.target.codegen.llvm_get_cpu_features(device.target)
     lanes = 16 if "avx512f" in features else 8 if "avx2" in features else 4
+    mcpu = str(device.target.attrs.get("mcpu", ""))
+    fma_units = 1 if lanes == 16 and mcpu in HALF_WIDTH_FMA else 2
     threads, chains, iters = device.threads, 12, 1_000_000
     func, depth = fma_loop(threads, lanes, chains)
     kernel = tvm.compile(func, device.target)
@@ -123,7 +130,9 @@ def peak_gflops(device, fma_units: int = 2, rounds: int = 7) -> tuple[float, str
             if line.startswith("cpu MHz"):
                 nominal = float(line.split(":")[1]) / 1000
                 break
-    return peak, (f"{threads} cores x {lanes} fp32 lanes x {fma_units} FMA x 2 x {ghz:.2f} GHz "
+    units = (f"{fma_units} FMA" if fma_units == 2 else
+             f"{fma_units} FMA ({mcpu}: a {lanes * 32}-bit FMA takes both of its FMA pipes)")
+    return peak, (f"{threads} cores x {lanes} fp32 lanes x {units} x 2 x {ghz:.2f} GHz "
                   f"= {peak:.0f} GFLOP/s (measured: an FMA loop on every core ran at "
                   f"{min(rates):.0f}-{max(rates):.0f} GFLOP/s, the clock is what that "
                   f"implies; /proc/cpuinfo gives {nominal:.2f} GHz)")
