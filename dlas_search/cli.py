@@ -186,8 +186,8 @@ def cmd_search(args) -> int:
 def cmd_trial(args) -> int:
     from . import pipeline, tracking
     from .cache import StageCache
-
     from .search import check_config
+    from .trial import run_and_log
     space = _load(args)
     config = space.defaults()
     check_config(config)
@@ -199,19 +199,16 @@ def cmd_trial(args) -> int:
         runs = tracker.client.search_runs([tracker.experiment_id],
                                           f"tags.`{tracking.ROLE}` = 'trial'", max_results=50000)
         run_id = tracker.start_trial(len(runs), config.summary(), config.params())
+        cache = StageCache(cache_dir if cache_dir is not None else tracking.TRACKING_DIR / "cache")
         try:
-            result = pipeline.run(config, StageCache(
-                cache_dir if cache_dir is not None else tracking.TRACKING_DIR / "cache"))
+            result = run_and_log(config, tracker, run_id, lambda c: pipeline.run(c, cache), space,
+                                 require_objectives=False)
         except Exception as e:
-            import traceback
-            tracker.fail_trial(run_id, traceback.format_exc())
             tracker.close_study("FINISHED")
             outcome = {"params": config.params(), "metrics": {}, "status": "FAILED",
                        "run_id": run_id, "error": f"{type(e).__name__}: {e}"}
             code = 1
         else:
-            tracker.finish_trial(run_id, result.metrics, result.tags(), result.artifacts)
-            result.discard_artifacts()
             tracker.close_study("FINISHED")
             outcome = {"params": config.params(), "metrics": result.metrics,
                        "status": "FINISHED", "run_id": run_id}

@@ -26,11 +26,37 @@ from . import lowering, tuning
 from .algorithms import Primitive
 from .errors import BadInput
 from .faults import layer
+from .registry import Registry
 
-BACKENDS = ("tvm", "torch")
-TUNERS = ("none", "metaschedule")
+__all__ = ["BACKENDS", "TUNERS", "DEFAULT_TRIALS", "DEFAULT_DATABASE", "CompilerConfig",
+           "Compiled", "save", "load", "check", "compile", "imported", "import_module",
+           "fold_batchnorm", "exportable", "max_relative_error", "LIBRARY", "INFO", "RECORDS"]
+
+BACKENDS = Registry("compiler.backend", "compiler backend")
+TUNERS = Registry("compiler.tuner", "tuner")
 DEFAULT_TRIALS = 200
 DEFAULT_DATABASE = "tracking/tuning"
+
+
+def _eager_runs_locally(config) -> str | None:
+    """PyTorch eager (`compiler.backend: torch`) runs in this process, on the local CPU."""
+    try:
+        device = config.target().device
+    except BadInput:
+        return None  # an unknown target is reported as such, by the hardware check
+    if device == "local":
+        return None
+    return (f"compiler.backend torch runs PyTorch eager on the local CPU only; hw.target "
+            f"{config.hw.target} is a {device} device (use compiler.backend tvm there)")
+
+
+BACKENDS.register("tvm", "Apache TVM: torch.export -> Relax -> tvm.compile",
+                  label="tvm")
+BACKENDS.register("torch", "PyTorch eager, timed under the same protocol (layers 4-5 unused)",
+                  label="eager", infeasible=_eager_runs_locally, reads=("hw.target",))
+TUNERS.register("none", "TVM's default lowering (plain loops)", label="untuned")
+TUNERS.register("metaschedule", "MetaSchedule-tuned schedules (records kept in a database)",
+                label="tuned", settings=("trials", "database", "cold_weights"))
 
 
 @dataclass(frozen=True)
@@ -44,7 +70,7 @@ class CompilerConfig:
         "unset": DEFAULT_TRIALS})
     # Tuning database folder (one subfolder per target); unset: tracking/tuning.
     database: str | None = field(default=None, metadata={
-        "when": {"compiler.tuner": ("metaschedule",)}, "unset": "tracking/tuning"})
+        "when": {"compiler.tuner": ("metaschedule",)}, "unset": DEFAULT_DATABASE})
     # Measure tuning candidates with their weights evicted from the caches (as in a whole
     # model whose weights exceed the last-level cache); records kept apart. Unset: false.
     cold_weights: bool | None = field(default=None, metadata={

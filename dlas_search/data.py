@@ -36,10 +36,13 @@ from torchvision import transforms as T
 from torchvision.datasets import CIFAR10, ImageFolder
 from torchvision.datasets.utils import download_and_extract_archive
 
-from .errors import BadInput, allowed
+from .errors import BadInput
+from .registry import Registry
 
-DATASETS: dict[str, Callable[["DataConfig", int], tuple[Dataset, Dataset, int]]] = {}
-CHECKS: dict[str, Callable[["DataConfig"], None]] = {}
+__all__ = ["DATASETS", "DataConfig", "Data", "dataset", "check", "load"]
+
+# data.name -> loader `fn(cfg, seed) -> (train, val, num_classes)`; metadata `check(cfg)`
+DATASETS = Registry("data.name", "dataset")
 DOWNLOAD_TIMEOUT_S = 15.0  # per socket operation: offline, a download fails fast, never hangs
 CIFAR10_MEAN, CIFAR10_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -48,12 +51,7 @@ IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 def dataset(name: str, check: Callable[["DataConfig"], None] | None = None):
     """Register a loader `fn(cfg, seed) -> (train, val, num_classes)` (datasets of
     (CHW float tensor, label)) and, optionally, a `check(cfg)` that raises BadInput early."""
-    def register(fn):
-        DATASETS[name] = fn
-        if check is not None:
-            CHECKS[name] = check
-        return fn
-    return register
+    return DATASETS.register(name, check=check)
 
 
 @dataclass(frozen=True)
@@ -93,17 +91,15 @@ class Data:
 def check(cfg: DataConfig) -> None:
     """Raise BadInput if `cfg` cannot load (unknown name, missing folder or package), cheaply
     and before any work."""
-    if cfg.name not in DATASETS:
-        raise allowed("data.name", cfg.name, list(DATASETS))
-    if cfg.name in CHECKS:
-        CHECKS[cfg.name](cfg)
+    DATASETS.lookup(cfg.name)
+    check_early = DATASETS.meta(cfg.name).get("check")
+    if check_early is not None:
+        check_early(cfg)
 
 
 def load(cfg: DataConfig, seed: int) -> Data:
     """Load the dataset `cfg.name` with a split and subsets fixed by `seed`."""
-    if cfg.name not in DATASETS:
-        raise allowed("data.name", cfg.name, list(DATASETS))
-    train, val, num_classes = DATASETS[cfg.name](cfg, seed)
+    train, val, num_classes = DATASETS.lookup(cfg.name)(cfg, seed)
     train, val = _subset(train, cfg.subset_train, seed), _subset(val, cfg.subset_val, seed)
     generator = torch.Generator().manual_seed(seed)
     train_loader = DataLoader(train, batch_size=cfg.batch_size, shuffle=True, generator=generator,

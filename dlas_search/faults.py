@@ -17,8 +17,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-LAYERS = ("hardware", "data", "model", "compression", "fine-tune", "compile", "tune",
-          "measure")
+from .result import TrialResult
+from .stack import STAGES
+
+__all__ = ["LAYERS", "layer", "failed_layer", "TrialFailed", "Limits", "run_limited"]
+
+LAYERS = STAGES  # what a failure is attributed to (stack.py names them)
 _ATTRIBUTE = "dlas_layer"
 # a spawned child imports torch, TVM and the package before the trial starts; the time limit
 # counts from the trial's start, this bounds the imports (a loaded machine takes tens of s)
@@ -73,8 +77,7 @@ def _child(conn, run: Callable, config: Any, cache_root: str | None) -> None:
     conn.send(("started", None))
     try:
         result = run(config, StageCache(cache_root))
-        conn.send(("done", {"metrics": result.metrics, "cache": result.cache,
-                            "info": result.info, "artifacts": result.artifacts}))
+        conn.send(("done", result.to_message()))
     except BaseException as e:
         conn.send(("error", (f"{type(e).__name__}: {e}", failed_layer(e),
                              traceback.format_exc())))
@@ -108,10 +111,9 @@ def _rss_mb(pid: int) -> float:
 def run_limited(run: Callable, config: Any, cache_root: str | Path | None, limits: Limits,
                 poll_s: float = 0.2):
     """Run `run(config, StageCache(cache_root))` in a spawned child (torch and TVM do not
-    survive fork) and return a `pipeline.TrialResult` of what it measured; kill the child and
+    survive fork) and return a `TrialResult` of what it measured; kill the child and
     raise TrialFailed when it runs past `limits.timeout_s` or its resident memory (with its
     children's) passes `limits.memory_mb`."""
-    from .pipeline import TrialResult
     context = multiprocessing.get_context("spawn")
     receive, send = context.Pipe(duplex=False)
     process = context.Process(target=_child, name="dlas-trial", daemon=True,
@@ -136,9 +138,7 @@ def run_limited(run: Callable, config: Any, cache_root: str | Path | None, limit
                     current = payload
                 elif kind == "done":
                     process.join(30)
-                    return TrialResult(payload["metrics"], payload["cache"], payload["info"],
-                                       artifacts={k: Path(v) for k, v in
-                                                  payload["artifacts"].items()})
+                    return TrialResult.from_message(payload)
                 else:
                     message, where, text = payload
                     process.join(30)

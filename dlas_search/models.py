@@ -36,6 +36,10 @@ from torch import nn
 from . import training
 from .data import Data
 from .errors import BadInput, allowed
+from .registry import Registry
+
+__all__ = ["STEMS", "PAPER_ARCHS", "ModelConfig", "stem", "family", "check", "describe", "create",
+           "build", "torchvision_names"]
 
 PAPER_ARCHS = ("resnet18", "resnet50", "mobilenet_v2", "vgg16", "densenet161",
                "efficientnet_b0", "mnasnet1_0")
@@ -79,15 +83,13 @@ class WeightSources:
 
 # --- small-input adapters (`model.stem: cifar`), one per torchvision family ------------------
 
-STEMS: dict[str, Callable[[nn.Module], nn.Module]] = {}
+# torchvision family (builder module name) -> its small-input adapter for `model.stem: cifar`
+STEMS = Registry("model.family", "small-input (cifar) stem")
 
 
 def stem(family: str):
     """Register the small-input adapter of a torchvision family (its module name)."""
-    def register(fn):
-        STEMS[family] = fn
-        return fn
-    return register
+    return STEMS.register(family)
 
 
 @stem("resnet")
@@ -208,7 +210,7 @@ def create(cfg: ModelConfig, num_classes: int) -> nn.Module:
     else:
         model = torchvision.models.get_model(cfg.arch, weights=None, num_classes=num_classes)
     if cfg.stem == "cifar":
-        model = STEMS[family(cfg.arch)](model)
+        model = STEMS.lookup(family(cfg.arch))(model)
     if cfg.weights == "imagenet":
         _replace_head(model, num_classes)
     elif cfg.weights != "random":

@@ -18,6 +18,7 @@ import numpy as np
 from mlflow.tracking import MlflowClient
 
 from .errors import BadInput
+from .stack import group_order
 from .tracking import ROLE, STUDY, TRIAL
 
 
@@ -265,16 +266,12 @@ def _pairs_figure(trials: Trials):
     return fig.update_layout(title=title, height=450)
 
 
-LAYER_ORDER = ("data", "model", "compress", "finetune", "algo", "compiler", "hw")
-
-
 def _parallel_figure(trials: Trials):
     import plotly.graph_objects as go
 
     varied = sorted({k for row in trials.rows for k in row["params"]
                      if len({r["params"].get(k) for r in trials.rows}) > 1},
-                    key=lambda k: (LAYER_ORDER.index(k.split(".")[0])
-                                   if k.split(".")[0] in LAYER_ORDER else 99, k))
+                    key=lambda k: (group_order(k), k))
     dimensions, colours = [], {}
     for key in varied:
         values = [row["params"].get(key, "-") for row in trials.rows]

@@ -18,8 +18,8 @@ A choice declares what it knows about itself as attributes (for a class) or as k
 metadata at registration: `label` (a few words for run names and reports), `settings` (the
 parameters of its layer that apply only to it), `precision`, and `infeasible(config)` (a
 constraint on the rest of the trial's configuration: the reason it cannot run, or None).
-`Registry.infeasible(config)` asks the chosen entry of every registry, so a constraint is
-written once, beside its choice.
+`registry.infeasible(params, config)` asks the chosen entry of every registry, so a
+constraint is written once, beside its choice (with `reads`: the other parameters it reads).
 """
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ from typing import Any, Callable, Iterator, Mapping
 
 from .errors import allowed
 
-__all__ = ["Registry", "REGISTRIES", "infeasible"]
+__all__ = ["Registry", "REGISTRIES", "infeasible", "constrained"]
 
 # key (the dotted parameter, or the space's section for `sampler`) -> its registry
 REGISTRIES: dict[str, "Registry"] = {}
@@ -70,9 +70,9 @@ class Registry(Mapping):
     def lookup(self, name: str, where: str = "") -> Any:
         """The entry for `name`; BadInput naming the key, the value, the closest allowed name
         and all the allowed ones otherwise."""
-        if name not in self._items:
+        if name not in self.names():  # a list, not a dict: a YAML value may be unhashable
             raise allowed(f"{where}{self.key}", name, self.names())
-        return self._items[name]
+        return self[name]
 
     def meta(self, name: str) -> dict[str, Any]:
         """The keyword metadata `name` was registered with (empty if none)."""
@@ -130,3 +130,16 @@ def infeasible(params: Mapping[str, Any], config: Any) -> str | None:
             if reason:
                 return reason
     return None
+
+
+def constrained() -> tuple[str, ...]:
+    """The parameters the registered constraints read (each rule's `reads`, with its own
+    registry's key), for enumerating a space's choices that could rule configurations out."""
+    names: list[str] = []
+    for key, registry in REGISTRIES.items():
+        for name in registry.names():
+            if callable(registry.attr(name, "infeasible")):
+                for read in (key, *registry.attr(name, "reads", ())):
+                    if read not in names:
+                        names.append(read)
+    return tuple(names)

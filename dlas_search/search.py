@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import sys
 import time
-import traceback
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,10 +14,11 @@ import optuna
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
 
-from . import compiler, data, faults, hardware, models, pareto, pipeline, tracking
+from . import compiler, data, faults, hardware, models, pareto, pipeline, samplers, tracking
 from .cache import StageCache
 from .errors import BadInput
-from .space import Space, TrialConfig, infeasible
+from .space import Space, TrialConfig
+from .trial import Failure, run_and_log
 
 
 def default_storage() -> str:
@@ -68,9 +68,8 @@ def check_config(config: TrialConfig) -> None:
     """The early checks of one configuration to run (raise BadInput): the layers' own, and
     the space's constraints (e.g. sparse format only for unstructured-pruned fp32 models)."""
     _check_layers(config)
-    reason = infeasible(config)
-    if reason:
-        raise BadInput(reason)
+    if config.ruled_out:
+        raise BadInput(config.ruled_out)
     check_targets([config])
 
 
@@ -85,25 +84,8 @@ def make_sampler(space: Space, already: int, worker: int = 0) -> optuna.samplers
     a continued study explores new points instead of replaying the first run's; each worker
     has its own, or workers starting together would propose the same points."""
     seed = space.seed + already + 1_000_003 * worker
-    name = space.sampler["name"]
     constraints = _constraints if space.thresholds else None
-    if name == "nsga2":
-        return optuna.samplers.NSGAIISampler(
-            population_size=space.sampler.get("population_size", 50), seed=seed,
-            constraints_func=constraints)
-    if name == "tpe":
-        with warnings.catch_warnings():  # constraints_func is experimental in Optuna
-            warnings.simplefilter("ignore")
-            return optuna.samplers.TPESampler(seed=seed, multivariate=True, group=True,
-                                              constraints_func=constraints)
-    if name == "grid":  # visits every grid point once, then stops the study
-        return optuna.samplers.GridSampler(space.grid(), seed=seed)
-    if name == "qmc":
-        with warnings.catch_warnings():  # experimental in Optuna
-            warnings.simplefilter("ignore")
-            return optuna.samplers.QMCSampler(qmc_type="sobol", scramble=True, seed=seed,
-                                              warn_independent_sampling=False)
-    return optuna.samplers.RandomSampler(seed=seed)
+    return samplers.SAMPLERS.lookup(space.sampler["name"])(space, seed, constraints)
 
 
 def _constraints(trial: optuna.trial.FrozenTrial) -> list[float]:
@@ -416,7 +398,7 @@ def suggest_new(space: Space, trial: optuna.Trial) -> TrialConfig:
     rule it out (`infeasible`: the reason) or it repeats a configuration that completed or that
     another worker is running (`duplicate_of`: that trial's number)."""
     config = space.suggest(trial)
-    reason = infeasible(config)
+    reason = config.ruled_out
     if reason:
         trial.set_user_attr("infeasible", reason)
         raise optuna.TrialPruned(reason)
@@ -472,48 +454,19 @@ class _Objective:
             self._tracking_lost(trial, why, ran=False)
             raise
         trial.set_user_attr("mlflow_run_id", run_id)
-        start, result = time.perf_counter(), None
-        try:
-            result = self.run(config)
-            missing = [m for m in self.space.objectives if m not in result.metrics]
-            if missing:
-                raise RuntimeError(f"objective {', '.join(missing)} was not measured on "
-                                   f"hw.target {config.hw.target} (PyTorch eager, the "
-                                   "speed-up's baseline, runs on the local CPU only)")
-            values = [result.metrics[m] for m in self.space.objectives]
-            if self.space.thresholds:  # outside a threshold: infeasible, never on the front
-                violations = self.space.violations(result.metrics)
-                trial.set_user_attr("constraints", violations)
-                result.metrics["threshold_violation"] = max(violations)
-                result.info["feasible"] = str(max(violations) <= 0).lower()
-            result.metrics["trial_s"] = time.perf_counter() - start
-            with faults.layer("artifacts"):  # e.g. disk full: the run must not look complete
-                self.tracker.finish_trial(run_id, result.metrics, result.tags(),
-                                          result.artifacts)
-        except BaseException as e:
-            if faults.failed_layer(e) == "artifacts" and isinstance(e, Exception) and \
-                    (lost := self.tracker.reachable()):  # the results are good; MLflow is not
-                self._tracking_lost(trial, lost, ran=True)
-            else:
-                reason = str(e) if isinstance(e, faults.TrialFailed) else f"{type(e).__name__}: {e}"
-                where = faults.failed_layer(e)
-                if where == "artifacts":
-                    reason = f"could not store the trial's results in MLflow: {reason}"
-                trial.set_user_attr("error", reason[:2000])
-                trial.set_user_attr("failed_layer", where)
-                text = getattr(e, "child_traceback", None) or traceback.format_exc()
-                try:
-                    self.tracker.fail_trial(run_id, f"{text}\n{reason}\n", "KILLED" if
-                                            isinstance(e, KeyboardInterrupt) else "FAILED",
-                                            layer=where)
-                except Exception as lost:
-                    self._tracking_lost(trial, f"{type(lost).__name__}: {str(lost)[:500]}",
-                                        ran=True)
-                _say(f"[trial {trial.number}] {config.summary()} FAILED in {where}: {reason}")
-                raise
-        finally:
-            if result is not None:
-                result.discard_artifacts()
+
+        def failed(failure: Failure) -> None:
+            trial.set_user_attr("error", failure.reason[:2000])
+            trial.set_user_attr("failed_layer", failure.layer)
+            _say(f"[trial {trial.number}] {config.summary()} FAILED in {failure.layer}: "
+                 f"{failure.reason}")
+
+        result = run_and_log(config, self.tracker, run_id, self.run, self.space,
+                             on_failure=failed, on_tracking_lost=lambda why, ran:
+                             self._tracking_lost(trial, why, ran))
+        if self.space.thresholds:
+            trial.set_user_attr("constraints", result.constraints)
+        values = [result.metrics[m] for m in self.space.objectives]
         for key in ("accuracy", "latency_ms", "size_mb", "speedup_vs_torch", "sparsity"):
             if key in result.metrics:  # no PyTorch baseline on a remote device
                 trial.set_user_attr(key, result.metrics[key])

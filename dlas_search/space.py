@@ -21,25 +21,17 @@ from typing import Any, Mapping
 import optuna
 import yaml
 
-from . import algorithms, compiler, compression, data, faults, hardware, models
+from . import algorithms, compiler, compression, data, faults, hardware, models, registry, samplers, stack
 from .errors import BadInput, allowed
 
-# layer prefix -> its configuration group, in stack order
-LAYERS: dict[str, type] = {
-    "data": data.DataConfig,
-    "model": models.ModelConfig,
-    "compress": compression.CompressConfig,
-    "finetune": compression.FinetuneConfig,
-    "algo": algorithms.AlgoConfig,
-    "compiler": compiler.CompilerConfig,
-    "hw": hardware.HardwareConfig,
-}
+# parameter group -> its configuration class, in stack order (stack.GROUPS)
+LAYERS: dict[str, type] = dict(zip(stack.GROUPS, (
+    data.DataConfig, models.ModelConfig, compression.CompressConfig,
+    compression.FinetuneConfig, algorithms.AlgoConfig, compiler.CompilerConfig,
+    hardware.HardwareConfig)))
 OBJECTIVE_METRICS = ("accuracy", "latency_ms", "size_mb", "macs", "params", "sparsity",
                      "speedup_vs_torch")
 DIRECTIONS = ("maximize", "minimize")
-# grid: every configuration exactly once (categorical choices and ranges with a step);
-# qmc: a scrambled Sobol sequence over the numeric ranges (choices drawn at random)
-SAMPLERS = ("tpe", "nsga2", "random", "grid", "qmc")
 TOP_LEVEL = ("study", "description", "seed", "objectives", "thresholds", "sampler", "budget",
              "targets", "artifacts", "space")
 # what each finished trial's run keeps under `model/` (tens of MB each: can be switched off)
@@ -62,6 +54,11 @@ class TrialConfig:
     # the run artifacts to keep (ARTIFACTS): not a setting of the stack
     artifacts: Mapping[str, bool] = field(default_factory=lambda: dict(ARTIFACTS),
                                           compare=False)
+    # why the space rules this configuration out (None: it can run), decided once, here
+    ruled_out: str | None = field(default=None, init=False, compare=False)
+
+    def __post_init__(self):
+        object.__setattr__(self, "ruled_out", infeasible(self))
 
     def target(self) -> hardware.TargetSpec:
         return hardware.lookup(self.hw.target, self.targets)
@@ -75,6 +72,20 @@ class TrialConfig:
         """A stable text of the given layers' settings and the seed (for cache keys)."""
         chosen = {k: v for k, v in self.params().items() if k.split(".")[0] in layers}
         return json.dumps({"seed": self.seed, **chosen}, sort_keys=True)
+
+    def resolved(self, group: str):
+        """The settings of parameter group `group` as its layer uses them: a setting that
+        applies but was left unset takes the default its field declares (`unset`), so a layer
+        never sees None for a setting it uses. `params()` and `key()` keep the values as
+        given (they name the run and key the stage cache)."""
+        settings, params, fill = getattr(self, group), self.params(), {}
+        for f in dataclasses.fields(settings):
+            applies = all(params.get(parent) in values
+                          for parent, values in f.metadata.get("when", {}).items())
+            if getattr(settings, f.name) is None and "unset" in f.metadata and \
+                    "when" in f.metadata and applies:
+                fill[f.name] = f.metadata["unset"]
+        return dataclasses.replace(settings, **fill) if fill else settings
 
     def summary(self) -> str:
         """A few words for run names and progress lines."""
@@ -325,7 +336,8 @@ class Space:
     def ruled_out(self) -> str | None:
         """Why no configuration of the space can run, when the constraints rule out every one
         (e.g. `algo.format: sparse` with `compress.method: none`); None when some can."""
-        reasons = [infeasible(c) for c in self.variants(*CONSTRAINED)]
+        constrained = ("compress.method", "algo.format", *registry.constrained())
+        reasons = [c.ruled_out for c in self.variants(*dict.fromkeys(constrained))]
         if reasons and all(reasons):
             return (f"{self.path}: the space's constraints rule out every configuration: "
                     f"{reasons[0]}")
@@ -351,7 +363,7 @@ class Space:
                 else:
                     nxt.append(chosen)
             configs = nxt
-        return sum(infeasible(self.configure(chosen)) is None for chosen in configs)
+        return sum(self.configure(chosen).ruled_out is None for chosen in configs)
 
     def show(self) -> str:
         """The space as a tree, by layer."""
@@ -385,29 +397,13 @@ def _sparse_needs_unstructured_fp32(config: TrialConfig) -> str | None:
             f"unstructured (got {method}: {problem}); otherwise use algo.format dense")
 
 
-def _eager_runs_locally(config: TrialConfig) -> str | None:
-    """PyTorch eager (`compiler.backend: torch`) runs in this process, on the local CPU."""
-    if config.compiler.backend != "torch":
-        return None
-    try:
-        device = config.target().device
-    except BadInput:
-        return None  # an unknown target is reported as such, by the hardware check
-    if device == "local":
-        return None
-    return (f"compiler.backend torch runs PyTorch eager on the local CPU only; hw.target "
-            f"{config.hw.target} is a {device} device (use compiler.backend tvm there)")
-
-
-CONSTRAINTS = (_sparse_needs_unstructured_fp32, _eager_runs_locally)
-# the parameters the constraints read
-CONSTRAINED = ("compress.method", "algo.format", "compiler.backend", "hw.target")
-
-
 def infeasible(config: TrialConfig) -> str | None:
     """Why the space rules this configuration out (naming the problem and what is allowed),
-    or None. A search prunes such a sample before any work; `dlas trial` refuses it."""
-    return next((reason for rule in CONSTRAINTS if (reason := rule(config))), None)
+    or None. Each choice declares its own constraints in the registry (the sparse format
+    needs unstructured fp32 weights; PyTorch eager runs on the local CPU); the sparse rule
+    is still here until layer 4 declares it."""
+    return (_sparse_needs_unstructured_fp32(config)
+            or registry.infeasible(config.params(), config))
 
 
 # A space or registry is a few kilobytes; a bigger file is a mistake (a wrong path, a data file)
@@ -544,14 +540,13 @@ def load_space(path: str | Path) -> Space:
                            f"{bounds['max']}")
     thresholds = {m: {k: float(v) for k, v in b.items()} for m, b in thresholds.items()}
 
-    sampler = doc.get("sampler", "nsga2")
+    sampler = doc.get("sampler", samplers.DEFAULT)
     sampler = {"name": sampler} if isinstance(sampler, str) else sampler
-    if not isinstance(sampler, dict) or sampler.get("name") not in SAMPLERS:
-        name = sampler.get("name") if isinstance(sampler, dict) else sampler
-        raise allowed(f"{where}sampler", name, SAMPLERS)
-    if set(sampler) - {"name", "population_size"}:
-        raise allowed(f"{where}sampler", sorted(set(sampler) - {"name", "population_size"})[0],
-                      ["name", "population_size"])
+    name = sampler.get("name") if isinstance(sampler, dict) else sampler
+    samplers.SAMPLERS.lookup(name, where)
+    if set(sampler) - set(samplers.settings(name)):
+        raise allowed(f"{where}sampler", sorted(set(sampler) - set(samplers.settings(name)))[0],
+                      list(samplers.settings(name)))
 
     budget = doc.get("budget") or {}
     budget_keys = ("trials", "timeout_s", "trial_timeout_s", "trial_memory_mb")
@@ -593,7 +588,7 @@ def load_space(path: str | Path) -> Space:
             params[name] = _parse_param(name, spec, f"{where}space.", params)
     ordered = {n: params[n] for n in _all_names() if n in params}
     _check_target_names(ordered, targets, f"{where}space.")
-    if sampler["name"] == "grid":
+    if samplers.SAMPLERS.attr(sampler["name"], "enumerates"):
         continuous = [n for n, p in ordered.items() if p.choices is None and p.step is None]
         if continuous:
             raise BadInput(f"{where}sampler grid enumerates the space: {continuous[0]} is a "

@@ -62,3 +62,21 @@ def test_functions_register_with_metadata(colours):
         assert plain.attr("digits", "check") is len and plain.attr("digits", "nope", 5) == 5
     finally:
         registry.REGISTRIES.pop("test.loader")
+
+
+def test_constraints_declare_what_they_read(colours):
+    @colours.register("blue", infeasible=lambda config: None, reads=("test.sky",))
+    class Blue:
+        pass
+
+    colours.register("red", object())
+    names = registry.constrained()
+    assert names.index("test.colour") + 1 == names.index("test.sky")
+    # the shipped ones: PyTorch eager is constrained by the target
+    assert {"compiler.backend", "hw.target"} <= set(names)
+
+
+def test_every_choice_a_space_names_is_registered():
+    import dlas_search.space  # noqa: F401  (imports every layer)
+    assert {"data.name", "model.family", "compiler.backend", "compiler.tuner",
+            "sampler"} <= set(registry.REGISTRIES)

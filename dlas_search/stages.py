@@ -1,0 +1,242 @@
+"""The stages of one trial: each layer's work wrapped in what every stage needs.
+
+`pipeline.run` calls one method per layer; each method here attributes a failure to its
+layer (`faults.layer`), keeps what it produces in the stage cache where that can be reused,
+times itself, and records cache hits and provenance for the trial's run:
+
+| stage | layer | cached by |
+| --- | --- | --- |
+| `target` | 6 | (nothing to cache: a lookup, and a reachability check for RPC) |
+| `data` | 1 | (loading is cheap) |
+| `compressed` | 2 + 3 | data, model, compression and fine-tune settings, seed, weights source |
+| `algorithms` | 4 | (a plan is a few objects) |
+| `compiled` | 5 | the compressed model's fingerprint, algo and compiler settings, target, input, TVM version and the tuning database's digest (local CPU builds only) |
+| `measured` | 6 | (never: a measurement is what a trial is for) |
+
+What a stage produces depends only on the configuration of the layers above it, so a trial
+that differs from an earlier one only in lower layers reuses the upper stages.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import tvm
+
+from . import algorithms, compiler, compression, data, hardware, models, tuning
+from .cache import StageCache, fingerprint, folder_digest
+from .faults import layer
+from .result import TrialResult
+
+__all__ = ["Stages", "keep_model", "measure", "measure_eager"]
+
+
+class Stages:
+    """One trial's stages over the configuration `cfg` (a space.TrialConfig) and `cache`."""
+
+    def __init__(self, cfg, cache: StageCache | None = None):
+        self.cfg, self.cache = cfg, cache or StageCache(None)
+        self.hits = {"model": "unused", "finetune": "unused", "compile": "unused"}
+        self.train_s = 0.0
+        self.dataset: data.Data | None = None
+        self.device: hardware.Device | None = None
+        self.records: Path | None = None
+        self.provenance: dict[str, str] = {}
+
+    # --- the layers, in the order pipeline.run calls them ----------------------------------------
+
+    def target(self) -> hardware.Device:
+        """Layer 6's target, resolved first: an unreachable board fails before any work."""
+        with layer("hardware"):
+            self.device = hardware.resolve(self.cfg.hw, self.cfg.targets)
+        return self.device
+
+    def data(self) -> data.Data:
+        """Layer 1."""
+        with layer("data"):
+            self.dataset = data.load(self.cfg.data, self.cfg.seed)
+        return self.dataset
+
+    def compressed(self) -> compression.Compressed:
+        """Layers 2 and 3 as one cached stage (layer 2, itself cached, runs only on a miss)."""
+        self.provenance = models.describe(self.cfg.model)  # hashes a checkpoint: once a trial
+        compressed, hit = self.cache.get_or_make(
+            "finetune", self._key("compress", "finetune"), self._compress)
+        self.hits["finetune"] = "hit" if hit else "miss"
+        return compressed
+
+    def algorithms(self) -> algorithms.Plan | None:
+        """Layer 4: how each conv lowers (None for PyTorch eager, which lowers nothing)."""
+        if self.cfg.compiler.backend == "torch":
+            return None
+        return algorithms.plan(self.cfg.resolved("algo"))
+
+    def compiled(self, compressed: compression.Compressed,
+                 plan: algorithms.Plan | None) -> compiler.Compiled | None:
+        """Layer 5 (None for PyTorch eager). Cached for the local CPU (see the table above);
+        remote and GPU builds are not cached."""
+        if plan is None:
+            return None
+        with layer("compile"):
+            return self._compile(compressed, plan)
+
+    def measured(self, compressed: compression.Compressed,
+                 built: compiler.Compiled | None) -> TrialResult:
+        """Layer 6: check and time the build (or PyTorch eager), then gather the trial's
+        metrics, cache hits and provenance."""
+        with layer("measure"):
+            if built is None:
+                result = measure_eager(compressed, self.dataset, self.device, self.cfg)
+            else:
+                result = measure(compressed, built, self.dataset, self.device, self.cfg)
+        return self._finish(result, compressed, built)
+
+    # --- stage bookkeeping ------------------------------------------------------------------------
+
+    def _key(self, *groups: str) -> str:
+        """Cache key of the layers from data down to `groups`; includes where the weights
+        came from (a checkpoint's hash), so an overwritten checkpoint is not mistaken for the
+        old."""
+        return self.cfg.key("data", "model", *groups) + self.provenance["model.weights_source"]
+
+    def _compress(self) -> compression.Compressed:
+        cfg = self.cfg
+        start = time.perf_counter()
+        with layer("model"):
+            trained, hit = self.cache.get_or_make(
+                "model", self._key(), lambda: models.build(cfg.model, self.dataset, cfg.seed))
+        self.hits["model"], self.train_s = ("hit" if hit else "miss"), time.perf_counter() - start
+        torch.manual_seed(cfg.seed)
+        with layer("compression"):
+            return compression.compress(cfg.resolved("compress"), cfg.finetune, trained,
+                                        self.dataset)
+
+    def _compile(self, compressed: compression.Compressed,
+                 plan: algorithms.Plan) -> compiler.Compiled:
+        cfg, device, example = self.cfg, self.device, self.dataset.example()
+        settings = cfg.resolved("compiler")
+        if settings.tuner != "none":
+            self.records = Path(tempfile.mkdtemp(prefix="dlas-records-")) / "tuning"
+        model_key = fingerprint(compressed.module, compressed.precision)
+
+        def make() -> compiler.Compiled:
+            return compiler.compile(compressed.module, example, plan, settings, device.target,
+                                    compressed.precision, records_to=self.records,
+                                    measure_on=device.rpc, model_key=model_key)
+
+        if self.cache.root is None or device.remote or device.target.kind.name != "llvm":
+            return make()
+        database = ""
+        if settings.tuner == "metaschedule":
+            database = folder_digest(tuning.target_folder(
+                settings.database, device.target, cold_weights=bool(settings.cold_weights)))
+        key = json.dumps({"model": model_key,
+                          "settings": cfg.key("algo", "compiler"), "target": str(device.target),
+                          "input": [list(example.shape), str(example.dtype)],
+                          "tvm": tvm.__version__, "database": database}, sort_keys=True)
+        built, hit, entry = self.cache.get_or_make_folder(
+            "compile", key, make, lambda b, folder: compiler.save(b, folder, self.records),
+            compiler.load)
+        self.hits["compile"] = "hit" if hit else "miss"
+        if entry is not None and not hit:  # run the stored library: LLVM generates the code
+            built.executable = compiler.load(entry).executable  # once (for it), not twice
+        if entry is not None:
+            built.library = entry / compiler.LIBRARY
+        if hit:  # nothing was compiled or tuned in this trial
+            built.metrics["compile_cached_s"] = built.metrics["compile_s"]
+            built.metrics["compile_s"] = 0.0
+            if "tune_s" in built.metrics:
+                built.metrics["tune_cached_s"] = built.metrics["tune_s"]
+                built.metrics["tune_s"] = 0.0
+            if self.records is not None and (entry / compiler.RECORDS).is_dir():
+                shutil.rmtree(self.records, ignore_errors=True)
+                shutil.copytree(entry / compiler.RECORDS, self.records)
+        return built
+
+    def _finish(self, result: TrialResult, compressed: compression.Compressed,
+                built: compiler.Compiled | None) -> TrialResult:
+        if built is not None:
+            if self.records is not None and self.records.is_dir():  # the records it used
+                result.artifacts["tuning"] = self.records
+            if built.tuning is not None:
+                result.info["tuning_database"] = str(built.tuning.database)
+                if built.tuning.untuned:
+                    result.info["untuned_tasks"] = ", ".join(built.tuning.untuned)[:5000]
+        result.cache = dict(self.hits)
+        result.compressed, result.built, result.dataset = compressed, built, self.dataset
+        if self.hits["finetune"] == "hit":  # nothing was fine-tuned or quantised in this trial
+            result.metrics["finetune_s"] = result.metrics["convert_s"] = 0.0
+        result.metrics.setdefault("train_s", self.train_s)
+        result.info.update(self.provenance)
+        result.info["precision"] = compressed.precision
+        if built is not None:
+            result.info["arithmetic"] = "; ".join(  # what the compiled convs and matmuls multiply
+                f"{op} {', '.join(sorted(kinds))}" for op, kinds in built.arithmetic.items()
+                if kinds)
+        if any(self.cfg.artifacts.values()):
+            result.artifacts["model"] = keep_model(compressed, built, self.device,
+                                                   self.cfg.artifacts)
+        return result
+
+
+def keep_model(compressed: compression.Compressed, built: compiler.Compiled | None,
+               device: hardware.Device, which: dict[str, bool]) -> Path:
+    """The run artifact `model/`: `weights.pt`, the compressed model's state_dict, and
+    `model.so`, the compiled library (the cached one, or exported for the device)."""
+    folder = Path(tempfile.mkdtemp(prefix="dlas-model-")) / "model"
+    folder.mkdir()
+    if which.get("weights", True):
+        torch.save(compressed.module.state_dict(), folder / "weights.pt")
+    if which.get("library", True) and built is not None:
+        if built.library is not None and built.library.is_file():
+            shutil.copyfile(built.library, folder / "model.so")
+        else:
+            hardware.export_library(built.executable, device, folder)
+    return folder
+
+
+def measure_eager(compressed: compression.Compressed, dataset: data.Data,
+                  device: hardware.Device, cfg) -> TrialResult:
+    """Layer 6 for `compiler.backend: torch`: PyTorch eager is the deployed code; it is timed
+    once, under the protocol that times TVM, and is its own baseline."""
+    start = time.perf_counter()
+    eager = hardware.time_torch(compressed.module, dataset.example(), cfg.hw, device.threads)
+    metrics = {**compressed.metrics, "compile_s": 0.0,
+               "latency_ms": eager.median_ms, "latency_std_ms": eager.std_ms,
+               "latency_p90_ms": eager.p90_ms, "torch_latency_ms": eager.median_ms,
+               "torch_latency_std_ms": eager.std_ms, "speedup_vs_torch": 1.0,
+               "measure_s": time.perf_counter() - start}
+    return TrialResult(metrics, info={**device.info(), "target": "torch eager"})
+
+
+def measure(compressed: compression.Compressed, built: compiler.Compiled, dataset: data.Data,
+            device: hardware.Device, cfg) -> TrialResult:
+    """Layer 6: check the compiled module against PyTorch, then time both side by side (on a
+    remote device: upload, check and time it there; no PyTorch baseline)."""
+    example = dataset.example()
+    with torch.no_grad():
+        reference = compressed.module(example).numpy()
+    start = time.perf_counter()
+    if device.remote:
+        output, tvm_time = hardware.measure_remote(built.executable, example, cfg.hw, device)
+        torch_time = None
+    else:
+        output = hardware.run_tvm(built.executable, example)
+        tvm_time = hardware.time_tvm(built.executable, example, cfg.hw, device.threads)
+        torch_time = hardware.time_torch(compressed.module, example, cfg.hw, device.threads)
+    metrics = {
+        **compressed.metrics, **built.metrics,
+        "latency_ms": tvm_time.median_ms, "latency_std_ms": tvm_time.std_ms,
+        "latency_p90_ms": tvm_time.p90_ms,
+        "max_rel_error": compiler.max_relative_error(output, reference),
+        "measure_s": time.perf_counter() - start,
+    }
+    if torch_time is not None:
+        metrics.update(torch_latency_ms=torch_time.median_ms,
+                       torch_latency_std_ms=torch_time.std_ms,
+                       speedup_vs_torch=torch_time.median_ms / tvm_time.median_ms)
+    return TrialResult(metrics, info=device.info())
