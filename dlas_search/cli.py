@@ -1,4 +1,4 @@
-"""The `dlas` command (a contract: see DESIGN.md). Exit status: 0 done, 2 bad input (nothing
+"""The `dlas` command (a contract: docs/architecture.md). Exit status: 0 done, 2 bad input (nothing
 written), 1 anything else. The MLproject entry points are thin calls into this."""
 from __future__ import annotations
 

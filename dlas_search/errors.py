@@ -1,4 +1,4 @@
-"""Errors the command line turns into exit codes (DESIGN.md: 2 = bad input, nothing written)."""
+"""Errors the command line turns into exit codes (2 = bad input, nothing written: docs/architecture.md)."""
 import difflib
 
 

@@ -2,7 +2,7 @@
 
 TVM 0.27's PyTorch importer does not know the quantise/dequantise ops that PT2E quantisation
 leaves in the graph, and mapping them to `relax.quantize`/`dequantize` alone gives fake-quant:
-every conv would still compute in fp32 (../shared/TVM.md). So the importer is given converters
+every conv would still compute in fp32 (measured on TVM 0.27). So the importer is given converters
 that recognise the quantised pattern
 
     conv2d(dequantize(x_u8, sx, zx), dequantize(w_i8, sw[o], 0), bias)

@@ -2,7 +2,7 @@
 MACs, accuracy and latency correlate; what each compression technique buys per target and
 tuning setting; which conv primitive wins where (and whether tuning or quantisation changes
 that); where sparse kernels start to pay; which layers matter for each objective; and a verdict
-on each observation of the paper (DLAS.md) computed from these tables.
+on each observation of the paper (docs/paper.md) computed from these tables.
 
     frame = runs_frame(pareto.load_trials(uri, "dlas_paper_reduced"))
     tables = compute(frame)                     # pandas DataFrames, one per question
@@ -427,9 +427,9 @@ def build(trials: pareto.Trials, out_dir: str | Path) -> tuple[dict, list[Verdic
              f"{frame['primitive'].nunique()} primitive(s), {frame['tuner'].nunique()} tuning "
              f"setting(s), {frame['target'].nunique()} target(s).", "",
              "## Observations of the paper, tested on these runs", "",
-             "Each line: the verdict, the claim (DLAS.md), the statistic computed here and the "
+             "Each line: the verdict, the claim (docs/paper.md), the statistic computed here and the "
              "rule that decides the verdict. The paper makes 13 observations; these are the "
-             "ones DLAS.md confirms from its text.", "",
+             "ones docs/paper.md lists.", "",
              *(v.line() for v in verdicts), ""]
     for name, title in SECTIONS:
         lines += [f"## {title}", ""]

@@ -1,5 +1,5 @@
 """MLflow conventions in one place: one experiment per study, a parent run for the study, a
-child run per trial, parameters by layer with dotted names, metrics as in DESIGN.md.
+child run per trial, parameters by layer with dotted names, metrics as in docs/architecture.md.
 
 The embedded default backend is a SQLite file under `tracking/` (artifacts beside it); a URL
 points at a tracking server or another database instead.

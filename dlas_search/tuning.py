@@ -39,7 +39,7 @@ log = logging.getLogger(__name__)
 
 SCHEDULED = "tirx.is_scheduled"
 # Tensor-intrinsic tables the builder workers import but an x86 build never uses; the CUDA one
-# alone took 20-50 s to import here, past the builder's time-out (TVM.md, pitfall 2).
+# alone took 20-50 s to import here, past the builder's time-out.
 _FOREIGN_INTRINSICS = ("cuda", "rocm", "hexagon", "arm_cpu", "riscv_cpu", "metal")
 
 
