@@ -1,0 +1,84 @@
+"""Layer 3, model optimisations: a trained module in, a compressed, fine-tuned module out, with
+its accuracy, size and sparsity.
+
+Each technique is one small class registered by the name the YAML uses (`compress.method`):
+`apply` compresses before fine-tuning, `finish` makes it permanent afterwards, `convert`
+lowers the precision last. Adding one is one class registered in METHODS (contract.py says
+what it declares) and one entry in a space file.
+
+| method | setting | what it does |
+| --- | --- | --- |
+| `none` | | the baseline, fine-tuned like the others |
+| `unstructured` | `amount` | zeros the smallest conv/linear weights (same shapes, sparse) |
+| `channel` | `ratio` | removes whole channels (smaller dense layers, fewer MACs) |
+| `int8` | | post-training static quantisation (PT2E), calibrated on training images |
+| `fp16` | | half-precision weights and activations |
+| `unstructured+int8`, `channel+int8` (and `+fp16`) | as above | pruning, fine-tuning, then quantisation |
+
+    result = compress(CompressConfig("channel", ratio=0.5), FinetuneConfig(epochs=1), model, data)
+    result.metrics["params"] / result.metrics["params_before"]     # about 0.25
+
+The module handed down is what PyTorch runs (fp32 in, fp32 out, whatever the precision) and
+`Compressed.precision` tells the compiler which arithmetic to keep (lowering.py).
+
+The package: contract.py (Method, the METHODS registry, the settings and the result),
+pruning.py, quantisation.py (the methods, registered in this order), metrics.py (size, MACs,
+parameters, sparsity), and `compress`, the layer's entry, here.
+"""
+from __future__ import annotations
+
+import copy
+import time
+
+from torch import nn
+
+from .. import training
+from ..data import Data
+from ..faults import layer
+from .contract import (CALIBRATION_IMAGES, METHODS, Chain, CompressConfig, Compressed,
+                       FinetuneConfig, Method, MethodRegistry, NoCompression,
+                       prunes_unstructured, setting, summary, technique)
+from .pruning import ChannelPruning, UnstructuredPruning, prunable
+from .quantisation import Fp16, HalfPrecision, Int8, Quantized
+from .quantisation import _load_quantized  # noqa: F401  (pickles in stage caches name it here)
+from .metrics import (WEIGHT_BYTES, count_macs, count_params, deployed_bytes, measure,
+                      sparsity, storage_bytes)
+
+__all__ = [
+    "compress",
+    # the contract and the registry
+    "Method", "Chain", "MethodRegistry", "METHODS", "CompressConfig", "FinetuneConfig",
+    "Compressed", "technique", "setting", "summary", "prunes_unstructured",
+    "CALIBRATION_IMAGES",
+    # the methods and the modules they hand down
+    "NoCompression", "UnstructuredPruning", "ChannelPruning", "Int8", "Fp16", "Quantized",
+    "HalfPrecision", "prunable",
+    # measurements
+    "WEIGHT_BYTES", "sparsity", "storage_bytes", "deployed_bytes", "count_macs",
+    "count_params", "measure",
+]
+
+
+def compress(cfg: CompressConfig, finetune: FinetuneConfig, model: nn.Module,
+             data: Data) -> Compressed:
+    """Compress `model` (in place), fine-tune it, and measure accuracy and size; `params` and
+    `macs` are after compression, `params_before` and `macs_before` before it. The accuracy is
+    that of the module handed down (for int8: PyTorch's quantised model)."""
+    steps, example = technique(cfg.method), data.example()
+    before = {"params_before": count_params(model), "macs_before": count_macs(model, example)}
+    teacher = copy.deepcopy(model).eval() if finetune.distill and finetune.epochs > 0 else None
+    model = steps.apply(model, cfg, example)
+    start = time.perf_counter()
+    with layer("fine-tune"):
+        training.fit(model, data.train_loader(finetune.batch_size), finetune.epochs,
+                     finetune.lr, desc=f"fine-tune {cfg.method}", teacher=teacher)
+    finetune_s = time.perf_counter() - start
+    model = steps.finish(model)
+    model = training.recalibrate_batchnorm(model, data.train)
+    metrics = {**before, **measure(model, example, steps.precision)}
+    start = time.perf_counter()
+    deployed = steps.convert(model.eval(), cfg, data)
+    metrics["convert_s"] = time.perf_counter() - start
+    metrics["accuracy"] = training.accuracy(deployed, data.val)
+    metrics["finetune_s"] = finetune_s
+    return Compressed(deployed.eval(), metrics, steps.precision)
