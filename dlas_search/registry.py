@@ -23,11 +23,13 @@ constraint is written once, beside its choice (with `reads`: the other parameter
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Iterator, Mapping
+import importlib
+import pkgutil
+from typing import Any, Callable, Iterable, Iterator, Mapping
 
 from .errors import allowed
 
-__all__ = ["Registry", "REGISTRIES", "infeasible", "constrained"]
+__all__ = ["Registry", "REGISTRIES", "infeasible", "constrained", "discover"]
 
 # key (the dotted parameter, or the space's section for `sampler`) -> its registry
 REGISTRIES: dict[str, "Registry"] = {}
@@ -143,3 +145,11 @@ def constrained() -> tuple[str, ...]:
                     if read not in names:
                         names.append(read)
     return tuple(names)
+
+
+def discover(package: str, path: Iterable[str]) -> None:
+    """Import every module of a package (its `__name__` and `__path__`), so a choice added as
+    a new module registers itself without an import line elsewhere: a package's `__init__`
+    calls this after importing its own modules in the order it wants them listed."""
+    for module in sorted(m.name for m in pkgutil.iter_modules(list(path))):
+        importlib.import_module(f"{package}.{module}")

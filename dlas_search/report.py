@@ -19,7 +19,8 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
-from . import pareto, tracking
+from . import compression, pareto, tracking
+from .errors import BadInput
 
 # a winner "changes" only when the earlier winner is this much slower in the new setting
 # (timing noise on a shared CPU is a few percent)
@@ -44,16 +45,27 @@ def _number(text: str | None) -> float:
 
 def compression_label(method: str, amount: float, ratio: float) -> str:
     """'none', 'unstructured 0.9', 'channel 0.5', 'int8', 'unstructured 0.9+int8'."""
-    label = method
-    if not math.isnan(amount):
-        label = label.replace("unstructured", f"unstructured {amount:g}")
-    if not math.isnan(ratio):
-        label = label.replace("channel", f"channel {ratio:g}")
-    return label
+    settings = {"amount": None if math.isnan(amount) else amount,
+                "ratio": None if math.isnan(ratio) else ratio}
+    try:
+        return compression.summary(compression.CompressConfig(method, **settings), sep=" ")
+    except BadInput:  # a method this installation does not register (a user's module)
+        return method
 
 
 def precision_of(method: str) -> str:
-    return next((q for q in ("int8", "fp16") if q in method.split("+")), "fp32")
+    try:
+        return compression.technique(method).precision
+    except BadInput:
+        return "fp32"
+
+
+def sparse_eligible(method: str) -> bool:
+    """Whether a method leaves what the sparse format stores (unstructured zeros, fp32)."""
+    try:
+        return compression.prunes_unstructured(method) and precision_of(method) == "fp32"
+    except BadInput:
+        return False
 
 
 def runs_frame(trials: pareto.Trials) -> pd.DataFrame:
@@ -163,7 +175,7 @@ def tuning_changes(frame: pd.DataFrame) -> pd.DataFrame:
 def sparse_vs_dense(frame: pd.DataFrame) -> pd.DataFrame:
     """Per sparsity level: dense latency / sparse latency (>1: sparse is faster) for the same
     model, primitive, target and tuning; median, range and how many pairs."""
-    pruned = frame[frame["method"] == "unstructured"]
+    pruned = frame[frame["method"].map(sparse_eligible)]
     keys = ["data", "arch", "target", "tuner", "sparsity_level", "conv"]
     dense = pruned[pruned["format"] == "dense"].groupby(keys)["latency_ms"].min()
     sparse = pruned[pruned["format"] == "sparse"].groupby(keys)["latency_ms"].min()

@@ -89,13 +89,8 @@ class TrialConfig:
 
     def summary(self) -> str:
         """A few words for run names and progress lines."""
-        method = self.compress.method  # e.g. unstructured0.7+int8
-        for pruning, setting in (("unstructured", self.compress.amount),
-                                 ("channel", self.compress.ratio)):
-            if setting is not None:
-                method = method.replace(pruning, f"{pruning}{setting:g}")
-        return " ".join([self.model.arch, method, self.algo.conv, self.algo.format,
-                         self.compiler.tuner, self.hw.target])
+        return " ".join([self.model.arch, compression.summary(self.compress), self.algo.conv,
+                         self.algo.format, self.compiler.tuner, self.hw.target])
 
 
 def _field_info(name: str) -> dataclasses.Field:

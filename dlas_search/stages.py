@@ -215,18 +215,16 @@ def measure_eager(compressed: compression.Compressed, dataset: data.Data,
 
 def measure(compressed: compression.Compressed, built: compiler.Compiled, dataset: data.Data,
             device: hardware.Device, cfg) -> TrialResult:
-    """Layer 6: check the compiled module against PyTorch, then time both side by side (on a
-    remote device: upload, check and time it there; no PyTorch baseline)."""
+    """Layer 6: check the compiled module against PyTorch, then time both side by side. The
+    device kind runs and times the module (a remote one uploads it, checks and times it
+    there); the PyTorch baseline is timed only where PyTorch eager runs (the local CPU)."""
     example = dataset.example()
     with torch.no_grad():
         reference = compressed.module(example).numpy()
     start = time.perf_counter()
-    if device.remote:
-        output, tvm_time = hardware.measure_remote(built.executable, example, cfg.hw, device)
-        torch_time = None
-    else:
-        output = hardware.run_tvm(built.executable, example)
-        tvm_time = hardware.time_tvm(built.executable, example, cfg.hw, device.threads)
+    output, tvm_time = device.measure(built.executable, example, cfg.hw)  # wherever it is
+    torch_time = None  # the PyTorch eager baseline runs here, on a device of this CPU
+    if device.kind.eager:
         torch_time = hardware.time_torch(compressed.module, example, cfg.hw, device.threads)
     metrics = {
         **compressed.metrics, **built.metrics,

@@ -79,7 +79,7 @@ LAYER_FUNCTIONS = {  # the layer -> the function its stage calls
     "fine-tune": (training, "fit"),
     "compile": (compiler, "compile"),
     "tune": (tuning, "tune"),
-    "measure": (hardware, "time_tvm"),
+    "measure": (hardware.timing, "time_tvm"),
 }
 
 

@@ -22,8 +22,9 @@ The module handed down is what PyTorch runs (fp32 in, fp32 out, whatever the pre
 `Compressed.precision` tells the compiler which arithmetic to keep (lowering.py).
 
 The package: contract.py (Method, the METHODS registry, the settings and the result),
-pruning.py, quantisation.py (the methods, registered in this order), metrics.py (size, MACs,
-parameters, sparsity), and `compress`, the layer's entry, here.
+pruning.py, quantisation.py (the methods, registered in this order), random.py (a baseline,
+and the worked example of adding a technique: any module here registers itself on import),
+metrics.py (size, MACs, parameters, sparsity), and `compress`, the layer's entry, here.
 """
 from __future__ import annotations
 
@@ -43,6 +44,9 @@ from .quantisation import Fp16, HalfPrecision, Int8, Quantized
 from .quantisation import _load_quantized  # noqa: F401  (pickles in stage caches name it here)
 from .metrics import (WEIGHT_BYTES, count_macs, count_params, deployed_bytes, measure,
                       sparsity, storage_bytes)
+from ..registry import discover
+
+discover(__name__, __path__)  # any other module (random.py, a user's technique) registers too
 
 __all__ = [
     "compress",

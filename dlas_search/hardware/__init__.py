@@ -33,6 +33,9 @@ from .device import Device, DeviceKind, availability, export_library, measure, r
 # the device kinds, registered in DEVICES in this order (the order `allowed:` lists them)
 from . import local, rpc, cuda  # noqa: F401  (registration)
 from .rpc import measure_remote, remote_failure, rpc_session, tracker_status
+from ..registry import discover
+
+discover(__name__, __path__)  # a new device kind is one module here: it registers on import
 
 __all__ = [
     # targets

@@ -5,8 +5,8 @@ registered in DEVICES (targets.py) by that name. It knows everything particular 
 the entry keys only it accepts (`own_keys`, checked by `entry`), whether it can run now
 (`availability`), how to set itself up for a trial (`resolve`, giving a `Device`), and how a
 compiled module is run and timed on it (`measure`, under the protocol of timing.py) and
-exported for it (`export`). Adding a kind is one module registering a subclass, imported by
-the package's `__init__`, and targets naming it in spaces/targets.yaml.
+exported for it (`export`). Adding a kind is one module registering a subclass (the package
+imports every module of its own) and targets naming it in spaces/targets.yaml.
 
 `Device` is what the layers above get: the TVM target to compile for, the thread count, a
 description for people and the MLflow tags, and its kind to measure with. The functions at the
