@@ -123,7 +123,7 @@ class Normaliser:
 
 
 class _Replay:
-    """The real search's objective (search._Objective) with the pipeline replaced by the
+    """The real search's objective (objective.Objective) with the pipeline replaced by the
     cached grid: same suggest, same pruning of infeasible configurations and repeats."""
 
     def __init__(self, space: Space, cached: dict[str, list[float] | None]):

@@ -16,7 +16,7 @@ from mlflow.entities import RunTag
 from . import tracking
 
 FINISHED = {"COMPLETE": "FINISHED", "FAIL": "FAILED"}
-# user attributes that are metrics (search._Objective keeps these beside the values)
+# user attributes that are metrics (objective.Objective keeps these beside the values)
 METRIC_ATTRS = ("accuracy", "latency_ms", "size_mb", "speedup_vs_torch", "sparsity")
 
 

@@ -14,11 +14,12 @@ import optuna
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
 
-from . import compiler, data, faults, hardware, models, pareto, pipeline, samplers, tracking
+from . import compiler, console, data, hardware, models, pareto, samplers, tracking
 from .cache import StageCache
+from .console import say as _say
 from .errors import BadInput
+from .objective import Objective, config_key, suggest_new  # noqa: F401  (the search's API)
 from .space import Space, TrialConfig
-from .trial import Failure, run_and_log
 
 
 def default_storage() -> str:
@@ -298,8 +299,7 @@ def _run_workers(job: _Job, trials: int, workers: int) -> list[str]:
 
 def _worker(job: _Job, share: int, index: int, workers: int) -> None:
     """One worker process: join the existing study and MLflow parent run, run `share`."""
-    global _PREFIX
-    _PREFIX = f"[worker {index}] "
+    console.PREFIX = f"[worker {index}] "
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.load_study(study_name=job.study, storage=_storage(
         job.storage, job.heartbeat_s, job.tracking_uri))
@@ -316,7 +316,7 @@ def _optimize(study: optuna.Study, job: _Job, trials: int, worker: int,
     study.sampler = make_sampler(space, len(study.trials), worker)
     tracker = tracking.Tracker(job.tracking_uri, job.study)
     tracker.attach(job.experiment_id, job.parent_run_id)
-    objective = _Objective(space, tracker, StageCache(job.cache_dir))
+    objective = Objective(space, tracker, StageCache(job.cache_dir))
     grid = space.sampler["name"] == "grid"
     budget = _Budget(trials, None if grid else 30, bar=workers == 1,
                      expected=_grid_left(space, study, trials) if grid else None)
@@ -341,15 +341,6 @@ def _grid_left(space: Space, study: optuna.Study, trials: int) -> int:
     done = {t.user_attrs.get("config") for t in study.get_trials(
         deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))}
     return max(0, min(trials, size - len(done - {None})))
-
-
-_PREFIX = ""  # "[worker i] " in a worker process
-
-
-def _say(line: str) -> None:
-    """One line on stderr that does not tear the study's progress bar."""
-    from tqdm import tqdm
-    tqdm.write(_PREFIX + line, file=sys.stderr)
 
 
 class _Budget:
@@ -386,93 +377,3 @@ class _Budget:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
-
-
-def config_key(config: TrialConfig) -> str:
-    """What identifies a configuration among a study's trials (user attribute `config`)."""
-    return json.dumps(config.params(), sort_keys=True, default=str)
-
-
-def suggest_new(space: Space, trial: optuna.Trial) -> TrialConfig:
-    """The trial's configuration, or TrialPruned before any work when the space's constraints
-    rule it out (`infeasible`: the reason) or it repeats a configuration that completed or that
-    another worker is running (`duplicate_of`: that trial's number)."""
-    config = space.suggest(trial)
-    reason = config.ruled_out
-    if reason:
-        trial.set_user_attr("infeasible", reason)
-        raise optuna.TrialPruned(reason)
-    key = config_key(config)
-    done_or_running = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.RUNNING)
-    for earlier in trial.study.get_trials(deepcopy=False, states=done_or_running):
-        # running: another worker has it now (two workers must not both run it)
-        if earlier.user_attrs.get("config") == key and earlier.number != trial.number:
-            trial.set_user_attr("duplicate_of", earlier.number)
-            raise optuna.TrialPruned(f"same configuration as trial {earlier.number}")
-    trial.set_user_attr("config", key)
-    return config
-
-
-class _Objective:
-    """One Optuna trial: sample, run the pipeline, log to MLflow; failures fail alone.
-    A configuration the space's constraints rule out (`infeasible`: the reason) or that
-    already completed or that another worker is running (`duplicate_of`) is pruned before any
-    work, with no MLflow run."""
-
-    def __init__(self, space: Space, tracker: tracking.Tracker, cache: StageCache):
-        self.space, self.tracker, self.cache = space, tracker, cache
-        self.tracking_lost: str | None = None  # why MLflow stopped answering, if it did
-
-    def _tracking_lost(self, trial: optuna.Trial, why: str, ran: bool) -> None:
-        """MLflow stopped answering (after its own retries): mark the trial as missing from
-        MLflow (user attribute `mlflow_missing`), say so, and stop the study after this trial:
-        `dlas reconcile` back-fills it once MLflow is back."""
-        trial.set_user_attr("mlflow_missing", why[:2000])
-        self.tracking_lost = (
-            f"MLflow at {self.tracker.uri} stopped answering ({why[:300]}); the study stopped "
-            f"after trial {trial.number}, which Optuna keeps{'' if ran else ' as failed'} but "
-            f"MLflow does not have. When MLflow is back, run: dlas reconcile --study "
-            f"{trial.study.study_name} --storage <storage> --tracking-uri {self.tracker.uri}")
-        _say(f"[trial {trial.number}] {self.tracking_lost}")
-        trial.study.stop()
-
-    def run(self, config: TrialConfig) -> pipeline.TrialResult:
-        """The pipeline, in this process; with the space's time or memory limit, in a child
-        process that is killed when it passes one."""
-        if not self.space.limits:
-            return pipeline.run(config, self.cache)
-        return faults.run_limited(pipeline.run, config, self.cache.root, self.space.limits)
-
-    def __call__(self, trial: optuna.Trial) -> list[float]:
-        config = suggest_new(self.space, trial)
-        try:
-            run_id = self.tracker.start_trial(trial.number, config.summary(), config.params())
-        except Exception as e:  # MLflow is gone: nothing ran; stop rather than run blind
-            why = f"{type(e).__name__}: {str(e)[:500]}"
-            trial.set_user_attr("error", f"MLflow could not start the trial's run: {why}")
-            trial.set_user_attr("failed_layer", "tracking")
-            self._tracking_lost(trial, why, ran=False)
-            raise
-        trial.set_user_attr("mlflow_run_id", run_id)
-
-        def failed(failure: Failure) -> None:
-            trial.set_user_attr("error", failure.reason[:2000])
-            trial.set_user_attr("failed_layer", failure.layer)
-            _say(f"[trial {trial.number}] {config.summary()} FAILED in {failure.layer}: "
-                 f"{failure.reason}")
-
-        result = run_and_log(config, self.tracker, run_id, self.run, self.space,
-                             on_failure=failed, on_tracking_lost=lambda why, ran:
-                             self._tracking_lost(trial, why, ran))
-        if self.space.thresholds:
-            trial.set_user_attr("constraints", result.constraints)
-        values = [result.metrics[m] for m in self.space.objectives]
-        for key in ("accuracy", "latency_ms", "size_mb", "speedup_vs_torch", "sparsity"):
-            if key in result.metrics:  # no PyTorch baseline on a remote device
-                trial.set_user_attr(key, result.metrics[key])
-        shown = ", ".join(f"{m} {result.metrics[m]:.4g}" for m in self.space.objectives)
-        speedup = result.metrics.get("speedup_vs_torch")
-        _say(f"[trial {trial.number}] {config.summary()}: {shown}" +
-             (f", speedup_vs_torch {speedup:.2f}" if speedup is not None else "") +
-             f" ({result.metrics['trial_s']:.0f} s)")
-        return values
