@@ -128,6 +128,7 @@ def run(argv, cwd, env=None, timeout=900):
                           env={**os.environ, **(env or {})})
 
 
+@pytest.mark.slow  # a whole trial in a `dlas` subprocess
 def test_trial_json_prints_exactly_one_object(tiny_space, workdir, cache_dir):
     out = run([sys.executable, "-m", "dlas_search", "trial", "--space", str(tiny_space),
                "--set", "compress.method=unstructured", "--set", "compress.amount=0.8",

@@ -5,9 +5,13 @@ import json
 import os
 import subprocess
 
+import pytest
 from mlflow.tracking import MlflowClient
 
 from conftest import ROOT
+
+# `mlflow run` starts a whole study (and an export) in subprocesses
+pytestmark = pytest.mark.slow
 
 
 def run(argv, cwd, env=None, timeout=900):
