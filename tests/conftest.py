@@ -57,6 +57,27 @@ def pytest_collection_modifyitems(items):
                 item.add_marker(pytest.mark.reliability())
             item.user_properties += [(f"reliability.{k}", v) for k, v in row.items()]
 
+ParameterSet = type(pytest.param())  # what pytest.param returns
+
+
+def slow_except(values, *fast):
+    """Parameters for @pytest.mark.parametrize: those in `fast` as they are, the others marked
+    slow (left out by `-m "not slow"`), with the ids they had. A tuple is one parameter set
+    (several argnames: wrap a tuple meant as one argument in pytest.param); a pytest.param is
+    matched by its id. With several parametrize
+    decorators, a test is slow when any of its parameters is."""
+    def is_fast(value):
+        return (value.id if isinstance(value, ParameterSet) else value) in fast
+
+    def param(value):
+        if isinstance(value, ParameterSet):
+            return pytest.param(*value.values, marks=[*value.marks, pytest.mark.slow],
+                                id=value.id)
+        return pytest.param(*value if isinstance(value, tuple) else (value,),
+                            marks=pytest.mark.slow)
+    return [v if is_fast(v) else param(v) for v in values]
+
+
 TINY_SPACE = """\
 study: tiny
 seed: 0

@@ -20,7 +20,7 @@ from dlas_search.algorithms import AlgoConfig, CannotExpress, Plan, plan
 from dlas_search.errors import BadInput
 from dlas_search.space import LAYERS, TrialConfig, infeasible
 
-from conftest import compiled_error, randomise_batchnorm
+from conftest import compiled_error, randomise_batchnorm, slow_except
 
 NAMES = ["direct", "direct_nhwc", "im2col_gemm", "im2col_gemm_nhwc", "spatial_pack", "winograd",
          "winograd_nhwc"]
@@ -138,7 +138,9 @@ def expected_lowering(name: str, case: Case) -> tuple[str, dict]:
     return name, {}
 
 
-@pytest.mark.parametrize("case_id", list(CASES))
+# fast: every primitive on a Winograd case, a strided 16-channel one and a depthwise one
+@pytest.mark.parametrize("case_id", slow_except(CASES, "3x3 batch 2 non-square (F2x2)",
+                                                "3x3 stride 2 16 channels", "depthwise"))
 @pytest.mark.parametrize("name", NAMES)
 def test_primitive_matches_pytorch_on_single_conv(name, case_id, target):
     case = CASES[case_id]
@@ -329,7 +331,7 @@ MODEL_CASES = {
 }
 
 
-@pytest.mark.parametrize("arch,name", list(MODEL_CASES))
+@pytest.mark.parametrize("arch,name", slow_except(MODEL_CASES, ("resnet18", "winograd")))
 def test_primitive_matches_pytorch_on_a_model(arch, name, small_models, target):
     model, example = small_models[arch], torch.randn(1, 3, 32, 32)
     conv_plan = plan(AlgoConfig(conv=name))
@@ -364,7 +366,7 @@ def test_winograd_nhwc_runs_its_fallbacks_in_nhwc(small_models):
                                     for shape in inputs)  # NHWC: channels last
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", slow_except(NAMES, "direct", "winograd"))
 def test_a_bare_primitive_still_plugs_into_the_compiler(name):
     """conftest.compiled_error passes PRIMITIVES[name] itself, not a plan."""
     torch.manual_seed(0)
@@ -408,7 +410,8 @@ SPARSE_MODEL_CASES = {  # (algo.conv, algo.block): the sparse conv kernel, the d
 }
 
 
-@pytest.mark.parametrize("conv,block", list(SPARSE_MODEL_CASES))
+@pytest.mark.parametrize("conv,block", slow_except(SPARSE_MODEL_CASES, ("direct", "1x1"),
+                                                ("im2col_gemm", "4x1")))
 def test_sparse_plan_matches_pytorch_on_a_pruned_cnn(conv, block, target):
     model, example = pruned_cnn(), torch.randn(2, 3, 10, 10)
     conv_plan = sparse_plan(conv, block)
@@ -482,7 +485,7 @@ def pruned(model: torch.nn.Module, amount: float) -> torch.nn.Module:
     return randomise_batchnorm(model).eval()
 
 
-@pytest.mark.parametrize("conv", ["direct", "im2col_gemm", "direct_nhwc"])
+@pytest.mark.parametrize("conv", slow_except(["direct", "im2col_gemm", "direct_nhwc"], "direct"))
 def test_sparse_kernels_apply_bias_residual_and_relu_as_they_store(conv, target):
     """In a residual block every bias add, the residual add and both ReLUs go into the sparse
     kernels: no elementwise kernel is left, and the result is PyTorch's."""

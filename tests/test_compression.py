@@ -6,7 +6,7 @@ import copy
 import pytest
 import torch
 
-from conftest import compiled_error, write_space
+from conftest import compiled_error, slow_except, write_space
 from dlas_search import compiler, compression, data, hardware, models
 from dlas_search.compression import CompressConfig, FinetuneConfig
 from dlas_search.errors import BadInput
@@ -46,8 +46,8 @@ ARITHMETIC = {"fp32": "float32xfloat32->float32", "fp16": "float16xfloat16->floa
               "int8": "uint8xint8->int32"}
 
 
-@pytest.mark.parametrize("technique", list(TECHNIQUES))
-@pytest.mark.parametrize("arch", models.PAPER_ARCHS)
+@pytest.mark.parametrize("technique", slow_except(TECHNIQUES, "unstructured", "channel"))
+@pytest.mark.parametrize("arch", slow_except(models.PAPER_ARCHS, "resnet18"))  # compiles
 def test_each_technique_on_each_paper_model(digits, arch, technique):
     dataset = digits[32 if arch == "vgg16" else 16]
     torch.manual_seed(0)
@@ -112,7 +112,8 @@ def trained_resnet18():
 
 
 @pytest.mark.parametrize("cfg", [CompressConfig("unstructured", amount=0.9),
-                                 CompressConfig("channel", ratio=0.5)],
+                                 pytest.param(CompressConfig("channel", ratio=0.5),
+                                              marks=pytest.mark.slow)],
                          ids=["unstructured 0.9", "channel 0.5"])
 def test_fine_tuning_recovers_accuracy_after_heavy_pruning(trained_resnet18, cfg):
     trained, dataset = trained_resnet18
@@ -179,7 +180,7 @@ def compiled_accuracy(built, loader, images: int) -> tuple[float, torch.Tensor]:
     raise AssertionError("not enough validation images")
 
 
-@pytest.mark.parametrize("method", ["int8", "fp16", "channel+int8"])
+@pytest.mark.parametrize("method", slow_except(["int8", "fp16", "channel+int8"], "int8"))
 def test_quantised_model_in_tvm_keeps_pytorchs_accuracy(trained_resnet18, method):
     """The compiled int8/fp16 module computes in int8/fp16 and classifies like PyTorch's
     quantised (half) model: same accuracy within a point, the same top-1 almost everywhere."""

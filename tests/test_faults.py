@@ -9,7 +9,7 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from conftest import TINY_SPACE, write_space
+from conftest import TINY_SPACE, slow_except, write_space
 from dlas_search import (compiler, compression, data, faults, hardware, models, pipeline,
                          tracking, training, tuning)
 from dlas_search.errors import BadInput
@@ -83,7 +83,7 @@ LAYER_FUNCTIONS = {  # the layer -> the function its stage calls
 }
 
 
-@pytest.mark.parametrize("layer", list(LAYER_FUNCTIONS))
+@pytest.mark.parametrize("layer", slow_except(LAYER_FUNCTIONS, "data", "compile"))  # a study each
 def test_an_exception_in_a_layer_fails_the_trial_with_that_layer(workdir, monkeypatch, layer):
     """A trial that raises in one layer is FAIL, names the layer and the error, and the study
     runs its next trial."""
@@ -206,6 +206,7 @@ def hungry_run(config, cache):
 LIMITED = TWO_TRIALS.replace("budget: {trials: 2}", "budget: {trials: 2, %s}")
 
 
+@pytest.mark.slow  # a study whose trials run in spawned child processes
 def test_a_hanging_trial_is_stopped_at_the_time_limit(workdir, monkeypatch):
     """A trial that hangs is stopped after budget.trial_timeout_s: FAIL with "timed out after
     N s", its process is gone, and the worker runs the next trial."""
@@ -221,6 +222,7 @@ def test_a_hanging_trial_is_stopped_at_the_time_limit(workdir, monkeypatch):
     assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
 
 
+@pytest.mark.slow  # a study whose trials run in spawned child processes
 def test_a_trial_over_the_memory_limit_fails_alone(workdir, monkeypatch):
     """A trial whose process grows past budget.trial_memory_mb is killed and fails with the
     memory it used and the limit; the next trial runs."""
@@ -232,6 +234,7 @@ def test_a_trial_over_the_memory_limit_fails_alone(workdir, monkeypatch):
                                     traceback=False)
 
 
+@pytest.mark.slow  # a study whose trials run in spawned child processes
 def test_a_limited_trial_runs_the_real_pipeline_in_a_child(workdir):
     """With a time limit, a trial runs in a child process and logs what it would have logged
     in-process: its metrics, tags and stage-cache use."""
@@ -319,6 +322,7 @@ def mlflow_server(workdir, monkeypatch):
 THREE_TRIALS = TWO_TRIALS.replace("algo: {conv: direct}", "algo: {conv: [direct, im2col_gemm]}")
 
 
+@pytest.mark.slow  # starts an mlflow server (twice) and runs a study
 def test_mlflow_going_away_stops_the_study_and_reconcile_backfills(workdir, monkeypatch,
                                                                    mlflow_server, capsys):
     """When the MLflow server dies mid-study, the study stops with a message naming the trial

@@ -61,7 +61,9 @@ def params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-@pytest.mark.parametrize("arch", models.PAPER_ARCHS)
+@pytest.mark.parametrize("arch", [a if a in ("resnet18", "mobilenet_v2") else  # fast: two
+                                  pytest.param(a, marks=pytest.mark.slow)
+                                  for a in models.PAPER_ARCHS])
 def test_both_stems_forward_and_cifar_keeps_resolution(make, x, arch):
     standard, cifar = make(arch, "standard"), make(arch, "cifar")
     out_s, size_s = feature_map(standard, arch, x)
@@ -81,9 +83,11 @@ def target():
 
 
 @pytest.mark.parametrize("arch", [
-    pytest.param(a, marks=pytest.mark.skipif(
+    pytest.param(a, marks=[pytest.mark.skipif(
         a == "densenet161" and not os.environ.get("DLAS_SLOW_TESTS"),
-        reason="~2 min to compile; set DLAS_SLOW_TESTS=1")) for a in models.PAPER_ARCHS])
+        reason="~2 min to compile; set DLAS_SLOW_TESTS=1"),
+        *([] if a == "resnet18" else [pytest.mark.slow])])  # compiling a whole model
+    for a in models.PAPER_ARCHS])
 def test_exports_compiles_and_matches_pytorch(make, target, arch):
     """Cifar stem at 16x16 (VGG needs 32x32): torch.export -> TVM -> same outputs."""
     torch.set_num_threads(1)

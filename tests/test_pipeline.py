@@ -6,7 +6,7 @@ from dlas_search import compression, data, hardware, models, pipeline
 from dlas_search.cache import StageCache
 from dlas_search.space import load_space
 
-from conftest import compiled_error, randomise_batchnorm
+from conftest import compiled_error, randomise_batchnorm, slow_except
 
 
 @pytest.fixture(scope="module")
@@ -25,9 +25,11 @@ def test_digits_split_is_seeded_and_shaped(digits16):
     assert not torch.equal(y, other.val.dataset.tensors[1])
 
 
-@pytest.mark.parametrize("arch,stem,conv", [("resnet18", "standard", "direct"),
-                                            ("resnet18", "standard", "direct_nhwc"),
-                                            ("mobilenet_v2", "cifar", "direct")])
+@pytest.mark.parametrize("arch,stem,conv", slow_except([("resnet18", "standard", "direct"),
+                                                        ("resnet18", "standard", "direct_nhwc"),
+                                                        ("mobilenet_v2", "cifar", "direct")],
+                                                       ("resnet18", "standard", "direct"),
+                                                       ("resnet18", "standard", "direct_nhwc")))
 def test_compiled_module_matches_pytorch(digits16, arch, stem, conv):
     model = randomise_batchnorm(models.create(models.ModelConfig(arch=arch, stem=stem), 10))
     built, error = compiled_error(model, digits16.example(), conv)
@@ -61,9 +63,9 @@ def test_pipeline_on_a_tiny_configuration(tiny_space, cache_dir):
     assert again.metrics["accuracy"] == m["accuracy"]
 
 
-@pytest.mark.parametrize("method,precision,arithmetic", [
+@pytest.mark.parametrize("method,precision,arithmetic", slow_except([
     ("unstructured+int8", "int8", "uint8xint8->int32"),
-    ("fp16", "fp16", "float16xfloat16->float32")])
+    ("fp16", "fp16", "float16xfloat16->float32")], ("fp16", "fp16", "float16xfloat16->float32")))
 def test_pipeline_keeps_reduced_precision_through_the_stack(tiny_space, cache_dir, method,
                                                             precision, arithmetic):
     config = load_space(tiny_space).pin({"compress.method": method,

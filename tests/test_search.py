@@ -27,6 +27,7 @@ def child_runs(experiment: str):
     return client, parents, children
 
 
+@pytest.mark.slow  # two studies, four compiled trials (the fast study: thresholds, below)
 def test_study_persists_and_continues(tiny_space, cache_dir):
     space = load_space(tiny_space)
     first = run_search(space, trials=2, cache_dir=cache_dir)
@@ -65,6 +66,7 @@ def test_study_persists_and_continues(tiny_space, cache_dir):
     assert {"pareto/pareto.csv", "pareto/pareto.json", "pareto/pareto.html"} <= artifacts
 
 
+@pytest.mark.slow  # a whole study (the fast one: thresholds, below)
 @pytest.mark.reliability("a trial whose compile raises",
                          "that trial FAIL in Optuna (reason in user attr error), FAILED in "
                          "MLflow with error.txt", kept="the study goes on; the other trials complete")
@@ -181,6 +183,7 @@ def test_grid_sampler_enumerates_every_configuration_exactly(workdir):
     assert {json.loads(c)["compress.amount"] for c in seen} == {None, 0.5, 0.8}
 
 
+@pytest.mark.slow  # a whole study (the fast one: thresholds, below)
 def test_grid_study_runs_each_configuration_once_and_stops(workdir, cache_dir):
     text = GRID_SPACE.replace("algo: {conv: [direct, direct_nhwc]}", "algo: {conv: direct}")
     outcome = run_search(load_space(write_space(workdir, text)), cache_dir=str(cache_dir))
@@ -272,6 +275,7 @@ def test_front_keeps_only_feasible_rows():
 
 # --- a worker killed mid-trial --------------------------------------------------------------
 
+@pytest.mark.slow  # kills `dlas search` subprocesses mid-trial and runs the study again
 @pytest.mark.reliability("kill -9 of dlas search mid-trial, then the same command again",
                          "the killed trial FAIL in Optuna and FAILED in MLflow, run again once",
                          kept="completed trials kept, never repeated")
@@ -348,6 +352,7 @@ def test_shipped_spaces_load_and_show(name, capsys):
     assert "size:" in capsys.readouterr().out
 
 
+@pytest.mark.slow  # a grid study of many trials (minutes)
 def test_grid_study_finishes_the_grid_despite_long_runs_of_repeats(workdir, monkeypatch,
                                                                    capsys):
     """A grid whose points mostly repeat a configuration (here a parameter that applies to

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 import tvm
 from tvm import relax
 
+from conftest import slow_except
 from dlas_search import hardware, sparse
 from dlas_search.sparse import BlockShape
 
@@ -81,14 +82,15 @@ CASES = [
 
 @pytest.mark.parametrize("kernel", sparse.KERNELS)
 @pytest.mark.parametrize("block", [CSR, BSR4], ids=["csr", "bsr4x1"])
-@pytest.mark.parametrize("n,c,h,w,o,kh,kw,stride,padding,groups", CASES)
+@pytest.mark.parametrize("n,c,h,w,o,kh,kw,stride,padding,groups",
+                         slow_except(CASES, "3x3-s2"))  # fast: one case, both kernels and formats
 def test_conv_matches_torch(kernel, block, n, c, h, w, o, kh, kw, stride, padding, groups):
     x = np.random.default_rng(1).standard_normal((n, c, h, w)).astype("float32")
     weight = pruned((o, c // groups, kh, kw), 0.8)
     check_conv(kernel, block, x, weight, stride=stride, padding=padding, groups=groups)
 
 
-@pytest.mark.parametrize("kernel", sparse.KERNELS)
+@pytest.mark.parametrize("kernel", slow_except(sparse.KERNELS, "direct"))
 @pytest.mark.parametrize("block", [(8, 1), (1, 4), (3, 2), (16, 1)], ids=str)
 def test_block_shapes_with_ragged_tails(kernel, block):
     """Block rows/cols that divide neither the 10 output channels nor the 5*3*3 columns."""
@@ -99,7 +101,7 @@ def test_block_shapes_with_ragged_tails(kernel, block):
 
 @pytest.mark.parametrize("kernel", sparse.KERNELS)
 @pytest.mark.parametrize("block", [CSR, BSR4], ids=["csr", "bsr4x1"])
-@pytest.mark.parametrize("amount", [0.0, 0.8, 1.0])
+@pytest.mark.parametrize("amount", slow_except([0.0, 0.8, 1.0], 0.8))
 def test_sparsity_extremes_and_empty_rows(kernel, block, amount):
     """Dense weights, ~80% zeros with whole output channels (one a whole 4-row block) zeroed,
     and an all-zero weight."""
@@ -118,7 +120,8 @@ def test_dilation(kernel):
 
 @pytest.mark.parametrize("kernel", sparse.KERNELS)
 @pytest.mark.parametrize("block", [CSR, BSR4], ids=["csr", "bsr4x1"])
-@pytest.mark.parametrize("residual,relu", [(False, True), (True, False), (True, True)])
+@pytest.mark.parametrize("residual,relu", slow_except([(False, True), (True, False), (True, True)],
+                                                   (True, True)))
 def test_epilogue_adds_bias_and_residual_then_relu(kernel, block, residual, relu):
     """Two images, a strided conv with a ragged output-channel block: each output gets its
     channel's bias, the residual at its own position, then ReLU."""
@@ -147,7 +150,8 @@ CHUNKED = [
 
 
 @pytest.mark.parametrize("block", [CSR, BSR4, BlockShape(1, 4)], ids=["csr", "bsr4x1", "bsr1x4"])
-@pytest.mark.parametrize("n,c,h,w,o,kh,kw,stride,padding,dilation", CHUNKED)
+@pytest.mark.parametrize("n,c,h,w,o,kh,kw,stride,padding,dilation",
+                         slow_except(CHUNKED, "3x3-s2-batch2"))
 def test_direct_walks_input_channels_in_chunks(monkeypatch, block, n, c, h, w, o, kh, kw,
                                                stride, padding, dilation):
     """With an L1 budget of a few hundred bytes every conv here is cut into input-channel

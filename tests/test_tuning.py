@@ -86,6 +86,7 @@ def test_records_are_kept_per_target(tuned):
     assert tuning.target_folder(root / "db", two) != built.tuning.database
 
 
+@pytest.mark.slow  # MetaSchedule tuning beyond the module's one small run
 def test_cold_weight_tuning_measures_with_flushed_caches_and_keeps_its_records_apart(tuned):
     """compiler.cold_weights: candidates timed with every argument but the input evicted from
     the caches, one run per repeat; its records go to a folder of their own, so the warm
@@ -184,6 +185,7 @@ def test_small_budgets_search_a_smaller_population():
     assert tuning.search_strategy(trials=200, tasks=20).population_size == 320
 
 
+@pytest.mark.slow  # MetaSchedule tuning beyond the module's one small run
 def test_the_builder_keeps_its_worker_between_batches_and_renews_it():
     """One worker process for batches 1-2, a new one after `renew_after` builds (MetaSchedule's
     LocalBuilder started one per batch: 3.4 s each); every build gives an artifact, and
@@ -205,6 +207,7 @@ def test_the_builder_keeps_its_worker_between_batches_and_renews_it():
                                         for w in pool._worker_map.values())
 
 
+@pytest.mark.slow  # MetaSchedule tuning beyond the module's one small run
 def test_extending_a_database_tunes_its_tasks_again_from_their_records(tuned, tmp_path):
     """`extend` spends the budget on tasks the database has already (a second run that adds
     trials to the first); without it the same compile measures nothing."""
@@ -229,6 +232,7 @@ def two_convs() -> torch.nn.Module:
                                torch.nn.Conv2d(16, 16, 3, padding=1), torch.nn.ReLU()).eval()
 
 
+@pytest.mark.slow  # MetaSchedule tuning beyond the module's one small run
 @pytest.mark.reliability("MetaSchedule's search raises out of tune_tasks mid-run",
                          "a warning naming the error and the next seed; the run goes on",
                          kept="the records measured so far; only tasks without one are retuned")
@@ -284,6 +288,7 @@ def test_a_search_that_keeps_failing_leaves_the_tasks_untuned_and_says_so(
     assert "have no tuned schedule" in caplog.text
 
 
+@pytest.mark.slow  # MetaSchedule tuning of Winograd convs
 @pytest.mark.parametrize("conv,rules", [
     ("winograd", ["_winograd_data_pack_rule", "_winograd_inverse_rule"]),
     ("winograd_nhwc", ["_winograd_nhwc_data_pack_rule", "_winograd_nhwc_inverse_rule"])])

@@ -1,9 +1,13 @@
 """Bad input: exit status 2, a message naming the key, the bad value and what is allowed, and
-nothing written (no study, no MLflow run, no tracking folder)."""
+nothing written (no study, no MLflow run, no tracking folder); and the `dlas` command run as a
+user runs it (`python -m dlas_search ...`)."""
+import json
+import os
 import subprocess
 import sys
 
 import pytest
+from mlflow.tracking import MlflowClient
 
 from conftest import TINY_SPACE, write_space
 from dlas_search.cli import main
@@ -117,3 +121,34 @@ def test_missing_files_stop_before_anything_is_written(workdir, old, new, words,
     for word in words:
         assert word in err, (word, err)
     assert sorted(p.name for p in workdir.iterdir()) == ["bad.yaml"]
+
+
+def run(argv, cwd, env=None, timeout=900):
+    return subprocess.run(argv, cwd=cwd, capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, **(env or {})})
+
+
+@pytest.mark.slow  # a whole trial in a `dlas` subprocess
+def test_trial_json_prints_exactly_one_object(tiny_space, workdir, cache_dir):
+    out = run([sys.executable, "-m", "dlas_search", "trial", "--space", str(tiny_space),
+               "--set", "compress.method=unstructured", "--set", "compress.amount=0.8",
+               "--cache-dir", str(cache_dir), "--json"], cwd=workdir)
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads(out.stdout)  # the whole of stdout is one JSON object
+    assert set(result) == {"params", "metrics", "status", "run_id"}
+    assert result["status"] == "FINISHED"
+    assert result["params"]["compress.amount"] == 0.8
+    assert result["metrics"]["sparsity"] == pytest.approx(0.8, abs=0.005)
+    client = MlflowClient(f"sqlite:///{workdir}/tracking/mlflow.db")
+    logged = client.get_run(result["run_id"])
+    assert logged.info.status == "FINISHED"
+    assert logged.data.params["compress.amount"] == "0.8"
+    assert logged.data.metrics["latency_ms"] == pytest.approx(result["metrics"]["latency_ms"])
+
+
+def test_space_show(tiny_space, workdir):
+    out = run([sys.executable, "-m", "dlas_search", "space", "show", str(tiny_space)], workdir)
+    assert out.returncode == 0
+    assert "compress" in out.stdout and "amount: one of 0.5, 0.8 when compress.method" in \
+        out.stdout
+    assert "size: 6" in out.stdout  # (none + 2 amounts) x 2 conv algorithms

@@ -70,6 +70,7 @@ def closed_port() -> int:
 
 # --- a trial on a remote device ------------------------------------------------------------
 
+@pytest.mark.slow  # starts a TVM RPC tracker and server
 def test_trial_on_an_rpc_device_brings_the_latency_back(tracker, server, tiny_space, workdir,
                                                         cache_dir, capsys):
     url = rpc_url(tracker)
@@ -89,6 +90,7 @@ def test_trial_on_an_rpc_device_brings_the_latency_back(tracker, server, tiny_sp
     assert hardware.tracker_status(hardware.parse_rpc_url(url))["free"] == 1
 
 
+@pytest.mark.slow  # starts a TVM RPC tracker and server
 @pytest.mark.reliability("the RPC server killed during a measurement",
                          "that trial fails: the RPC server went away during the measurement",
                          kept="the study goes on; the next trial runs on the server once back")
@@ -165,6 +167,7 @@ def test_unreachable_tracker_exits_2_fast(tiny_space, workdir, capsys):
     assert sorted(p.name for p in workdir.iterdir()) == ["tiny.yaml"]
 
 
+@pytest.mark.slow  # starts a TVM RPC tracker and server
 @pytest.mark.reliability("an RPC key with no registered device",
                          "exit 2: no device with that key, and the keys the tracker has",
                          kept="nothing written (no tracking folder)")
@@ -203,6 +206,7 @@ def test_cuda_without_a_gpu_is_reported_unavailable(tiny_space, workdir, capsys)
     assert "no CUDA device" in capsys.readouterr().err
 
 
+@pytest.mark.slow  # starts a TVM RPC tracker and server
 def test_targets_lists_the_registry_with_reachability(tracker, server, workdir, capsys):
     registry = f"""\
         targets:
@@ -304,6 +308,7 @@ def test_missing_cross_compiler_is_bad_input(workdir):
 
 # --- tuning on the device the trial targets --------------------------------------------------
 
+@pytest.mark.slow  # MetaSchedule tuning measured through a TVM RPC tracker and server
 def test_metaschedule_measures_on_the_rpc_device(tracker, server, tmp_path, monkeypatch):
     def no_local_runner(*args, **kwargs):
         raise AssertionError("a remote target's candidates were measured locally")

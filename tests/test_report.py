@@ -33,6 +33,7 @@ space:
 """
 
 
+@pytest.mark.slow  # `dlas perturb` runs a grid study of 4 trials
 def test_perturb_runs_the_grid_and_writes_the_report(workdir, cache_dir, capsys):
     space = write_space(workdir, TINY_GRID)
     uri = f"sqlite:///{workdir / 'mlflow.db'}"

@@ -25,7 +25,7 @@ seed: 0
 {artifacts}
 space:
   data: {{name: digits, image_size: 16, val_fraction: 0.3}}
-  model: {{arch: "test_stage_cache:small_cnn", epochs: 1}}
+  model: {{arch: "test_cache:small_cnn", epochs: 1}}
   compress: {{method: none}}
   finetune: {{epochs: 0}}
   algo: {{conv: [direct, direct_nhwc]}}

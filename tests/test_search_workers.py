@@ -95,6 +95,7 @@ def test_the_budget_is_split_exactly(trials, workers, expected):
     assert sum(shares(trials, workers)) == trials
 
 
+@pytest.mark.slow  # a `dlas` subprocess each (test_cli.py::test_space_show is the fast one)
 @pytest.mark.parametrize("workers", ["0", "-2"])
 def test_workers_must_be_positive(workdir, workers):
     path = small_space(workdir)
@@ -104,6 +105,7 @@ def test_workers_must_be_positive(workdir, workers):
     assert not (workdir / "tracking").exists()  # nothing half-written
 
 
+@pytest.mark.slow  # a whole study in worker subprocesses
 def test_two_workers_share_one_sqlite_study(workdir, cache_dir):
     path = small_space(workdir)
     out = dlas(["search", "--space", str(path), "--workers", "2", "--trials", "3",
@@ -117,6 +119,7 @@ def test_two_workers_share_one_sqlite_study(workdir, cache_dir):
     check_one_study(default_storage(), tracking.default_tracking_uri(), 3)
 
 
+@pytest.mark.slow  # a whole study in worker subprocesses
 def test_a_dead_worker_is_reported_and_the_others_finish(workdir):
     path = small_space(workdir, arch="dlas_test_nets:dies_in_worker_1")
     out = dlas(["search", "--space", str(path), "--workers", "2", "--trials", "2",
@@ -219,6 +222,7 @@ def mlflow_server(tmp_path):
         log.close()
 
 
+@pytest.mark.slow  # starts PostgreSQL and an mlflow server, a study in worker subprocesses
 def test_two_workers_on_postgresql_and_a_tracking_server(workdir, cache_dir, postgres,
                                                          mlflow_server):
     uri, server_artifacts = mlflow_server
@@ -249,6 +253,7 @@ search._create_study("raced", lambda: url, ["minimize"])
 """
 
 
+@pytest.mark.slow  # four racing subprocesses
 def test_launchers_creating_one_new_storage_at_once_all_get_the_study(workdir):
     """Without the retry this fails ("table ... already exists" or "UNIQUE constraint failed:
     alembic_version", seen with plain optuna.create_study)."""
