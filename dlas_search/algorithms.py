@@ -47,7 +47,7 @@ from tvm.relax.expr_functor import PyExprMutator, mutator
 from tvm.topi.nn.winograd_util import winograd_transform_matrices
 
 from . import sparse
-from .lowering import fold_constants
+from .lowering import clip_as_min_max, fold_constants
 from .errors import BadInput, allowed
 
 log = logging.getLogger(__name__)
@@ -267,28 +267,6 @@ class DirectNHWC(Direct):
 
         mod = relax.transform.ConvertLayout({}, layouts)(clip_as_min_max(mod))
         return fold_constants(mod)  # the weights' layout transform
-
-
-@mutator
-class _ClipAsMinMax(PyExprMutator):
-    def visit_call_(self, call):
-        call = super().visit_call_(call)
-        if getattr(call.op, "name", None) != "relax.clip":
-            return call
-        dtype = call.args[0].ty.dtype
-        low, high = (relax.const(float(bound.value), dtype) for bound in call.args[1:])
-        return relax.op.minimum(relax.op.maximum(call.args[0], low), high)
-
-
-def clip_as_min_max(mod: tvm.IRModule) -> tvm.IRModule:
-    """R.clip (ReLU6) as minimum(maximum(x, low), high). ConvertLayout has no layout rule for
-    clip, so under NHWC every ReLU6 would run in NCHW between two transposes (70 transposes in
-    mobilenet_v2, the tasks that dominated its tuned time); min/max follow the conv's layout."""
-    mod = mod.clone()
-    for var, func in list(mod.functions.items()):
-        if isinstance(func, relax.Function):
-            mod[var] = _ClipAsMinMax().visit_expr(func)
-    return mod
 
 
 @primitive("im2col_gemm")
