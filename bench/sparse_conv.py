@@ -19,7 +19,8 @@ import torch
 import tvm
 from tvm import relax
 
-from dlas_search import hardware, sparse
+from dlas_search import hardware
+from dlas_search.algorithms import sparse
 
 # (name, in channels, out channels, input size, kernel, stride, padding)
 CASES = [

@@ -15,8 +15,8 @@ from tvm import relax
 
 from torch.nn.utils import prune
 
-from dlas_search import algorithms, compiler, compression, hardware, lowering, models, sparse
-from dlas_search.algorithms import AlgoConfig, CannotExpress, Plan, plan
+from dlas_search import algorithms, compiler, compression, hardware, lowering, models
+from dlas_search.algorithms import AlgoConfig, CannotExpress, Plan, plan, sparse
 from dlas_search.errors import BadInput
 from dlas_search.space import LAYERS, TrialConfig, infeasible
 
