@@ -373,18 +373,6 @@ class Space:
 
 # --- constraints: combinations of valid values that cannot run together ----------------------
 
-def _sparse_needs_unstructured_fp32(config: TrialConfig) -> str | None:
-    """The sparse kernels store zeros left by unstructured pruning and compute in fp32."""
-    method = config.compress.method
-    if config.algo.format != "sparse" or method == "unstructured":
-        return None
-    problem = ("no unstructured pruning" if "unstructured" not in method.split("+") else
-               f"{compression.technique(method).precision} arithmetic; the sparse kernels are "
-               "fp32")
-    return (f"algo.format sparse needs an unstructured-pruned fp32 model: compress.method "
-            f"unstructured (got {method}: {problem}); otherwise use algo.format dense")
-
-
 def _eager_runs_locally(config: TrialConfig) -> str | None:
     """PyTorch eager (`compiler.backend: torch`) runs in this process, on the local CPU."""
     if config.compiler.backend != "torch":
@@ -399,7 +387,7 @@ def _eager_runs_locally(config: TrialConfig) -> str | None:
             f"{config.hw.target} is a {device} device (use compiler.backend tvm there)")
 
 
-CONSTRAINTS = (_sparse_needs_unstructured_fp32, _eager_runs_locally)
+CONSTRAINTS = (_eager_runs_locally,)
 # the parameters the constraints read
 CONSTRAINED = ("compress.method", "algo.format", "compiler.backend", "hw.target")
 
