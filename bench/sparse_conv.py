@@ -1,4 +1,5 @@
-"""Sparse conv kernels (dlas_search.sparse) vs dense TVM (untuned) and PyTorch, one conv at a time.
+"""Sparse conv kernels (dlas_search.algorithms.sparse) vs dense TVM (untuned) and PyTorch, one
+conv at a time.
 
 For resnet18-like 3x3 convs, weights pruned at random (unstructured, or whole BSR-shaped
 blocks with --pattern), each of sparse direct / sparse im2col in CSR and in the best of a few
@@ -19,7 +20,8 @@ import torch
 import tvm
 from tvm import relax
 
-from dlas_search import hardware, sparse
+from dlas_search import hardware
+from dlas_search.algorithms import sparse
 
 # (name, in channels, out channels, input size, kernel, stride, padding)
 CASES = [

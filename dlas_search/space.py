@@ -331,8 +331,7 @@ class Space:
     def ruled_out(self) -> str | None:
         """Why no configuration of the space can run, when the constraints rule out every one
         (e.g. `algo.format: sparse` with `compress.method: none`); None when some can."""
-        constrained = ("compress.method", "algo.format", *registry.constrained())
-        reasons = [c.ruled_out for c in self.variants(*dict.fromkeys(constrained))]
+        reasons = [c.ruled_out for c in self.variants(*registry.constrained())]
         if reasons and all(reasons):
             return (f"{self.path}: the space's constraints rule out every configuration: "
                     f"{reasons[0]}")
@@ -380,25 +379,11 @@ class Space:
 
 # --- constraints: combinations of valid values that cannot run together ----------------------
 
-def _sparse_needs_unstructured_fp32(config: TrialConfig) -> str | None:
-    """The sparse kernels store zeros left by unstructured pruning and compute in fp32."""
-    method = config.compress.method
-    if config.algo.format != "sparse" or method == "unstructured":
-        return None
-    problem = ("no unstructured pruning" if "unstructured" not in method.split("+") else
-               f"{compression.technique(method).precision} arithmetic; the sparse kernels are "
-               "fp32")
-    return (f"algo.format sparse needs an unstructured-pruned fp32 model: compress.method "
-            f"unstructured (got {method}: {problem}); otherwise use algo.format dense")
-
-
 def infeasible(config: TrialConfig) -> str | None:
     """Why the space rules this configuration out (naming the problem and what is allowed),
     or None. Each choice declares its own constraints in the registry (the sparse format
-    needs unstructured fp32 weights; PyTorch eager runs on the local CPU); the sparse rule
-    is still here until layer 4 declares it."""
-    return (_sparse_needs_unstructured_fp32(config)
-            or registry.infeasible(config.params(), config))
+    needs unstructured fp32 weights; PyTorch eager runs on the local CPU)."""
+    return registry.infeasible(config.params(), config)
 
 
 # A space or registry is a few kilobytes; a bigger file is a mistake (a wrong path, a data file)

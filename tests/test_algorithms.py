@@ -15,8 +15,8 @@ from tvm import relax
 
 from torch.nn.utils import prune
 
-from dlas_search import algorithms, compiler, compression, hardware, lowering, models, sparse
-from dlas_search.algorithms import AlgoConfig, CannotExpress, Plan, plan
+from dlas_search import algorithms, compiler, compression, hardware, lowering, models, registry
+from dlas_search.algorithms import AlgoConfig, CannotExpress, Plan, plan, sparse
 from dlas_search.errors import BadInput
 from dlas_search.space import LAYERS, TrialConfig, infeasible
 
@@ -630,6 +630,18 @@ def test_sparse_format_needs_an_unstructured_pruned_fp32_model():
         reason = infeasible(trial_config(method))
         assert f"(got {method}: {problem}" in reason and "compress.method unstructured" in reason
 
+
+def test_the_sparse_format_entry_declares_that_constraint():
+    """The rule is the `sparse` format's own (algo.format registry), asked as space asks."""
+    assert registry.infeasible({"algo.format": "sparse"}, trial_config("unstructured")) is None
+    assert registry.infeasible({"algo.format": "dense"}, trial_config("none", "dense")) is None
+    assert registry.infeasible({"algo.format": "sparse"}, trial_config("none")) == (
+        "algo.format sparse needs an unstructured-pruned fp32 model: compress.method "
+        "unstructured (got none: no unstructured pruning); otherwise use algo.format dense")
+    for method, problem in (("int8", "no unstructured pruning"),
+                            ("unstructured+fp16", "fp16 arithmetic")):
+        reason = algorithms.FORMATS.infeasible("sparse", trial_config(method))
+        assert f"(got {method}: {problem}" in reason and "compress.method unstructured" in reason
 
 def test_winograd_on_a_1x1_conv_falls_back_to_direct_and_logs_why(caplog):
     model = torch.nn.Conv2d(8, 16, 1).eval()

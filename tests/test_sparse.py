@@ -1,6 +1,7 @@
-"""Sparse conv / linear kernels (dlas_search.sparse) against PyTorch, on small shapes so the whole
-file runs in well under a minute on one core. Each case builds a Relax module with one sparse
-call, compiles it with the default pipeline for the local CPU and compares with torch."""
+"""Sparse conv / linear kernels (dlas_search.algorithms.sparse) against PyTorch, on small shapes
+so the whole file runs in well under a minute on one core. Each case builds a Relax module with
+one sparse call, compiles it with the default pipeline for the local CPU and compares with
+torch."""
 from __future__ import annotations
 
 import numpy as np
@@ -11,8 +12,9 @@ import tvm
 from tvm import relax
 
 from conftest import slow_except
-from dlas_search import hardware, sparse
-from dlas_search.sparse import BlockShape
+from dlas_search import hardware
+from dlas_search.algorithms import Conv, sparse
+from dlas_search.algorithms.sparse import BlockShape, kernels, tiling
 
 TARGET = hardware.local_target(1)
 TOL = 1e-4
@@ -157,8 +159,8 @@ def test_direct_walks_input_channels_in_chunks(monkeypatch, block, n, c, h, w, o
     """With an L1 budget of a few hundred bytes every conv here is cut into input-channel
     chunks (partial sums kept between chunks, rows in groups with a ragged last group); the
     result still matches PyTorch and the kernel's indptr has one entry per row and chunk."""
-    monkeypatch.setattr(sparse, "L1_BYTES", 600)
-    monkeypatch.setattr(sparse, "MIN_CHUNK_BLOCKS", 1)
+    monkeypatch.setattr(tiling, "L1_BYTES", 600)
+    monkeypatch.setattr(tiling, "MIN_CHUNK_BLOCKS", 1)
     x = np.random.default_rng(7).standard_normal((n, c, h, w)).astype("float32")
     weight = pruned((o, c, kh, kw), 0.6)
     conv = dict(stride=stride, padding=padding, dilation=dilation)
@@ -192,20 +194,20 @@ def test_direct_walks_input_channels_in_chunks(monkeypatch, block, n, c, h, w, o
 def test_chunks_only_where_they_pay():
     """Chunks need enough nonzeros each to pay for their partial sums, and grouped convs never
     chunk (their rows read their own channels only)."""
-    s = sparse.ConvShape(1, 256, 14, 14, 256, 3, 3, (1, 1), (1, 1, 1, 1), (1, 1), 1)
-    many = sparse._Chunks.plan(s, 17, 16, 14 * 64, 256, 256 * 230)
+    s = Conv.nchw(1, 256, 14, 14, 256, 3, 3, (1, 1), (1, 1, 1, 1), (1, 1), 1)
+    many = tiling._Chunks.plan(s, 17, 16, 14 * 64, 256, 256 * 230)
     assert many.n > 1 and many.per * many.n >= 256 and many.group > 1
-    few = sparse._Chunks.plan(s, 17, 16, 14 * 64, 256, 256 * 20)
+    few = tiling._Chunks.plan(s, 17, 16, 14 * 64, 256, 256 * 20)
     assert few.n == 1
-    grouped = sparse.ConvShape(1, 256, 14, 14, 256, 3, 3, (1, 1), (1, 1, 1, 1), (1, 1), 4)
-    assert sparse._Chunks.plan(grouped, 17, 16, 14 * 64, 256, 256 * 230).n == 1
+    grouped = Conv.nchw(1, 256, 14, 14, 256, 3, 3, (1, 1), (1, 1, 1, 1), (1, 1), 4)
+    assert tiling._Chunks.plan(grouped, 17, 16, 14 * 64, 256, 256 * 230).n == 1
 
 
 def test_phase_split_keeps_only_the_phases_taps_read():
     """A strided 1x1 conv reads phase (0, 0) only: a quarter of the copy at stride 2."""
-    one = sparse.ConvShape(1, 8, 9, 9, 8, 1, 1, (2, 2), (0, 0, 0, 0), (1, 1), 1)
-    three = sparse.ConvShape(1, 8, 9, 9, 8, 3, 3, (2, 2), (1, 1, 1, 1), (1, 1), 1)
-    p1, p3 = sparse._PhaseSplit.plan(one, 5, 16), sparse._PhaseSplit.plan(three, 5, 16)
+    one = Conv.nchw(1, 8, 9, 9, 8, 1, 1, (2, 2), (0, 0, 0, 0), (1, 1), 1)
+    three = Conv.nchw(1, 8, 9, 9, 8, 3, 3, (2, 2), (1, 1, 1, 1), (1, 1), 1)
+    p1, p3 = tiling._PhaseSplit.plan(one, 5, 16), tiling._PhaseSplit.plan(three, 5, 16)
     assert (p1.nph, p1.npw, p3.nph, p3.npw) == (1, 1, 2, 2)
     assert p1.zoff == 8 * p1.hq * p1.wq and p3.zoff == 8 * 4 * p3.hq * p3.wq
 
@@ -270,8 +272,8 @@ def test_index_arrays_are_call_tir_constants():
 
 @pytest.mark.parametrize("kernel", sparse.KERNELS)
 def test_kernels_are_parallel_and_vectorised(kernel):
-    s = sparse.ConvShape(1, 8, 10, 10, 8, 3, 3, (1, 1), (1, 1, 1, 1), (1, 1), 1)
-    build = sparse._direct_func if kernel == "direct" else sparse._im2col_func
+    s = Conv.nchw(1, 8, 10, 10, 8, 3, 3, (1, 1), (1, 1, 1, 1), (1, 1), 1)
+    build = kernels._direct_func if kernel == "direct" else kernels._im2col_func
     text = build(s, CSR, 10, sparse.Isa())[0].script()
     assert "T.parallel(" in text and "T.vectorized(8)" in text
 
