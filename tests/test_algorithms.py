@@ -622,7 +622,8 @@ def test_sparse_format_needs_an_unstructured_pruned_fp32_model():
     assert infeasible(trial_config("int8", "dense")) is None
     assert infeasible(trial_config("none")) == (
         "algo.format sparse needs an unstructured-pruned fp32 model: compress.method "
-        "unstructured (got none: no unstructured pruning); otherwise use algo.format dense")
+        "unstructured or random (got none: no unstructured pruning); otherwise use "
+        "algo.format dense")
     for method, problem in (("int8", "no unstructured pruning"),
                             ("channel", "no unstructured pruning"),
                             ("unstructured+int8", "int8 arithmetic"),
@@ -637,11 +638,13 @@ def test_the_sparse_format_entry_declares_that_constraint():
     assert registry.infeasible({"algo.format": "dense"}, trial_config("none", "dense")) is None
     assert registry.infeasible({"algo.format": "sparse"}, trial_config("none")) == (
         "algo.format sparse needs an unstructured-pruned fp32 model: compress.method "
-        "unstructured (got none: no unstructured pruning); otherwise use algo.format dense")
+        "unstructured or random (got none: no unstructured pruning); otherwise use "
+        "algo.format dense")
     for method, problem in (("int8", "no unstructured pruning"),
                             ("unstructured+fp16", "fp16 arithmetic")):
         reason = algorithms.FORMATS.infeasible("sparse", trial_config(method))
         assert f"(got {method}: {problem}" in reason and "compress.method unstructured" in reason
+
 
 def test_winograd_on_a_1x1_conv_falls_back_to_direct_and_logs_why(caplog):
     model = torch.nn.Conv2d(8, 16, 1).eval()

@@ -26,7 +26,8 @@ kernels (sparse/). The space allows `sparse` only for unstructured-pruned fp32 m
 format's `infeasible`).
 
 One file per choice: contract.py (the registries, AlgoConfig, Conv, Primitive), plan.py,
-direct.py, im2col.py, spatial_pack.py, winograd.py, sparse/. This module is their public face.
+direct.py, im2col.py, spatial_pack.py, winograd.py, sparse/. This module is their public face;
+it imports every module of the package, so a new primitive is one file registering itself.
 """
 # in registration order, which is the order of the names in listings and error messages:
 # primitives direct .. winograd_nhwc, then the formats dense, sparse
@@ -40,6 +41,9 @@ from .winograd import (WINOGRAD_RULES, Winograd, WinogradNHWC, winograd_conv, wi
 from .plan import Dense, Plan, plan, primitive_named
 from . import sparse
 from .sparse import Sparse, SparseLowering, block_shape
+from ..registry import discover
+
+discover(__name__, __path__)  # a new primitive is one module here: it registers on import
 
 __all__ = ["sparse", "BLOCKS", "DEFAULT_BLOCK", "DEFAULT_THRESHOLD", "FORMATS", "PRIMITIVES",
            "AlgoConfig", "CannotExpress", "Conv", "Format", "Primitive", "transform_weight",
