@@ -16,11 +16,12 @@ TRUSTED_PICKLES = {"cache.py", "compiler.py"}
 
 
 def calls():
-    """(file name, call node) for every call in the package."""
-    for path in sorted(PACKAGE.glob("*.py")):
+    """(file path in the package, call node) for every call in the package, subpackages
+    included."""
+    for path in sorted(PACKAGE.rglob("*.py")):
         for node in ast.walk(ast.parse(path.read_text(), str(path))):
             if isinstance(node, ast.Call):
-                yield path.name, node
+                yield str(path.relative_to(PACKAGE)), node
 
 
 def dotted(node: ast.AST) -> str:

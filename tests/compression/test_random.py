@@ -35,8 +35,8 @@ def test_random_pruning_is_a_choice_everywhere(workdir):
         compression.technique("randm")
     # its setting is required, like unstructured's
     with pytest.raises(BadInput, match="compress.amount is required for compress.method=random"):
-        compression.compress(CompressConfig("random"), FinetuneConfig(epochs=0),
-                             torch.nn.Sequential(torch.nn.Linear(4, 2)), None)
+        compression.technique("random").apply(torch.nn.Sequential(torch.nn.Linear(4, 2)),
+                                              CompressConfig("random"), torch.zeros(1, 4))
     assert registry.REGISTRIES["compress.method"] is compression.METHODS
 
 
