@@ -23,7 +23,7 @@ from tvm import relax
 from tvm.relax.frontend.torch import from_exported_program
 
 from . import lowering, tuning
-from .algorithms import Primitive
+from .algorithms import Plan, Primitive
 from .errors import BadInput
 from .faults import layer
 from .registry import Registry
@@ -189,7 +189,7 @@ def imported(module: torch.nn.Module, example: torch.Tensor, precision: str,
     return mod, batchnorms
 
 
-def compile(module: torch.nn.Module, example: torch.Tensor, algo: Primitive,
+def compile(module: torch.nn.Module, example: torch.Tensor, algo: Plan | Primitive,
             cfg: CompilerConfig, target: tvm.target.Target, precision: str = "fp32",
             records_to: Path | None = None,
             measure_on: tuple[str, int, str] | None = None,
@@ -201,6 +201,7 @@ def compile(module: torch.nn.Module, example: torch.Tensor, algo: Primitive,
     model, with other algorithms or for another target, reuse its import; `extend_tuning`
     spends `cfg.trials` on tasks already in the database too."""
     start = time.perf_counter()
+    algo = algo if isinstance(algo, Plan) else Plan(algo)  # a bare primitive: a one-off plan
     mod, batchnorms = imported(module, example, precision, model_key)
     convs = _count(mod, "R.nn.conv2d")  # before the sparse kernels and legalisation take them
     with target:  # the sparse kernels (some emitted by the rewrite) read the vector width here
@@ -224,7 +225,7 @@ def compile(module: torch.nn.Module, example: torch.Tensor, algo: Primitive,
     executable = tvm.compile(mod, target)
     metrics = {"compile_s": time.perf_counter() - start,
                "batchnorm_folded": float(batchnorms), "conv_layers": float(convs),
-               **(algo.metrics() if hasattr(algo, "metrics") else {}),
+               **algo.metrics(),
                **(report.metrics() if report else {})}
     return Compiled(executable, metrics, dtypes, report)
 

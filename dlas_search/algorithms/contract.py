@@ -199,12 +199,6 @@ class Primitive:
         """Totals of what it lowered, added into `Plan.metrics` (none for the dense ones)."""
         return {}
 
-    def legalize_map(self) -> dict:
-        """A one-off plan's map, so a bare primitive still plugs into the compiler; use
-        `plan()` to read what was lowered and what fell back."""
-        from .plan import Plan
-        return Plan(self).legalize_map()
-
 
 class Format:
     """A data format of the weights (`algo.format`): which lowerings a plan puts before the
