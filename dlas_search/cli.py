@@ -324,35 +324,17 @@ def cmd_targets(args) -> int:
     from . import hardware
     from .space import load_space
     registry = load_space(args.space).targets
-    rows = []
+    rows, where = [], []
     for name, spec in {**hardware.BUILTIN_TARGETS, **registry}.items():
-        row = {"name": name, "device": spec.device, "label": spec.label,
-               "threads": spec.threads or 1, "tvm": spec.tvm or ("cuda, arch detected" if spec.device == "cuda"
-                                       else "like the local CPU")}
-        if spec.device == "rpc":
-            row.update(tracker=spec.tracker, key=spec.key)
-            try:
-                status = hardware.tracker_status(spec)
-                row.update(registered=status["registered"], free=status["free"])
-                row["status"] = ("ready" if status["free"] else "busy" if status["registered"]
-                                 else "no device") + \
-                    f": {status['registered']} registered, {status['free']} free"
-            except hardware.TargetUnavailable as e:
-                row["status"] = str(e)
-        else:
-            why = hardware.availability(spec)
-            row["status"] = why or "ready"
-            if spec.device == "local" and not why:
-                device = hardware.resolve(hardware.HardwareConfig(target=name), registry)
-                row["tvm"] = str(device.target)
-                row["label"] = f"{spec.label}: {hardware.cpu_model()}, {os.cpu_count()} cores"
-        rows.append(row)
+        kind = hardware.DEVICES.lookup(spec.device)  # each kind says what it shows
+        rows.append({"name": name, "device": spec.device, "label": spec.label,
+                     "threads": spec.threads or 1, **kind.listing(spec, registry)})
+        where.append(kind.where(spec))
     if args.json:
         print(json.dumps(rows))
         return 0
-    for row in rows:
-        where = f" {row['key']}@{row['tracker']}" if row["device"] == "rpc" else ""
-        print(f"{row['name']:<16} {row['device']:<5}{where}  {row['status']}")
+    for row, at in zip(rows, where):
+        print(f"{row['name']:<16} {row['device']:<5}{at}  {row['status']}")
         print(f"{'':<16} {row['label']}; {row['threads']} thread(s); TVM target {row['tvm']}")
     return 0
 

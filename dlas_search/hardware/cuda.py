@@ -27,6 +27,10 @@ class Cuda(DeviceKind):
     def availability(self, spec: TargetSpec) -> str | None:
         return None if tvm.cuda().exist else "unavailable: no CUDA device on this machine"
 
+    def listing(self, spec: TargetSpec, registry) -> dict:
+        return {"tvm": spec.tvm or "cuda, arch detected",
+                "status": self.availability(spec) or "ready"}
+
     def resolve(self, spec: TargetSpec, threads: int) -> Device:
         why = self.availability(spec)
         if why:

@@ -79,6 +79,17 @@ class DeviceKind:
         """MLflow tags (`dlas.*`) particular to this kind."""
         return {}
 
+    def listing(self, spec: TargetSpec, registry: Mapping[str, TargetSpec]) -> dict:
+        """What `dlas targets` shows of a target of this kind besides its name, kind, label and
+        threads: `status` (ready, or why not), `tvm` (its TVM target), and whatever else only
+        this kind knows (an RPC tracker's counts)."""
+        return {"tvm": spec.tvm or "like the local CPU",
+                "status": self.availability(spec) or "ready"}
+
+    def where(self, spec: TargetSpec) -> str:
+        """A few words after the kind in `dlas targets`' text listing (an RPC key@tracker)."""
+        return ""
+
 
 @dataclass
 class Device:

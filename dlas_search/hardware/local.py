@@ -14,7 +14,7 @@ import tvm
 
 from . import timing
 from .cpu import cpu_model
-from .device import Device, DeviceKind
+from .device import Device, DeviceKind, resolve
 from .targets import DEVICES, HardwareConfig, TargetSpec
 from .timing import Timing
 
@@ -33,6 +33,15 @@ class Local(DeviceKind):
         torch.set_num_threads(threads)
         return Device(spec.name, spec.tvm_target(threads), threads,
                       f"{cpu_model()}, {threads} thread(s)", spec)
+
+    def listing(self, spec: TargetSpec, registry) -> dict:
+        """Ready targets show the TVM target this CPU gets (features the OS hides off)."""
+        row = super().listing(spec, registry)
+        if row["status"] == "ready":
+            device = resolve(HardwareConfig(target=spec.name), registry)
+            row.update(tvm=str(device.target),
+                       label=f"{spec.label}: {cpu_model()}, {os.cpu_count()} cores")
+        return row
 
     def measure(self, executable, example: torch.Tensor, cfg: HardwareConfig,
                 device: Device) -> tuple[np.ndarray, Timing]:

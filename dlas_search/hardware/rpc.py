@@ -72,6 +72,19 @@ class Rpc(DeviceKind):
     def info(self, device: Device) -> dict[str, str]:
         return {"device_key": device.spec.key, "tracker": device.spec.tracker}
 
+    def listing(self, spec: TargetSpec, registry) -> dict:
+        row = {"tvm": spec.tvm or "like the local CPU", "tracker": spec.tracker, "key": spec.key}
+        try:
+            status = tracker_status(spec)
+        except TargetUnavailable as e:
+            return {**row, "status": str(e)}
+        state = "ready" if status["free"] else "busy" if status["registered"] else "no device"
+        return {**row, "registered": status["registered"], "free": status["free"],
+                "status": f"{state}: {status['registered']} registered, {status['free']} free"}
+
+    def where(self, spec: TargetSpec) -> str:
+        return f" {spec.key}@{spec.tracker}"
+
 
 def tracker_status(spec: TargetSpec) -> dict:
     """{registered, free, keys} of the spec's key at its tracker; TargetUnavailable when the
