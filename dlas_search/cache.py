@@ -19,6 +19,9 @@ from typing import Any, Callable
 import torch
 import torchvision
 
+__all__ = ["FORMAT", "StageCache", "fingerprint", "folder_digest"]
+
+
 # Bump when what a stage stores changes shape (new metrics, new fields): old entries then miss.
 FORMAT = 3
 

@@ -11,6 +11,11 @@ from pathlib import Path
 
 from .errors import BadInput
 
+__all__ = ["DEFAULT_SPACE", "PAPER_SPACE", "REDUCED_SPACE", "build_parser",
+           "cmd_search", "cmd_trial", "cmd_pareto", "cmd_perturb", "cmd_report",
+           "cmd_reconcile", "cmd_targets", "cmd_space", "main"]
+
+
 DEFAULT_SPACE = "spaces/quickstart.yaml"
 PAPER_SPACE, REDUCED_SPACE = "spaces/dlas_paper.yaml", "spaces/dlas_paper_reduced.yaml"
 

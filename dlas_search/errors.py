@@ -1,5 +1,8 @@
-"""Errors the command line turns into exit codes (2 = bad input, nothing written: docs/architecture.md)."""
+"""Errors the command line turns into exit codes (2 = bad input, nothing written; see
+docs/architecture.md)."""
 import difflib
+
+__all__ = ["BadInput", "allowed"]
 
 
 class BadInput(ValueError):

@@ -26,6 +26,10 @@ import torch
 import tvm
 from tvm import relax
 
+__all__ = ["PRECISIONS", "INT8_CONVERTERS", "register_quantized_ops", "clip_as_min_max",
+           "to_fp16", "arithmetic_dtypes", "fold_constants"]
+
+
 PRECISIONS = ("fp32", "fp16", "int8")
 
 

@@ -8,6 +8,9 @@ import sys
 
 from .cli import main
 
+__all__ = ["SWITCHES", "translate"]
+
+
 SWITCHES = ("--reduced",)
 
 

@@ -21,6 +21,9 @@ from .errors import BadInput
 from .stack import group_order
 from .tracking import ROLE, STUDY, TRIAL
 
+__all__ = ["non_dominated", "hypervolume", "normalised_hypervolume", "Trials",
+           "load_trials", "write", "layer_importance", "export_from_mlflow"]
+
 
 def non_dominated(values, directions: list[str]) -> np.ndarray:
     """Mask of the points no other point dominates (at least as good in every objective and

@@ -15,6 +15,9 @@ from mlflow.entities import RunTag
 
 from . import tracking
 
+__all__ = ["FINISHED", "METRIC_ATTRS", "find_missing", "backfill", "open_tracker"]
+
+
 FINISHED = {"COMPLETE": "FINISHED", "FAIL": "FAILED"}
 # user attributes that are metrics (objective.Objective keeps these beside the values)
 METRIC_ATTRS = ("accuracy", "latency_ms", "size_mb", "speedup_vs_torch", "sparsity")

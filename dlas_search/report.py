@@ -23,6 +23,13 @@ from .errors import BadInput
 from .observations import (MARGIN, NOT_SUPPORTED, OBSERVATIONS, SUPPORTED,  # noqa: F401
                            UNTESTABLE, Verdict)
 
+__all__ = ["CORRELATED", "CELL", "compression_label", "precision_of", "sparse_eligible",
+           "runs_frame", "correlations", "best_latency", "compression_speedups",
+           "best_primitives", "tuning_changes", "sparse_vs_dense",
+           "quantisation_primitives", "quantisation_changes", "importance", "compute",
+           "SECTIONS", "build", "study_run_id", "write_report"]
+
+
 CORRELATED = ("size_mb", "macs", "accuracy", "latency_ms")
 # a cell of the study: the settings a primitive is compared within
 CELL = ["data", "arch", "target", "compression", "tuner"]

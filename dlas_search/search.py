@@ -21,6 +21,10 @@ from .errors import BadInput
 from .objective import Objective, config_key, suggest_new  # noqa: F401  (the search's API)
 from .space import Space, TrialConfig
 
+__all__ = ["default_storage", "check_storage", "preflight", "check_targets",
+           "check_config", "make_sampler", "SearchOutcome", "DEFAULT_HEARTBEAT_S",
+           "run_search", "shares"]
+
 
 def default_storage() -> str:
     return f"sqlite:///{(tracking.TRACKING_DIR / 'optuna.db').resolve()}"

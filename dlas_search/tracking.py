@@ -22,6 +22,11 @@ from sqlalchemy.exc import ArgumentError
 
 from .errors import BadInput
 
+__all__ = ["TRACKING_DIR", "ROLE", "STUDY", "TRIAL", "URI_SCHEMES", "ABSENT",
+           "default_tracking_uri", "check_tracking_uri", "CONNECT_TIMEOUT_S",
+           "check_database", "environment_tags", "Tracker", "link_launcher_run"]
+
+
 TRACKING_DIR = Path("tracking")
 ROLE, STUDY, TRIAL = "dlas.role", "dlas.study", "dlas.trial"
 URI_SCHEMES = ("sqlite", "postgresql", "mysql", "mssql", "http", "https", "file", "databricks")

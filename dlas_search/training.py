@@ -7,6 +7,9 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+__all__ = ["TEMPERATURE", "SOFT_WEIGHT", "distillation_loss", "fit",
+           "recalibrate_batchnorm", "accuracy"]
+
 
 # Knowledge distillation (Hinton et al.): softened teacher outputs at this temperature, mixed
 # half and half with the labels' cross-entropy.

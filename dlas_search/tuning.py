@@ -35,6 +35,11 @@ from tvm.s_tir import meta_schedule as ms
 from tvm.s_tir.meta_schedule.builder import local_builder
 from tvm.support.popen_pool import PopenPoolExecutor, StatusKind
 
+__all__ = ["SCHEDULED", "TuningReport", "target_folder", "open_database", "fuse",
+           "task_functions", "best_record", "KeptPoolBuilder", "SEARCH_RETRIES",
+           "search_strategy", "tune", "export_records"]
+
+
 log = logging.getLogger(__name__)
 
 SCHEDULED = "tirx.is_scheduled"
