@@ -22,7 +22,7 @@ import tvm
 from tvm import relax
 from tvm.relax.frontend.torch import from_exported_program
 
-from . import lowering, tuning
+from . import hardware, lowering, tuning
 from .algorithms import Plan, Primitive
 from .errors import BadInput
 from .faults import layer
@@ -44,7 +44,7 @@ def _eager_runs_locally(config) -> str | None:
         device = config.target().device
     except BadInput:
         return None  # an unknown target is reported as such, by the hardware check
-    if device == "local":
+    if hardware.DEVICES.attr(device, "eager", False):  # the device kind says
         return None
     return (f"compiler.backend torch runs PyTorch eager on the local CPU only; hw.target "
             f"{config.hw.target} is a {device} device (use compiler.backend tvm there)")
