@@ -80,3 +80,25 @@ def test_every_choice_a_space_names_is_registered():
     import dlas_search.space  # noqa: F401  (imports every layer)
     assert {"data.name", "model.family", "compiler.backend", "compiler.tuner",
             "sampler"} <= set(registry.REGISTRIES)
+
+
+def test_shipped_constraints_are_decided_when_a_configuration_is_made(workdir):
+    """PyTorch eager runs where the device kind says it can (the local CPU, not a board behind
+    a tracker); the space pins a configuration and it comes back ruled out, with why."""
+    from conftest import write_space
+    from dlas_search.space import load_space
+    path = write_space(workdir, """\
+        study: constraints
+        targets:
+          board: {device: rpc, tracker: "127.0.0.1:9190", key: board}
+        space:
+          hw: {target: [local, board]}
+        """)
+    space = load_space(path)
+    eager_local = space.pin({"compiler.backend": "torch"}).defaults()
+    eager_board = space.pin({"compiler.backend": "torch", "hw.target": "board"}).defaults()
+    tvm_board = space.pin({"hw.target": "board"}).defaults()
+    assert eager_local.ruled_out is None and tvm_board.ruled_out is None
+    assert eager_board.ruled_out == (
+        "compiler.backend torch runs PyTorch eager on the local CPU only; hw.target board is "
+        "a rpc device (use compiler.backend tvm there)")
