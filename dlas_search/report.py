@@ -191,10 +191,15 @@ def sparse_vs_dense(frame: pd.DataFrame) -> pd.DataFrame:
     return out
 
 
+def _precision_levels() -> list[str]:
+    """The methods that only change the arithmetic: none (fp32) and each quantisation."""
+    return ["none", *compression.METHODS.of_kind("quantisation")]
+
+
 def quantisation_primitives(frame: pd.DataFrame) -> pd.DataFrame:
     """Per precision (fp32, fp16, int8): how often each primitive is the fastest over the
     (data, model, target, tuning) groups, and the most frequent winner."""
-    best = best_latency(frame[frame["method"].isin(["none", "fp16", "int8"])],
+    best = best_latency(frame[frame["method"].isin(_precision_levels())],
                         ["data", "arch", "target", "tuner", "precision"])
     rows = []
     for precision, group in best.groupby("precision"):
@@ -209,12 +214,12 @@ def quantisation_changes(frame: pd.DataFrame) -> pd.DataFrame:
     fp32's (beyond MARGIN)?"""
     keys = ["data", "arch", "target", "tuner"]
     rows = []
-    levels = frame[frame["method"].isin(["none", "fp16", "int8"])]
+    levels = frame[frame["method"].isin(_precision_levels())]
     for key, group in levels.groupby(keys):
         cells = {p: g.groupby("primitive")["latency_ms"].min()
                  for p, g in group.groupby("precision")}
-        for precision in ("fp16", "int8"):
-            if "fp32" in cells and precision in cells:
+        for precision in sorted(set(cells) - {"fp32"}):
+            if "fp32" in cells:
                 rows.append({**dict(zip(keys, key)), "precision": precision,
                              "best_fp32": cells["fp32"].idxmin(),
                              "best_quantised": cells[precision].idxmin(),
