@@ -10,29 +10,20 @@ from __future__ import annotations
 
 from torch.nn.utils import prune
 
-from .contract import METHODS, Method, setting
-from .pruning import prunable
+from .contract import METHODS, setting
+from .pruning import UnstructuredPruning, prunable
 
 __all__ = ["RandomPruning"]
 
 
 @METHODS.register("random")
-class RandomPruning(Method):
+class RandomPruning(UnstructuredPruning):
     """Random unstructured pruning of `amount` of each conv and linear weight (seeded by the
-    trial's seed); the masks stay attached while fine-tuning."""
+    trial's seed); like `unstructured`, the masks stay attached while fine-tuning and are
+    removed after it (`finish`, inherited)."""
     label = "random"
-    settings = ("amount",)   # the same setting as `unstructured`: it applies to both
-    kind = "pruning"
-    sparse = True            # same-shape weights with zeros: what the sparse format stores
 
     def apply(self, model, cfg, example):
         for module, name in prunable(model):
             prune.random_unstructured(module, name, amount=setting(cfg, "amount"))
         return model
-
-    def finish(self, model):
-        for module, name in prunable(model):
-            if prune.is_pruned(module):
-                prune.remove(module, name)
-        return model
-
