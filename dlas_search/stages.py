@@ -29,10 +29,12 @@ import tvm
 
 from . import algorithms, compiler, compression, data, hardware, models, tuning
 from .cache import StageCache, fingerprint, folder_digest
+from .console import say
 from .faults import layer
 from .result import TrialResult
 
-__all__ = ["Stages", "keep_model", "measure", "measure_eager"]
+__all__ = ["Stages", "keep_model", "measure", "measure_eager", "latency_metrics",
+           "speedup_metrics"]
 
 
 class Stages:
@@ -199,42 +201,77 @@ def keep_model(compressed: compression.Compressed, built: compiler.Compiled | No
     return folder
 
 
+def latency_metrics(prefix: str, timing: hardware.Timing) -> dict[str, float]:
+    """`<prefix>latency_ms` (the median), its std, p90 and 95% interval, of one timing."""
+    return {f"{prefix}latency_ms": timing.median_ms, f"{prefix}latency_std_ms": timing.std_ms,
+            f"{prefix}latency_p90_ms": timing.p90_ms,
+            f"{prefix}latency_ci_low_ms": timing.ci_ms[0],
+            f"{prefix}latency_ci_high_ms": timing.ci_ms[1]}
+
+
+def speedup_metrics(torch_time: hardware.Timing, tvm_time: hardware.Timing) -> dict[str, float]:
+    """`speedup_vs_torch` (ratio of the medians) and its 95% interval (bootstrap)."""
+    low, high = hardware.ratio_ci(torch_time.repeats, tvm_time.repeats)
+    return {"speedup_vs_torch": torch_time.median_ms / tvm_time.median_ms,
+            "speedup_vs_torch_ci_low": low, "speedup_vs_torch_ci_high": high}
+
+
+def _judge(*names: str):
+    """A judge for hardware.exclusively over the timings named in an attempt's dict."""
+    def judge(timings: dict, other_cpu: float) -> str | None:
+        reasons = [f"{name}: {why}" for name in names if timings.get(name) is not None
+                   for why in [hardware.disturbed(timings[name].median_ms, timings[name].ci_ms,
+                                                  other_cpu)] if why]
+        return "; ".join(reasons) or None
+    return judge
+
+
 def measure_eager(compressed: compression.Compressed, dataset: data.Data,
                   device: hardware.Device, cfg) -> TrialResult:
     """Layer 6 for `compiler.backend: torch`: PyTorch eager is the deployed code; it is timed
     once, under the protocol that times TVM, and is its own baseline."""
     start = time.perf_counter()
-    eager = hardware.time_torch(compressed.module, dataset.example(), cfg.hw, device.threads)
-    metrics = {**compressed.metrics, "compile_s": 0.0,
-               "latency_ms": eager.median_ms, "latency_std_ms": eager.std_ms,
-               "latency_p90_ms": eager.p90_ms, "torch_latency_ms": eager.median_ms,
-               "torch_latency_std_ms": eager.std_ms, "speedup_vs_torch": 1.0,
+    example = dataset.example()
+    timings, phase = hardware.exclusively(
+        device.name, lambda: {"torch": hardware.time_torch(compressed.module, example, cfg.hw,
+                                                           device.threads)},
+        _judge("torch"), say=say)
+    eager = timings["torch"]
+    metrics = {**compressed.metrics, "compile_s": 0.0, **latency_metrics("", eager),
+               **latency_metrics("torch_", eager), **phase, "speedup_vs_torch": 1.0,
+               "speedup_vs_torch_ci_low": 1.0, "speedup_vs_torch_ci_high": 1.0,
                "measure_s": time.perf_counter() - start}
     return TrialResult(metrics, info={**device.info(), "target": "torch eager"})
 
 
 def measure(compressed: compression.Compressed, built: compiler.Compiled, dataset: data.Data,
             device: hardware.Device, cfg) -> TrialResult:
-    """Layer 6: check the compiled module against PyTorch, then time both side by side. The
-    device kind runs and times the module (a remote one uploads it, checks and times it
+    """Layer 6: check the compiled module against PyTorch, then time both side by side, alone
+    on the device (hardware.exclusively: its lock, and timing again when others disturbed it).
+    The device kind runs and times the module (a remote one uploads it, checks and times it
     there); the PyTorch baseline is timed only where PyTorch eager runs (the local CPU)."""
     example = dataset.example()
     with torch.no_grad():
         reference = compressed.module(example).numpy()
     start = time.perf_counter()
-    output, tvm_time = device.measure(built.executable, example, cfg.hw)  # wherever it is
-    torch_time = None  # the PyTorch eager baseline runs here, on a device of this CPU
-    if device.kind.eager:
-        torch_time = hardware.time_torch(compressed.module, example, cfg.hw, device.threads)
+
+    def attempt() -> dict:
+        output, tvm_time = device.measure(built.executable, example, cfg.hw)  # wherever it is
+        torch_time = None  # the PyTorch eager baseline runs here, on a device of this CPU
+        if device.kind.eager:
+            torch_time = hardware.time_torch(compressed.module, example, cfg.hw,
+                                             device.threads)
+        return {"output": output, "tvm": tvm_time, "torch": torch_time}
+
+    timings, phase = hardware.exclusively(device.name, attempt, _judge("tvm", "torch"),
+                                          local=not device.remote, say=say)
+    tvm_time, torch_time = timings["tvm"], timings["torch"]
     metrics = {
-        **compressed.metrics, **built.metrics,
-        "latency_ms": tvm_time.median_ms, "latency_std_ms": tvm_time.std_ms,
-        "latency_p90_ms": tvm_time.p90_ms,
-        "max_rel_error": compiler.max_relative_error(output, reference),
+        **compressed.metrics, **built.metrics, **latency_metrics("", tvm_time), **phase,
+        "max_rel_error": compiler.max_relative_error(timings["output"], reference),
         "measure_s": time.perf_counter() - start,
     }
     if torch_time is not None:
-        metrics.update(torch_latency_ms=torch_time.median_ms,
-                       torch_latency_std_ms=torch_time.std_ms,
-                       speedup_vs_torch=torch_time.median_ms / tvm_time.median_ms)
+        metrics.update(latency_metrics("torch_", torch_time))
+        metrics.update(speedup_metrics(torch_time, tvm_time))
     return TrialResult(metrics, info=device.info())

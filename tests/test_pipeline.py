@@ -57,6 +57,12 @@ def test_pipeline_on_a_tiny_configuration(tiny_space, cache_dir):
     assert m["max_rel_error"] < 1e-4
     assert m["latency_ms"] > 0 and m["torch_latency_ms"] > 0 and m["latency_std_ms"] >= 0
     assert m["speedup_vs_torch"] == pytest.approx(m["torch_latency_ms"] / m["latency_ms"])
+    for prefix in ("", "torch_"):  # every latency comes with its 95% interval
+        assert m[f"{prefix}latency_ci_low_ms"] <= m[f"{prefix}latency_ms"] \
+            <= m[f"{prefix}latency_ci_high_ms"]
+    assert m["speedup_vs_torch_ci_low"] <= m["speedup_vs_torch"] <= m["speedup_vs_torch_ci_high"]
+    assert 1 <= m["timing_attempts"] <= 3 and m["timing_other_cpu"] >= 0
+    assert m["timing_start"] < m["timing_end"]
     assert m["sparsity"] == pytest.approx(0.5, abs=0.005)
     again = pipeline.run(config, StageCache(cache_dir))
     assert again.cache["finetune"] == "hit"

@@ -117,6 +117,13 @@ def test_two_workers_share_one_sqlite_study(workdir, cache_dir):
     # 3 finished; more trials only if a sample repeated a configuration (pruned, no work)
     assert re.search(r"study tiny: \d+ trials \(3 complete, 0 failed\)", out.stdout), out.stdout
     check_one_study(default_storage(), tracking.default_tracking_uri(), 3)
+    # the workers trained in parallel but never timed at once (one timing lock per device)
+    _, _, children = study_runs(tracking.default_tracking_uri(), "tiny")
+    phases = sorted((c.data.metrics["timing_start"], c.data.metrics["timing_end"])
+                    for c in children)
+    assert len(phases) == 3
+    for (_, end), (start, _) in zip(phases, phases[1:]):
+        assert end <= start, phases
 
 
 @pytest.mark.slow  # a whole study in worker subprocesses

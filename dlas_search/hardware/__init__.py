@@ -9,15 +9,19 @@ times it there; the numbers come back.
 
 One timing protocol for every target and for the PyTorch eager baseline: `warmup` untimed
 runs, then `repeat` timed repeats of `number` runs each, `number` grown until a repeat lasts
-`min_repeat_ms` (TVM's own timer, also on the device); median, standard deviation and p90 of
-the per-run times. `cache_flush` evicts the CPU caches before every repeat (one run each, a
-cold-cache latency); `pin` keeps the process's threads on the first `threads` CPUs meanwhile.
+`min_repeat_ms` (TVM's own timer, also on the device); median, standard deviation, p90 and
+the median's 95% interval of the per-run times. `cache_flush` evicts the CPU caches before
+every repeat (one run each, a cold-cache latency); `pin` keeps the process's threads on the
+first `threads` CPUs meanwhile. A timing phase runs alone on its device (a lock per device of
+this machine), watches what else used the CPU, and times again when it was disturbed.
 
 The package, module by module:
 
     targets.py  what hw.target names: TargetSpec, the registry entries, rpc:// URLs, DEVICES
     cpu.py      this CPU: its model and the LLVM target for it (features the OS hides off)
     timing.py   the timing protocol (TVM anywhere, PyTorch eager here)
+    stats.py    95% intervals of a median and of a speedup; whether two overlap
+    exclusive.py  one timing phase at a time per device; what else ran; timing again
     device.py   the contract of a device kind, the resolved Device, the layer's entry points
     local.py, rpc.py, cuda.py   the device kinds, each registered in DEVICES
 
@@ -29,6 +33,8 @@ from .cpu import _cpuinfo_flags, _feature_key, cpu_model, local_target  # cpu fi
 from .targets import (BUILTIN_TARGETS, DEVICES, RPC_FORM, HardwareConfig, TargetSpec,
                       TargetUnavailable, check, lookup, parse_rpc_url, target_spec)
 from .timing import Timing, last_level_cache_bytes, pinned, run_tvm, time_torch, time_tvm
+from .stats import median_ci, overlap, ratio_ci
+from .exclusive import Watch, disturbed, exclusively, timing_lock
 from .device import Device, DeviceKind, availability, export_library, measure, resolve
 # the device kinds, registered in DEVICES in this order (the order `allowed:` lists them)
 from . import local, rpc, cuda  # noqa: F401  (registration)
@@ -48,5 +54,7 @@ __all__ = [
     "tracker_status", "rpc_session", "remote_failure", "measure_remote",
     # the timing protocol
     "Timing", "run_tvm", "time_tvm", "time_torch", "pinned", "last_level_cache_bytes",
+    # how sure a timing is, and timing alone
+    "median_ci", "ratio_ci", "overlap", "timing_lock", "Watch", "disturbed", "exclusively",
 ]
 # not in __all__, kept importable for the tests of local_target: _cpuinfo_flags, _feature_key

@@ -2,9 +2,9 @@
 
 `warmup` untimed runs, then `repeat` timed repeats of `number` runs each, `number` grown until
 a repeat lasts `min_repeat_ms` (TVM's own timer, also on a remote device); median, standard
-deviation and p90 of the per-run times. `cache_flush` evicts the CPU caches before every
-repeat (one run each, a cold-cache latency); `pin` keeps the process's threads on the first
-`threads` CPUs meanwhile.
+deviation, p90 and the 95% interval of the median (stats.py) of the per-run times.
+`cache_flush` evicts the CPU caches before every repeat (one run each, a cold-cache latency);
+`pin` keeps the process's threads on the first `threads` CPUs of the machine meanwhile.
 
 Kept in one module, apart from the device kinds, so that TVM on any device and PyTorch eager
 are timed the same way: a device kind only says where the VM lives (`time_vm`), never how.
@@ -23,6 +23,7 @@ import torch
 import tvm
 from tvm import relax
 
+from .stats import median_ci
 from .targets import HardwareConfig
 
 __all__ = ["Timing", "run_tvm", "time_tvm", "time_torch", "time_vm", "pinned",
@@ -35,11 +36,13 @@ class Timing:
     std_ms: float
     p90_ms: float
     repeats: list[float]  # ms per run, one value per timed repeat
+    ci_ms: tuple[float, float] = (0.0, 0.0)  # 95% interval of the median (stats.median_ci)
 
     @classmethod
     def of(cls, per_run_ms: list[float]) -> "Timing":
         return cls(statistics.median(per_run_ms), statistics.pstdev(per_run_ms),
-                   float(np.percentile(per_run_ms, 90)), per_run_ms)
+                   float(np.percentile(per_run_ms, 90)), list(per_run_ms),
+                   median_ci(per_run_ms))
 
 
 def first_output(out) -> np.ndarray:
@@ -84,16 +87,22 @@ def time_vm(vm: relax.VirtualMachine, dev, x, cfg: HardwareConfig,
     return output, Timing.of([r * 1e3 for r in timer("main").results])
 
 
+# the CPUs this process could use when it started: a worker that moved its training off the
+# timing CPUs (search.py) still times on the machine's first ones
+MACHINE_CPUS = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+
+
 @contextlib.contextmanager
 def pinned(threads: int, enabled: bool = True):
     """Keep every thread of this process (TVM's pool, PyTorch's) on the first `threads` CPUs
-    this process may use, then give the old masks back; threads started meanwhile get the
-    process's old mask too. Yields the CPUs (None when not pinned)."""
+    this process could use when it started (MACHINE_CPUS), then give the old masks back;
+    threads started meanwhile get the process's old mask too. Yields the CPUs (None when not
+    pinned)."""
     if not enabled or not hasattr(os, "sched_setaffinity"):
         yield None
         return
     before = os.sched_getaffinity(0)
-    cpus = set(sorted(before)[:threads])
+    cpus = set((MACHINE_CPUS or sorted(before))[:threads])
     saved = {}
     for tid in map(int, os.listdir("/proc/self/task")):
         with contextlib.suppress(OSError):
