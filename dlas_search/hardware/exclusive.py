@@ -8,7 +8,8 @@ and both numbers would be wrong. Three things keep a measurement honest:
   and compiling in parallel; only the timing phase is exclusive. Remote devices need none:
   their RPC tracker hands a board to one session at a time.
 - `Watch`: while a phase runs, how much CPU the *other* processes of the machine used (in
-  cores, from /proc/stat minus this process's own time) and the load average at its end.
+  cores: the machine's busy time minus this process's own, by psutil) and the load average
+  at its end.
 - `disturbed`: whether a timing should be repeated, because others used the CPU (more than
   `OTHER_CPU_LIMIT` cores) or the interval of the median is wide (more than `SPREAD_LIMIT` of
   the median). `exclusively` times again up to `MAX_RETIMES` times, keeps the quietest
@@ -27,6 +28,7 @@ import time
 from pathlib import Path
 from typing import Callable, TypeVar
 
+import psutil
 from filelock import FileLock
 
 __all__ = ["LOCK_DIR_ENV", "MAX_RETIMES", "OTHER_CPU_LIMIT", "SPREAD_LIMIT", "lock_path",
@@ -64,11 +66,10 @@ def timing_lock(device: str, enabled: bool = True):
 
 def _cpu_seconds() -> tuple[float, float]:
     """(busy CPU seconds of the whole machine, CPU seconds of this process) so far."""
-    tick = os.sysconf("SC_CLK_TCK")
-    fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
-    user, nice, system, idle, iowait, irq, softirq, steal = (int(v) for v in fields[:8])
-    busy = (user + nice + system + irq + softirq) / tick
-    own = os.times()
+    machine = psutil.cpu_times()
+    busy = sum(getattr(machine, name, 0.0) for name in
+               ("user", "nice", "system", "irq", "softirq"))  # not idle, iowait or steal
+    own = psutil.Process().cpu_times()
     return busy, own.user + own.system
 
 
@@ -98,7 +99,7 @@ class Watch:
 def _readable(read) -> tuple[float, float]:
     try:
         return read()
-    except (OSError, ValueError):  # no /proc (not Linux): nothing known of the others
+    except (OSError, psutil.Error):  # CPU times unreadable here: nothing known of the others
         return 0.0, 0.0
 
 
