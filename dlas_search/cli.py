@@ -68,6 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=1, metavar="N",
                    help="worker processes on this machine running the study together "
                    "(default: 1); the --trials budget is split among them exactly")
+    p.add_argument("--confirm-rounds", type=int, default=5, metavar="N",
+                   help="at the end, time every trial that could be on the front again, side "
+                   "by side in N interleaved rounds, before exporting it (default: 5; 0: off)")
 
     p = sub.add_parser("trial", help="run one configuration",
                        description="Run one configuration (unset parameters take the space's "
@@ -85,6 +88,20 @@ def build_parser() -> argparse.ArgumentParser:
                        "runs alone; write CSV, JSON, HTML and PNG.")
     p.add_argument("--experiment", required=True, help="MLflow experiment (= study name)")
     _tracking_arg(p)
+    p.add_argument("--out", default=None, help="folder (default: tracking/pareto/<experiment>)")
+
+    p = sub.add_parser("confirm", help="time a study's front candidates again, side by side",
+                       description="Time every trial that could be on the study's Pareto "
+                       "front again, from its kept library (nothing is compiled), all in one "
+                       "process, interleaved in rounds beside their PyTorch baselines; log "
+                       "latency_confirmed_ms with its 95%% interval to each trial's run, then "
+                       "export the front from the confirmed numbers.")
+    p.add_argument("--experiment", required=True, help="MLflow experiment (= study name)")
+    _tracking_arg(p)
+    p.add_argument("--rounds", type=int, default=5, metavar="N",
+                   help="interleaved rounds (default: 5)")
+    p.add_argument("--cache-dir", default=None,
+                   help="stage cache folder with the trials' models (default: tracking/cache)")
     p.add_argument("--out", default=None, help="folder (default: tracking/pareto/<experiment>)")
 
     p = sub.add_parser("perturb", help="run the DLAS perturbation study's grid, then its report",
@@ -172,6 +189,7 @@ def cmd_search(args) -> int:
                          storage=args.storage or None, tracking_uri=args.tracking_uri or None,
                          out_dir=args.out or None, cache_dir=_cache_dir(args.cache_dir),
                          timeout_s=args.timeout, workers=args.workers,
+                         confirm_rounds=args.confirm_rounds,
                          **({} if args.heartbeat is None else {"heartbeat_s": args.heartbeat}))
     study = outcome.study
     complete = sum(t.state.name == "COMPLETE" for t in study.trials)
@@ -179,8 +197,7 @@ def cmd_search(args) -> int:
     print(f"study {study.study_name}: {len(study.trials)} trials ({complete} complete, "
           f"{failed} failed); Pareto front: {len(outcome.front)} trials -> {outcome.pareto_dir}")
     for row in outcome.front:
-        shown = ", ".join(f"{m} {row['metrics'][m]:.4g}" for m in space.objectives)
-        print(f"  {row['name']}: {shown}")
+        print(_front_line(row, space.objectives))
     for line in outcome.dead_workers:
         print(f"error: {line}", file=sys.stderr)
     if outcome.tracking_lost:
@@ -229,22 +246,56 @@ def cmd_trial(args) -> int:
     return code
 
 
-def cmd_pareto(args) -> int:
-    from . import pareto, tracking
+def _store(args) -> str:
+    """The tracking URI of a command that reads a study: it must exist already."""
+    from . import tracking
     uri = tracking.check_tracking_uri(args.tracking_uri or tracking.default_tracking_uri())
     if uri.startswith("sqlite:"):
         from sqlalchemy.engine import make_url
         if not Path(make_url(uri).database).exists():
             raise BadInput(f"--tracking-uri {uri!r}: no MLflow database there yet; run a "
                            "search first or name the right store")
-    out = Path(args.out) if args.out else tracking.TRACKING_DIR / "pareto" / args.experiment
-    trials = pareto.export_from_mlflow(uri, args.experiment, out)
+    return uri
+
+
+def _print_front(experiment: str, trials, out: Path) -> None:
     front = trials.front()
-    print(f"{args.experiment}: {len(front)} of {len(trials.rows)} finished trials on the "
+    print(f"{experiment}: {len(front)} of {len(trials.rows)} finished trials on the "
           f"Pareto front ({', '.join(f'{k} {v}' for k, v in trials.objectives.items())}) -> {out}")
+    if trials.confirmed:
+        print(f"  latency: the confirmed numbers of {trials.confirmed} trial(s) (dlas confirm), "
+              "the search's for the others")
     for row in front:
-        shown = ", ".join(f"{m} {row['metrics'][m]:.4g}" for m in trials.objectives)
-        print(f"  {row['name']}: {shown}")
+        print(_front_line(row, trials.objectives))
+
+
+def _front_line(row: dict, objectives) -> str:
+    """`  name: accuracy 0.93, latency_ms 4.1, size_mb 11 (tied with 3 7)`."""
+    shown = ", ".join(f"{m} {row['metrics'][m]:.4g}" for m in objectives)
+    tied = f" (statistically tied with trial {row['tied_with']})" if row.get("tied_with") else ""
+    return f"  {row['name']}: {shown}{tied}"
+
+
+def cmd_pareto(args) -> int:
+    from . import pareto, tracking
+    uri = _store(args)
+    out = Path(args.out) if args.out else tracking.TRACKING_DIR / "pareto" / args.experiment
+    _print_front(args.experiment, pareto.export_from_mlflow(uri, args.experiment, out), out)
+    return 0
+
+
+def cmd_confirm(args) -> int:
+    from . import pareto, tracking
+    from .confirm import confirm
+    uri = _store(args)
+    cache_dir = _cache_dir(args.cache_dir)
+    result = confirm(uri, args.experiment,
+                     cache_dir if cache_dir is not None else tracking.TRACKING_DIR / "cache",
+                     args.rounds, say=lambda line: print(line, file=sys.stderr))
+    print(f"{args.experiment}: {len(result.confirmed)} trial(s) timed again in {args.rounds} "
+          f"rounds ({result.seconds:.0f} s); {len(result.skipped)} kept their search numbers")
+    out = Path(args.out) if args.out else tracking.TRACKING_DIR / "pareto" / args.experiment
+    _print_front(args.experiment, pareto.export_from_mlflow(uri, args.experiment, out), out)
     return 0
 
 
@@ -353,6 +404,7 @@ def cmd_space(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     handler = {"search": cmd_search, "trial": cmd_trial, "pareto": cmd_pareto,
+               "confirm": cmd_confirm,
                "perturb": cmd_perturb, "report": cmd_report, "reconcile": cmd_reconcile,
                "targets": cmd_targets, "space": cmd_space}[args.command]
     try:

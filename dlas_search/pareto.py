@@ -1,6 +1,9 @@
 """The Pareto front of a study, read back from MLflow alone: CSV, JSON, an interactive HTML
 plot (plotly, through Optuna's `plot_pareto_front`) and a PNG (matplotlib), the front's
 hypervolume, and which layers' parameters matter for each objective (importance.csv).
+Where `dlas confirm` timed a trial again, its confirmed latency and speedup stand in for the
+search's (kept as `latency_search_ms`); front points whose 95% intervals overlap on every
+objective are marked `tied_with` each other (confidence.py).
 
     front = non_dominated(values, ["maximize", "minimize"])   # boolean mask
     export_from_mlflow("sqlite:///tracking/mlflow.db", "quickstart", "out/")
@@ -17,6 +20,7 @@ from pathlib import Path
 import numpy as np
 from mlflow.tracking import MlflowClient
 
+from . import confidence
 from .errors import BadInput
 from .stack import group_order
 from .tracking import ROLE, STUDY, TRIAL
@@ -77,6 +81,8 @@ class Trials:
     rows: list[dict]
     # metric -> {"min": x, "max": y}: the study's thresholds; rows outside are not on the front
     thresholds: dict[str, dict[str, float]] = field(default_factory=dict)
+    # trials whose latency is the confirmed one (dlas confirm), not the search's
+    confirmed: int = 0
 
     def values(self) -> np.ndarray:
         return np.array([[row["metrics"][m] for m in self.objectives] for row in self.rows])
@@ -115,7 +121,7 @@ def load_trials(tracking_uri: str, experiment: str) -> Trials:
                                   f"tags.`{ROLE}` = 'trial' and attributes.status = 'FINISHED'",
                                   max_results=1000, page_token=token)
         for run in page:
-            metrics = run.data.metrics
+            metrics = _confirmed(dict(run.data.metrics))
             if all(m in metrics and math.isfinite(metrics[m]) for m in objectives):
                 rows.append({"trial": int(run.data.tags.get(TRIAL, -1)), "run_id": run.info.run_id,
                              "name": run.info.run_name, "params": dict(run.data.params),
@@ -125,11 +131,25 @@ def load_trials(tracking_uri: str, experiment: str) -> Trials:
             break
     rows.sort(key=lambda r: r["trial"])
     thresholds = json.loads(parents[0].data.tags.get("dlas.thresholds") or "{}")
-    return Trials(parents[0].data.tags.get(STUDY, experiment), objectives, rows, thresholds)
+    return Trials(parents[0].data.tags.get(STUDY, experiment), objectives, rows, thresholds,
+                  sum("latency_search_ms" in row["metrics"] for row in rows))
+
+
+def _confirmed(metrics: dict[str, float]) -> dict[str, float]:
+    """A run's metrics with the confirmed latency and speedup (dlas confirm) in place of the
+    search's, which stay as `latency_search_ms` / `speedup_vs_torch_search`."""
+    for name, confirmed, kept in (("latency_ms", "latency_confirmed_ms", "latency_search_ms"),
+                                  ("speedup_vs_torch", "speedup_vs_torch_confirmed",
+                                   "speedup_vs_torch_search")):
+        if confirmed in metrics and name in metrics:
+            metrics[kept], metrics[name] = metrics[name], metrics[confirmed]
+    return metrics
 
 
 def _flat(row: dict, objectives: dict[str, str]) -> dict:
-    first = {"trial": row["trial"], **{m: row["metrics"][m] for m in objectives}}
+    first = {"trial": row["trial"], **{m: row["metrics"][m] for m in objectives},
+             **({"tied_with": row["tied_with"]} if "tied_with" in row else {}),
+             "confirmed": "latency_search_ms" in row["metrics"]}
     rest = {k: v for k, v in sorted(row["metrics"].items()) if k not in objectives}
     return {**first, **dict(sorted(row["params"].items())), **rest, "run_id": row["run_id"]}
 
@@ -160,6 +180,9 @@ def write(trials: Trials, out_dir: str | Path) -> dict[str, Path]:
     front = trials.front()
     paths = {name: out / name for name in ("pareto.csv", "pareto.json", "trials.csv",
                                            "pareto.html", "pareto.png")}
+    tied = confidence.ties(front, trials.objectives)
+    for row in front:  # the front points it cannot be told apart from (95% intervals)
+        row["tied_with"] = " ".join(map(str, tied.get(row["trial"], [])))
     for rows, path in ((front, paths["pareto.csv"]), (trials.rows, paths["trials.csv"])):
         flat = [_flat(r, trials.objectives) for r in rows]
         columns = list(dict.fromkeys(k for r in flat for k in r))
@@ -181,6 +204,7 @@ def write(trials: Trials, out_dir: str | Path) -> dict[str, Path]:
     paths["pareto.json"].write_text(json.dumps({
         "study": trials.study, "objectives": trials.objectives,
         "thresholds": trials.thresholds, "trials": len(trials.rows),
+        "confirmed": trials.confirmed,
         "feasible": sum(trials.feasible(r) for r in trials.rows),
         "hypervolume": volume, "front": front}, indent=2))
     _plot_html(trials, paths["pareto.html"])

@@ -16,6 +16,7 @@ from sqlalchemy.exc import ArgumentError
 
 from . import compiler, console, data, hardware, models, pareto, samplers, tracking
 from .cache import StageCache
+from .confirm import ROUNDS, confirm
 from .console import say as _say
 from .errors import BadInput
 from .objective import Objective, config_key, suggest_new  # noqa: F401  (the search's API)
@@ -161,10 +162,13 @@ def run_search(space: Space, *, study_name: str | None = None, trials: int | Non
                storage: str | None = None, tracking_uri: str | None = None,
                out_dir: str | Path | None = None, cache_dir: str | Path | None = None,
                timeout_s: float | None = None,
-               heartbeat_s: float = DEFAULT_HEARTBEAT_S, workers: int = 1) -> SearchOutcome:
+               heartbeat_s: float = DEFAULT_HEARTBEAT_S, workers: int = 1,
+               confirm_rounds: int = ROUNDS) -> SearchOutcome:
     """Run (or continue) the study named `study_name` for `trials` more trials. A running
     trial beats every `heartbeat_s` (0: off); one silent for 3 beats (its worker was killed)
-    is failed in Optuna and MLflow by the next worker and run again once.
+    is failed in Optuna and MLflow by the next worker and run again once. When the study
+    finishes, the trials that could be on the front are timed again side by side in
+    `confirm_rounds` rounds (confirm.py; 0: not) before the front is exported.
 
     `workers` > 1 runs that many processes on the same study, storage and MLflow experiment:
     this process creates them first (concurrent creation races), each worker runs its share
@@ -182,6 +186,9 @@ def run_search(space: Space, *, study_name: str | None = None, trials: int | Non
     if heartbeat_s < 0:
         raise BadInput(f"--heartbeat {heartbeat_s:g}: seconds between heartbeats, >= 0 "
                        "(0: off)")
+    if confirm_rounds < 0:
+        raise BadInput(f"--confirm-rounds {confirm_rounds}: rounds of timing the front again, "
+                       ">= 0 (0: off)")
     directions = _existing_directions(storage, name)
     if directions is not None and directions != space.directions:
         raise BadInput(f"study {name!r} already exists in {storage} with directions "
@@ -216,6 +223,11 @@ def run_search(space: Space, *, study_name: str | None = None, trials: int | Non
     finally:
         out = Path(out_dir) if out_dir else tracking.TRACKING_DIR / "pareto" / name
         front = []
+        if status == "FINISHED" and confirm_rounds:
+            try:  # the front's candidates timed again side by side, before the export
+                confirm(tracking_uri, name, job.cache_dir or None, confirm_rounds, say=_say)
+            except Exception as e:  # the search's numbers still stand
+                _say(f"warning: confirming the front failed, the search's numbers stand: {e}")
         try:
             front = pareto.export_from_mlflow(tracking_uri, name, out).front()
             counts = {s.name.lower(): sum(t.state == s for t in study.trials)

@@ -24,7 +24,7 @@ from .errors import BadInput
 
 __all__ = ["TRACKING_DIR", "ROLE", "STUDY", "TRIAL", "URI_SCHEMES", "ABSENT",
            "default_tracking_uri", "check_tracking_uri", "CONNECT_TIMEOUT_S",
-           "check_database", "environment_tags", "Tracker", "link_launcher_run"]
+           "check_database", "environment_tags", "Tracker", "link_launcher_run", "add_to_run"]
 
 
 TRACKING_DIR = Path("tracking")
@@ -142,6 +142,13 @@ def _metrics(values: dict[str, float]) -> list[Metric]:
     now = int(time.time() * 1000)
     return [Metric(k, float(v), now, 0) for k, v in values.items()
             if v is not None and math.isfinite(float(v))]
+
+
+def add_to_run(client: MlflowClient, run_id: str, metrics: dict[str, float],
+               tags: dict[str, str]) -> None:
+    """Add metrics and tags to a run that may have finished (its status is left as it is)."""
+    client.log_batch(run_id, metrics=_metrics(metrics),
+                     tags=[RunTag(k, v) for k, v in tags.items()])
 
 
 def _param_value(value: Any) -> str:

@@ -84,5 +84,6 @@ def compress(cfg: CompressConfig, finetune: FinetuneConfig, model: nn.Module,
     deployed = steps.convert(model.eval(), cfg, data)
     metrics["convert_s"] = time.perf_counter() - start
     metrics["accuracy"] = training.accuracy(deployed, data.val)
+    metrics["val_images"] = float(len(data.val.dataset))  # for the accuracy's interval
     metrics["finetune_s"] = finetune_s
     return Compressed(deployed.eval(), metrics, steps.precision)

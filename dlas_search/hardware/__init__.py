@@ -20,7 +20,7 @@ The package, module by module:
     targets.py  what hw.target names: TargetSpec, the registry entries, rpc:// URLs, DEVICES
     cpu.py      this CPU: its model and the LLVM target for it (features the OS hides off)
     timing.py   the timing protocol (TVM anywhere, PyTorch eager here)
-    stats.py    95% intervals of a median and of a speedup; whether two overlap
+    stats.py    95% intervals of a median and of a speedup
     exclusive.py  one timing phase at a time per device; what else ran; timing again
     device.py   the contract of a device kind, the resolved Device, the layer's entry points
     local.py, rpc.py, cuda.py   the device kinds, each registered in DEVICES
@@ -33,7 +33,7 @@ from .cpu import _cpuinfo_flags, _feature_key, cpu_model, local_target  # cpu fi
 from .targets import (BUILTIN_TARGETS, DEVICES, RPC_FORM, HardwareConfig, TargetSpec,
                       TargetUnavailable, check, lookup, parse_rpc_url, target_spec)
 from .timing import Timing, last_level_cache_bytes, pinned, run_tvm, time_torch, time_tvm
-from .stats import median_ci, overlap, ratio_ci
+from .stats import median_ci, ratio_ci
 from .exclusive import Watch, disturbed, exclusively, timing_lock
 from .device import Device, DeviceKind, availability, export_library, measure, resolve
 # the device kinds, registered in DEVICES in this order (the order `allowed:` lists them)
@@ -55,6 +55,6 @@ __all__ = [
     # the timing protocol
     "Timing", "run_tvm", "time_tvm", "time_torch", "pinned", "last_level_cache_bytes",
     # how sure a timing is, and timing alone
-    "median_ci", "ratio_ci", "overlap", "timing_lock", "Watch", "disturbed", "exclusively",
+    "median_ci", "ratio_ci", "timing_lock", "Watch", "disturbed", "exclusively",
 ]
 # not in __all__, kept importable for the tests of local_target: _cpuinfo_flags, _feature_key

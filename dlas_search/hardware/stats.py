@@ -10,7 +10,6 @@ ordered when their intervals say so, so every median comes with a 95% interval:
   range, and `coverage` says how sure it is.
 - `ratio_ci`: the speedup over PyTorch is a ratio of two medians; its interval comes from a
   seeded bootstrap of both sample sets (percentile method).
-- `overlap`: whether two intervals share any value (statistically tied on that objective).
 """
 from __future__ import annotations
 
@@ -19,7 +18,7 @@ from typing import Sequence
 
 import numpy as np
 
-__all__ = ["LEVEL", "median_ci", "coverage", "ratio_ci", "overlap"]
+__all__ = ["LEVEL", "median_ci", "coverage", "ratio_ci"]
 
 LEVEL = 0.95
 
@@ -64,7 +63,3 @@ def ratio_ci(numerator: Sequence[float], denominator: Sequence[float], level: fl
     low, high = np.percentile(ratios, [tail, 100 - tail])
     return float(low), float(high)
 
-
-def overlap(a: tuple[float, float], b: tuple[float, float]) -> bool:
-    """Whether the intervals a and b share a value."""
-    return a[0] <= b[1] and b[0] <= a[1]

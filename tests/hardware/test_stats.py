@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from dlas_search.hardware.stats import coverage, median_ci, overlap, ratio_ci
+from dlas_search.hardware.stats import coverage, median_ci, ratio_ci
 
 
 @pytest.mark.parametrize("n, ranks", [(6, (1, 6)), (10, (2, 9)), (20, (6, 15)), (50, (18, 33))])
@@ -33,7 +33,3 @@ def test_speedup_interval_contains_the_ratio_and_narrows_with_less_noise():
     assert quiet[1] - quiet[0] < (high - low) / 10
     assert ratio_ci(torch_ms, tvm_ms) == (low, high)  # seeded: the same numbers again
 
-
-def test_overlap():
-    assert overlap((1, 2), (2, 3)) and overlap((1, 5), (2, 3))
-    assert not overlap((1, 2), (2.5, 3))

@@ -1,0 +1,193 @@
+"""A confirmed front: the trials that could be on it, timed again side by side.
+
+During a search each trial is timed once, on its own, when its turn comes. Two configurations
+timed minutes apart are not compared fairly: the machine's state drifts. At the end of a study
+(and with `dlas confirm --experiment NAME`) every feasible trial that a re-measurement could
+put on the front (`confidence.candidates`: no other trial beats it at every bound of the 95%
+intervals) is timed again:
+
+- from its compiled library as the run kept it (`model/model.so`), or the stage cache's
+  build: nothing is compiled again; its PyTorch model comes from the stage cache;
+- all candidates in one process, under the device's timing lock, interleaved in `rounds`
+  rounds (the order rotated every round), each with its PyTorch eager baseline in the same
+  round, so drift hits every candidate alike;
+- the samples of all rounds give `latency_confirmed_ms` with its 95% interval
+  (`latency_confirmed_ci_low_ms` / `_high_ms`), the same for `torch_latency_confirmed_ms` and
+  `speedup_vs_torch_confirmed`, logged to the trial's own run (tag `dlas.confirmed`).
+
+`pareto.load_trials` then uses the confirmed latency where a run has one and says so, and the
+export marks front points that are statistically tied (confidence.ties). Only trials timed on
+this machine's CPU (device kind `local`) can be confirmed here; the others keep their numbers
+and are named.
+"""
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from mlflow.tracking import MlflowClient
+
+from . import confidence, pareto
+from .errors import BadInput
+from .tracking import ABSENT, add_to_run
+
+__all__ = ["ROUNDS", "Candidate", "Confirmation", "confirm", "config_of"]
+
+ROUNDS = 5
+
+
+@dataclass
+class Candidate:
+    """One trial to time again: what it runs, and the samples gathered so far."""
+    row: dict
+    executable: object = None
+    module: object = None
+    example: object = None
+    hw: object = None
+    threads: int = 1
+    tvm_ms: list[float] = field(default_factory=list)
+    torch_ms: list[float] = field(default_factory=list)
+
+
+@dataclass
+class Confirmation:
+    experiment: str
+    confirmed: dict[int, dict[str, float]] = field(default_factory=dict)  # trial -> metrics
+    skipped: dict[int, str] = field(default_factory=dict)                 # trial -> why
+    candidates: int = 0
+    seconds: float = 0.0
+
+
+def config_of(client: MlflowClient, trials: pareto.Trials, row: dict):
+    """The trial's configuration (space.TrialConfig), from the study's space file and the
+    run's parameters (read as `--set` reads them)."""
+    from .space import load_space, parse_assignment
+    from .space.config import _all_names
+
+    parent = client.get_run(client.get_run(row["run_id"]).data.tags["mlflow.parentRunId"])
+    path = Path(parent.data.tags.get("dlas.space", ""))
+    if not path.is_file():  # moved since: the copy the study's run kept
+        folder = Path(tempfile.mkdtemp(prefix="dlas-confirm-"))
+        path = Path(client.download_artifacts(parent.info.run_id, "space.yaml", str(folder)))
+    names = set(_all_names())
+    pins = dict(parse_assignment(f"{name}={value}") for name, value in row["params"].items()
+                if name in names and value != ABSENT)
+    return load_space(path).pin(pins).defaults()
+
+
+def _prepare(client: MlflowClient, trials: pareto.Trials, row: dict, cache) -> Candidate:
+    """Load what the candidate runs: its config, model (stage cache) and library (the run's
+    artifact, else the stage cache's build). Raises with a reason when it cannot."""
+    from tvm import relax
+    import tvm
+
+    from .stages import Stages
+
+    cfg = config_of(client, trials, row)
+    stages = Stages(cfg, cache)
+    device = stages.target()
+    if device.remote or device.spec.device != "local":
+        raise BadInput(f"timed on {device.spec.device} target {device.name!r}; only trials "
+                       "timed on this machine's CPU (local) are confirmed here")
+    dataset = stages.data()
+    compressed = stages.compressed()
+    if cfg.compiler.backend == "torch":
+        executable = None
+    else:
+        folder = Path(tempfile.mkdtemp(prefix="dlas-confirm-"))
+        try:
+            library = Path(client.download_artifacts(row["run_id"], "model/model.so",
+                                                     str(folder)))
+            executable = relax.VMExecutable(tvm.runtime.load_module(str(library)))
+        except Exception:  # the run kept no library: the stage cache's build, if any
+            built = stages.compiled(compressed, stages.algorithms())
+            if stages.hits["compile"] != "hit":
+                raise BadInput("its run kept no compiled library (artifacts.library: false) "
+                               "and the stage cache had no build of it; it was compiled again")
+            executable = built.executable
+    return Candidate(row, executable, compressed.module, dataset.example(), cfg.hw,
+                     device.threads)
+
+
+def _round(candidates: list[Candidate], start: int) -> None:
+    """One round: every candidate (rotated by `start`) timed with TVM, then PyTorch eager."""
+    from . import hardware
+
+    for candidate in candidates[start:] + candidates[:start]:
+        hardware.resolve(dataclasses.replace(candidate.hw, threads=candidate.threads))
+        if candidate.executable is not None:
+            candidate.tvm_ms += hardware.time_tvm(candidate.executable, candidate.example,
+                                                  candidate.hw, candidate.threads).repeats
+        candidate.torch_ms += hardware.time_torch(candidate.module, candidate.example,
+                                                  candidate.hw, candidate.threads).repeats
+
+
+def _metrics_of(candidate: Candidate) -> dict[str, float]:
+    from . import hardware
+    from .stages import latency_metrics
+
+    torch_time = hardware.Timing.of(candidate.torch_ms)
+    tvm_time = hardware.Timing.of(candidate.tvm_ms) if candidate.tvm_ms else torch_time
+    out = {**latency_metrics("", tvm_time), **latency_metrics("torch_", torch_time)}
+    low, high = hardware.ratio_ci(torch_time.repeats, tvm_time.repeats)
+    out.update(speedup_vs_torch=torch_time.median_ms / tvm_time.median_ms,
+               speedup_vs_torch_ci_low=low, speedup_vs_torch_ci_high=high)
+    renamed = {}
+    for name, value in out.items():  # latency_ms -> latency_confirmed_ms, ...
+        stem, unit = (name[:-3], "_ms") if name.endswith("_ms") else (name, "")
+        for part in ("_ci_low", "_ci_high", "_std", "_p90"):
+            if stem.endswith(part):
+                renamed[f"{stem[:-len(part)]}_confirmed{part}{unit}"] = value
+                break
+        else:
+            renamed[f"{stem}_confirmed{unit}"] = value
+    return renamed
+
+
+def confirm(tracking_uri: str, experiment: str, cache_dir: str | Path | None = None,
+            rounds: int = ROUNDS, say: Callable[[str], None] = print) -> Confirmation:
+    """Time the study's front candidates again, side by side (see the module), and log the
+    confirmed numbers to their runs."""
+    from . import hardware
+    from .cache import StageCache
+
+    if rounds < 1:
+        raise BadInput(f"--rounds {rounds}: the number of interleaved rounds, at least 1")
+    start = time.perf_counter()
+    trials = pareto.load_trials(tracking_uri, experiment)
+    out = Confirmation(experiment)
+    if "latency_ms" not in trials.objectives:
+        say(f"confirm {experiment}: latency_ms is not an objective; nothing to time again")
+        return out
+    feasible = [row for row in trials.rows if trials.feasible(row)]
+    chosen = confidence.candidates(feasible, trials.objectives)
+    out.candidates = len(chosen)
+    client, cache = MlflowClient(tracking_uri), StageCache(cache_dir)
+    ready = []
+    for row in chosen:
+        try:
+            ready.append(_prepare(client, trials, row, cache))
+        except Exception as e:  # this candidate only: the others are still confirmed
+            out.skipped[row["trial"]] = str(e).splitlines()[0][:300] if str(e) else repr(e)
+            say(f"confirm {experiment}: trial {row['trial']} kept its search numbers: "
+                f"{out.skipped[row['trial']]}")
+    say(f"confirm {experiment}: timing {len(ready)} of {len(trials.rows)} trials again "
+        f"({len(chosen)} could be on the front), {rounds} interleaved rounds, "
+        "each beside its PyTorch baseline")
+    if ready:
+        with hardware.timing_lock("local") as waited:
+            for r in range(rounds):
+                _round(ready, r % len(ready))
+        stamp = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+        for candidate in ready:
+            metrics = {**_metrics_of(candidate), "confirm_rounds": float(rounds),
+                       "confirm_wait_s": waited}
+            add_to_run(client, candidate.row["run_id"], metrics, {"dlas.confirmed": stamp})
+            out.confirmed[candidate.row["trial"]] = metrics
+    out.seconds = time.perf_counter() - start
+    return out
