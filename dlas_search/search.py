@@ -317,6 +317,13 @@ def _worker(job: _Job, share: int, index: int, workers: int) -> None:
     """One worker process: join the existing study and MLflow parent run, run `share`."""
     console.PREFIX = f"[worker {index}] "
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+    timing_threads = max((v for v in job.space.params["hw.threads"].values() if v),
+                         default=1) if "hw.threads" in job.space.params else 1
+    cpus = hardware.away_from_timing(timing_threads, workers)
+    _say(f"training and compiling on CPUs {cpus}, timing (one worker at a time) on the first "
+         f"{timing_threads}" if cpus else
+         f"{workers} workers and {len(hardware.MACHINE_CPUS)} CPUs: no CPU to spare for timing "
+         "alone; timing takes turns (a lock) and is repeated when disturbed")
     study = optuna.load_study(study_name=job.study, storage=_storage(
         job.storage, job.heartbeat_s, job.tracking_uri))
     if _optimize(study, job, share, worker=index, workers=workers):

@@ -32,9 +32,10 @@ from __future__ import annotations
 from .cpu import _cpuinfo_flags, _feature_key, cpu_model, local_target  # cpu first: TVM's pool
 from .targets import (BUILTIN_TARGETS, DEVICES, RPC_FORM, HardwareConfig, TargetSpec,
                       TargetUnavailable, check, lookup, parse_rpc_url, target_spec)
-from .timing import Timing, last_level_cache_bytes, pinned, run_tvm, time_torch, time_tvm
+from .timing import (MACHINE_CPUS, Timing, last_level_cache_bytes, pinned, run_tvm, time_torch,
+                     time_tvm)
 from .stats import median_ci, ratio_ci
-from .exclusive import Watch, disturbed, exclusively, timing_lock
+from .exclusive import Watch, away_from_timing, disturbed, exclusively, timing_lock
 from .device import Device, DeviceKind, availability, export_library, measure, resolve
 # the device kinds, registered in DEVICES in this order (the order `allowed:` lists them)
 from . import local, rpc, cuda  # noqa: F401  (registration)
@@ -56,5 +57,6 @@ __all__ = [
     "Timing", "run_tvm", "time_tvm", "time_torch", "pinned", "last_level_cache_bytes",
     # how sure a timing is, and timing alone
     "median_ci", "ratio_ci", "timing_lock", "Watch", "disturbed", "exclusively",
+    "away_from_timing", "MACHINE_CPUS",
 ]
 # not in __all__, kept importable for the tests of local_target: _cpuinfo_flags, _feature_key

@@ -15,6 +15,9 @@ and both numbers would be wrong. Three things keep a measurement honest:
   the median). `exclusively` times again up to `MAX_RETIMES` times, keeps the quietest
   attempt and records how many it took; it never times again silently.
 
+`away_from_timing` moves a worker's own work (training, compiling) off the CPUs that timing
+pins to, where the machine has a core for every worker besides them.
+
 What the lock cannot remove is shared hardware: a neighbour training on another core still
 uses the memory bus and the last-level cache (docs/benchmarks.md measures it).
 """
@@ -32,7 +35,7 @@ import psutil
 from filelock import FileLock
 
 __all__ = ["LOCK_DIR_ENV", "MAX_RETIMES", "OTHER_CPU_LIMIT", "SPREAD_LIMIT", "lock_path",
-           "timing_lock", "Watch", "disturbed", "exclusively"]
+           "timing_lock", "Watch", "disturbed", "exclusively", "away_from_timing"]
 
 T = TypeVar("T")
 
@@ -141,3 +144,17 @@ def exclusively(device: str, attempt: Callable[[], T],
     return value, {"timing_wait_s": waited, "timing_attempts": float(len(tries)),
                    "timing_other_cpu": kept.other_cpu, "timing_load": kept.load,
                    "timing_start": tries[0][4].start, "timing_end": tries[-1][4].end}
+
+
+def away_from_timing(timing_threads: int, workers: int) -> list[int] | None:
+    """In a worker process of a study with `workers` workers: keep this process's work off the
+    first `timing_threads` CPUs (those timing.pinned times on) when every worker still has a
+    CPU of its own; the CPUs left to it, or None when the machine has too few (then the lock
+    and `disturbed` are what keep timings honest)."""
+    from .timing import MACHINE_CPUS
+
+    rest = MACHINE_CPUS[timing_threads:]
+    if not hasattr(os, "sched_setaffinity") or len(rest) < workers:
+        return None
+    os.sched_setaffinity(0, rest)
+    return rest

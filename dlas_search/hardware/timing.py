@@ -26,7 +26,7 @@ from tvm import relax
 from .stats import median_ci
 from .targets import HardwareConfig
 
-__all__ = ["Timing", "run_tvm", "time_tvm", "time_torch", "time_vm", "pinned",
+__all__ = ["MACHINE_CPUS", "Timing", "run_tvm", "time_tvm", "time_torch", "time_vm", "pinned",
            "last_level_cache_bytes", "first_output"]
 
 

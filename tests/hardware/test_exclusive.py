@@ -104,3 +104,18 @@ def test_disturbed_names_the_reason():
     assert disturbed(10.0, (9.9, 10.1), 0.0) is None
     assert "0.90 cores" in disturbed(10.0, (9.9, 10.1), 0.9)
     assert "interval is 50%" in disturbed(10.0, (8.0, 13.0), 0.0)
+
+
+def test_a_worker_moves_off_the_timing_cpus_only_when_each_has_one(monkeypatch):
+    from dlas_search.hardware import timing
+    before = os.sched_getaffinity(0)
+    machine = sorted(before)
+    try:
+        monkeypatch.setattr(timing, "MACHINE_CPUS", machine)
+        assert exclusive.away_from_timing(1, len(machine)) is None  # no CPU to spare
+        assert os.sched_getaffinity(0) == before
+        if len(machine) >= 2:
+            assert exclusive.away_from_timing(1, len(machine) - 1) == machine[1:]
+            assert os.sched_getaffinity(0) == set(machine[1:])
+    finally:
+        os.sched_setaffinity(0, before)
