@@ -219,10 +219,9 @@ def speedup_metrics(torch_time: hardware.Timing, tvm_time: hardware.Timing) -> d
 def _judge(*names: str):
     """A judge for hardware.exclusively over the timings named in an attempt's dict."""
     def judge(timings: dict, other_cpu: float) -> str | None:
-        reasons = [f"{name}: {why}" for name in names if timings.get(name) is not None
-                   for why in [hardware.disturbed(timings[name].median_ms, timings[name].ci_ms,
-                                                  other_cpu)] if why]
-        return "; ".join(reasons) or None
+        return hardware.disturbed({name: (timings[name].median_ms, timings[name].ci_ms)
+                                   for name in names if timings.get(name) is not None},
+                                  other_cpu)
     return judge
 
 

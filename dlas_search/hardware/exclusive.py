@@ -106,15 +106,18 @@ def _readable(read) -> tuple[float, float]:
         return 0.0, 0.0
 
 
-def disturbed(median_ms: float, ci: tuple[float, float], other_cpu: float) -> str | None:
-    """Why a timing looks disturbed (to be repeated), or None when it looks clean."""
+def disturbed(timings: dict[str, tuple[float, tuple[float, float]]],
+              other_cpu: float) -> str | None:
+    """Why a timing phase looks disturbed (to be repeated), or None when it looks clean:
+    `timings` names each timing of the phase with its median and 95% interval."""
     reasons = []
     if other_cpu > OTHER_CPU_LIMIT:
         reasons.append(f"other processes used {other_cpu:.2f} cores (limit {OTHER_CPU_LIMIT})")
-    width = (ci[1] - ci[0]) / median_ms if median_ms > 0 else 0.0
-    if width > SPREAD_LIMIT:
-        reasons.append(f"the median's 95% interval is {width:.0%} of it "
-                       f"(limit {SPREAD_LIMIT:.0%})")
+    wide = [f"{name} {(high - low) / median:.0%}" for name, (median, (low, high))
+            in timings.items() if median > 0 and (high - low) / median > SPREAD_LIMIT]
+    if wide:
+        reasons.append(f"the median's 95% interval is wide ({', '.join(wide)} of the median; "
+                       f"limit {SPREAD_LIMIT:.0%})")
     return "; ".join(reasons) or None
 
 

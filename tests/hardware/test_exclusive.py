@@ -101,9 +101,10 @@ def test_after_the_last_attempt_the_quietest_is_kept(monkeypatch):
 
 
 def test_disturbed_names_the_reason():
-    assert disturbed(10.0, (9.9, 10.1), 0.0) is None
-    assert "0.90 cores" in disturbed(10.0, (9.9, 10.1), 0.9)
-    assert "interval is 50%" in disturbed(10.0, (8.0, 13.0), 0.0)
+    assert disturbed({"tvm": (10.0, (9.9, 10.1))}, 0.0) is None
+    assert "other processes used 0.90 cores" in disturbed({"tvm": (10.0, (9.9, 10.1))}, 0.9)
+    why = disturbed({"tvm": (10.0, (8.0, 13.0)), "torch": (5.0, (4.9, 5.1))}, 0.0)
+    assert why == "the median's 95% interval is wide (tvm 50% of the median; limit 10%)"
 
 
 def test_a_worker_moves_off_the_timing_cpus_only_when_each_has_one(monkeypatch):
