@@ -5,6 +5,7 @@ import numpy as np
 import optuna
 import pytest
 
+from conftest import ROOT
 from dlas_search.pareto import Trials, non_dominated, write
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -142,3 +143,24 @@ def test_importance_survives_objectives_that_do_not_vary(tmp_path):
     assert json.loads(paths["pareto.json"].read_text())["front"]
     lines = paths["importance.csv"].read_text().splitlines()
     assert lines[1].split(",")[2] == "1.0000" and lines[1].split(",")[3] == "0.0000"
+
+
+SHIPPED = sorted(p for p in (ROOT / "spaces").glob("*.yaml") if p.name != "targets.yaml")
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.stem)
+def test_every_shipped_space_has_an_accuracy_floor_well_above_chance(path):
+    """A feasible front by default: every shipped space declares `thresholds: accuracy:
+    {min: x}` at least twice chance for its dataset (the class count from the dataset
+    registry), with a comment saying why that number."""
+    from dlas_search.data import DATASETS
+    from dlas_search.space import load_space
+    space = load_space(path)
+    floor = space.thresholds.get("accuracy", {}).get("min")
+    assert floor is not None, f"{path.name}: no accuracy floor (thresholds: accuracy: min)"
+    assert 0 < floor < 1
+    for name in space.params["data.name"].values():
+        classes = DATASETS.meta(name).get("classes")
+        assert classes, f"the dataset registry does not know {name}'s class count"
+        assert floor >= 2 / classes, f"{path.name}: floor {floor} is near chance (1/{classes})"
+    assert "accuracy floor" in path.read_text() and "chance" in path.read_text()
