@@ -245,6 +245,13 @@ def cmd_pareto(args) -> int:
     for row in front:
         shown = ", ".join(f"{m} {row['metrics'][m]:.4g}" for m in trials.objectives)
         print(f"  {row['name']}: {shown}")
+    if trials.summary():  # how many were outside the thresholds, and why
+        print(trials.summary())
+        outside = [row for row in trials.rows if not trials.feasible(row)]
+        for row in outside[:10]:
+            print(f"  {row['name']}: {trials.violates(row)}")
+        if len(outside) > 10:
+            print(f"  ... and {len(outside) - 10} more (trials.csv)")
     return 0
 
 
