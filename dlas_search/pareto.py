@@ -1,16 +1,17 @@
 """The Pareto front of a study, read back from MLflow alone: CSV, JSON, an interactive HTML
-plot (plotly, through Optuna's `plot_pareto_front`) and a PNG (matplotlib), the front's
+plot (plotly) and a PNG (matplotlib), both drawn by `plots`, the front's
 hypervolume, and which layers' parameters matter for each objective (importance.csv).
 Where `dlas confirm` timed a trial again, its confirmed latency and speedup stand in for the
 search's (kept as `latency_search_ms`); front points whose 95% intervals overlap on every
-objective are marked `tied_with` each other (confidence.py).
+objective are marked `tied_with` each other (confidence.py). A trial outside the study's
+thresholds (below its accuracy floor, say) is never on the front: the plots draw it greyed,
+trials.csv says why (`feasible`, `violates`).
 
     front = non_dominated(values, ["maximize", "minimize"])   # boolean mask
     export_from_mlflow("sqlite:///tracking/mlflow.db", "quickstart", "out/")
 """
 from __future__ import annotations
 
-import itertools
 import json
 import math
 import sys
@@ -22,7 +23,6 @@ from mlflow.tracking import MlflowClient
 
 from . import confidence
 from .errors import BadInput
-from .stack import group_order
 from .tracking import ROLE, STUDY, TRIAL
 
 __all__ = ["non_dominated", "hypervolume", "normalised_hypervolume", "Trials",
@@ -87,10 +87,48 @@ class Trials:
     def values(self) -> np.ndarray:
         return np.array([[row["metrics"][m] for m in self.objectives] for row in self.rows])
 
+    def _outside(self, row: dict) -> list[tuple[str, str, float, float | None]]:
+        """(metric, "min" or "max", bound, value) of each threshold `row` is outside."""
+        out = []
+        for metric, bounds in self.thresholds.items():
+            value = row["metrics"].get(metric)
+            for kind, bound in bounds.items():
+                if value is None or (value < bound if kind == "min" else value > bound):
+                    out.append((metric, kind, bound, value))
+        return out
+
+    def violates(self, row: dict) -> str:
+        """The thresholds `row` is outside, e.g. "accuracy 0.1 < min 0.5"; "" if none."""
+        return "; ".join(f"{m} not measured" if value is None else
+                         f"{m} {value:.4g} {'<' if kind == 'min' else '>'} {kind} {bound:g}"
+                         for m, kind, bound, value in self._outside(row))
+
     def feasible(self, row: dict) -> bool:
-        metrics = row["metrics"]
-        return all(metric in metrics and bounds.get("min", -math.inf) <= metrics[metric]
-                   <= bounds.get("max", math.inf) for metric, bounds in self.thresholds.items())
+        return not self._outside(row)
+
+    def _reasons(self) -> dict[str, int]:
+        """Each reason trials are outside a threshold ("below accuracy floor 0.5", "above
+        latency_ms ceiling 20", "macs not measured") -> how many trials."""
+        counts: dict[str, int] = {}
+        for row in self.rows:
+            for metric, kind, bound, value in self._outside(row):
+                why = (f"{metric} not measured" if value is None else f"below {metric} floor "
+                       f"{bound:g}" if kind == "min" else f"above {metric} ceiling {bound:g}")
+                counts[why] = counts.get(why, 0) + 1
+        return counts
+
+    def infeasible_label(self) -> str:
+        """The legend entry of the infeasible trials: "infeasible (below accuracy floor 0.5)"."""
+        return f"infeasible ({', '.join(self._reasons()) or 'outside the thresholds'})"
+
+    def summary(self) -> str:
+        """How many trials are infeasible and why, in a line ("" when none is)."""
+        count = sum(not self.feasible(r) for r in self.rows)
+        if not count:
+            return ""
+        why = ", ".join(f"{reason}: {n}" for reason, n in self._reasons().items())
+        return (f"{count} infeasible ({why}): never on the front, greyed in the plots, "
+                "why in trials.csv")
 
     def front(self) -> list[dict]:
         rows = [row for row in self.rows if self.feasible(row)]
@@ -146,11 +184,12 @@ def _confirmed(metrics: dict[str, float]) -> dict[str, float]:
     return metrics
 
 
-def _flat(row: dict, objectives: dict[str, str]) -> dict:
-    first = {"trial": row["trial"], **{m: row["metrics"][m] for m in objectives},
+def _flat(row: dict, trials: Trials) -> dict:
+    first = {"trial": row["trial"], **{m: row["metrics"][m] for m in trials.objectives},
+             "feasible": trials.feasible(row), "violates": trials.violates(row),
              **({"tied_with": row["tied_with"]} if "tied_with" in row else {}),
              "confirmed": "latency_search_ms" in row["metrics"]}
-    rest = {k: v for k, v in sorted(row["metrics"].items()) if k not in objectives}
+    rest = {k: v for k, v in sorted(row["metrics"].items()) if k not in trials.objectives}
     return {**first, **dict(sorted(row["params"].items())), **rest, "run_id": row["run_id"]}
 
 
@@ -184,7 +223,7 @@ def write(trials: Trials, out_dir: str | Path) -> dict[str, Path]:
     for row in front:  # the front points it cannot be told apart from (95% intervals)
         row["tied_with"] = " ".join(map(str, tied.get(row["trial"], [])))
     for rows, path in ((front, paths["pareto.csv"]), (trials.rows, paths["trials.csv"])):
-        flat = [_flat(r, trials.objectives) for r in rows]
+        flat = [_flat(r, trials) for r in rows]
         columns = list(dict.fromkeys(k for r in flat for k in r))
         with open(path, "w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=columns)
@@ -206,9 +245,12 @@ def write(trials: Trials, out_dir: str | Path) -> dict[str, Path]:
         "thresholds": trials.thresholds, "trials": len(trials.rows),
         "confirmed": trials.confirmed,
         "feasible": sum(trials.feasible(r) for r in trials.rows),
+        "infeasible": [{"trial": r["trial"], "name": r["name"], "violates": trials.violates(r)}
+                       for r in trials.rows if not trials.feasible(r)],
         "hypervolume": volume, "front": front}, indent=2))
-    _plot_html(trials, paths["pareto.html"])
-    _plot_png(trials, front, paths["pareto.png"])
+    from . import plots  # plotly and matplotlib load only to draw
+    plots.html(trials, paths["pareto.html"])
+    plots.png(trials, front, paths["pareto.png"])
     return paths
 
 
@@ -240,118 +282,6 @@ def layer_importance(trials: Trials) -> dict[tuple[str, str], dict[str, float]]:
             total = scores.setdefault((layer, "*"), {m: 0.0 for m in trials.objectives})
             total[metric] += value
     return dict(sorted(scores.items(), key=lambda kv: (kv[0][0], kv[0][1] != "*", kv[0][1])))
-
-
-def _plot_html(trials: Trials, path: Path) -> None:
-    """One page: the 2-D front of every pair of objectives (all trials in grey, the pair's
-    front in colour), then a parallel-coordinates view of every trial across the parameters
-    that varied and the objectives, coloured by the parameter picked in its menu (grouped by
-    layer), to see which layer's choice puts a trial where it is."""
-    if not trials.rows:
-        path.write_text("<html><body>No finished trials yet.</body></html>")
-        return
-    figures = [_pairs_figure(trials), _parallel_figure(trials)]
-    body = "".join(fig.to_html(full_html=False, include_plotlyjs=(i == 0))
-                   for i, fig in enumerate(figures))
-    path.write_text(f"<html><head><meta charset='utf-8'><title>{trials.study}: Pareto front"
-                    f"</title></head><body>{body}</body></html>")
-
-
-def _pairs_figure(trials: Trials):
-    import plotly.graph_objects as go
-    from plotly.subplots import make_subplots
-
-    names = list(trials.objectives)
-    pairs = list(itertools.combinations(names, 2))
-    title = f"Pareto front of {trials.study} ({len(trials.rows)} trials)"
-    if not pairs:  # one objective: a table of the front
-        front = trials.front()
-        fig = go.Figure(go.Table(header={"values": ["trial", *names]}, cells={"values": [
-            [r["trial"] for r in front], *[[r["metrics"][m] for r in front] for m in names]]}))
-        return fig.update_layout(title=title)
-    fig = make_subplots(rows=1, cols=len(pairs), horizontal_spacing=0.08,
-                        subplot_titles=[f"{x} vs {y}" for x, y in pairs])
-    feasible = [row for row in trials.rows if trials.feasible(row)]
-    for col, (x, y) in enumerate(pairs, start=1):
-        fig.add_trace(go.Scatter(
-            x=[r["metrics"][x] for r in trials.rows], y=[r["metrics"][y] for r in trials.rows],
-            mode="markers", marker={"color": "lightgrey", "size": 7}, name="trials",
-            text=[r["name"] for r in trials.rows], showlegend=col == 1), row=1, col=col)
-        if feasible:
-            values = np.array([[r["metrics"][x], r["metrics"][y]] for r in feasible])
-            mask = non_dominated(values, [trials.objectives[x], trials.objectives[y]])
-            front = sorted((r for r, keep in zip(feasible, mask) if keep),
-                           key=lambda r: r["metrics"][x])
-            fig.add_trace(go.Scatter(
-                x=[r["metrics"][x] for r in front], y=[r["metrics"][y] for r in front],
-                mode="lines+markers", line={"shape": "hv"}, marker={"color": "crimson",
-                                                                     "size": 9},
-                name="front of the pair", text=[r["name"] for r in front],
-                showlegend=col == 1), row=1, col=col)
-        fig.update_xaxes(title_text=f"{x} ({trials.objectives[x][:3]})", row=1, col=col)
-        fig.update_yaxes(title_text=f"{y} ({trials.objectives[y][:3]})", row=1, col=col)
-    return fig.update_layout(title=title, height=450)
-
-
-def _parallel_figure(trials: Trials):
-    import plotly.graph_objects as go
-
-    varied = sorted({k for row in trials.rows for k in row["params"]
-                     if len({r["params"].get(k) for r in trials.rows}) > 1},
-                    key=lambda k: (group_order(k), k))
-    dimensions, colours = [], {}
-    for key in varied:
-        values = [row["params"].get(key, "-") for row in trials.rows]
-        try:
-            numbers = [float(v) for v in values]
-            dimensions.append({"label": key, "values": numbers})
-            colours[key] = numbers
-        except ValueError:  # categorical (or absent '-' in some trials): coded 0..n-1
-            labels = sorted(set(values))
-            codes = [labels.index(v) for v in values]
-            dimensions.append({"label": key, "values": codes, "tickvals": list(range(len(labels))),
-                               "ticktext": labels})
-            colours[key] = codes
-    for name in trials.objectives:
-        dimensions.append({"label": name, "values": [r["metrics"][name] for r in trials.rows]})
-    first = varied[0] if varied else None
-    colour = colours[first] if first else dimensions[-1]["values"]
-    fig = go.Figure(go.Parcoords(dimensions=dimensions, line={
-        "color": colour, "colorscale": "Turbo", "showscale": True}))
-    buttons = [{"label": f"colour by {key}", "method": "restyle",
-                "args": [{"line.color": [colours[key]]}]} for key in varied]
-    if buttons:
-        fig.update_layout(updatemenus=[{"buttons": buttons, "x": 0, "y": 1.18,
-                                        "xanchor": "left", "direction": "down"}])
-    return fig.update_layout(
-        title=f"All {len(trials.rows)} trials: parameters that varied (by layer) and objectives",
-        height=500, margin={"t": 120})
-
-
-def _plot_png(trials: Trials, front: list[dict], path: Path) -> None:
-    """Every pair of objectives, all trials in grey, the front in colour with trial numbers."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    names = list(trials.objectives)
-    pairs = [(a, b) for i, a in enumerate(names) for b in names[i + 1:]] or [(names[0], names[0])]
-    fig, axes = plt.subplots(1, len(pairs), figsize=(5 * len(pairs), 4), squeeze=False)
-    for ax, (x, y) in zip(axes[0], pairs):
-        ax.scatter([r["metrics"][x] for r in trials.rows], [r["metrics"][y] for r in trials.rows],
-                   c="lightgrey", label="trials")
-        ax.scatter([r["metrics"][x] for r in front], [r["metrics"][y] for r in front],
-                   c="tab:red", label="Pareto front")
-        for r in front:
-            ax.annotate(f"#{r['trial']}", (r["metrics"][x], r["metrics"][y]), fontsize=8)
-        ax.set_xlabel(f"{x} ({trials.objectives[x]})")
-        ax.set_ylabel(f"{y} ({trials.objectives[y]})")
-        ax.grid(alpha=0.3)
-    axes[0][0].legend()
-    fig.suptitle(f"{trials.study}: {len(front)} of {len(trials.rows)} trials on the front")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 def export_from_mlflow(tracking_uri: str, experiment: str, out_dir: str | Path) -> Trials:

@@ -5,6 +5,7 @@ import numpy as np
 import optuna
 import pytest
 
+from conftest import ROOT
 from dlas_search.pareto import Trials, non_dominated, write
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -142,3 +143,114 @@ def test_importance_survives_objectives_that_do_not_vary(tmp_path):
     assert json.loads(paths["pareto.json"].read_text())["front"]
     lines = paths["importance.csv"].read_text().splitlines()
     assert lines[1].split(",")[2] == "1.0000" and lines[1].split(",")[3] == "0.0000"
+
+
+# --- the accuracy floor: infeasible trials shown greyed, never on the front -------------------
+
+FLOORED = [  # accuracy (max), latency (min), size (min), with thresholds accuracy >= 0.5
+    (0.90, 10.0, 5.0),   # 0 on the front
+    (0.80, 5.0, 9.0),    # 1 on the front (fastest feasible)
+    (0.10, 4.0, 0.5),    # 2 at chance: fastest and smallest, but below the floor
+    (0.70, 30.0, 1.0),   # 3 on the front (smallest feasible)
+]
+
+
+def floored_trials() -> Trials:
+    objectives = {"accuracy": "maximize", "latency_ms": "minimize", "size_mb": "minimize"}
+    rows = [{"trial": i, "run_id": f"r{i}", "name": f"#{i} model{i}",
+             "params": {"compress.amount": str(0.3 * i)},
+             "metrics": dict(zip(objectives, p))} for i, p in enumerate(FLOORED)]
+    return Trials("floored", objectives, rows, {"accuracy": {"min": 0.5}})
+
+
+def test_a_trial_below_the_floor_is_listed_greyed_never_on_the_front(tmp_path):
+    """Trial 2 (accuracy 0.10) would dominate on latency and size: it is not on the front,
+    trials.csv keeps it with feasible False and the threshold it violates, pareto.json names
+    it, and both plots draw it as its own grey trace named after the floor."""
+    import csv
+
+    from dlas_search import plots
+    trials = floored_trials()
+    assert [r["trial"] for r in trials.front()] == [0, 1, 3]
+    assert trials.violates(trials.rows[2]) == "accuracy 0.1 < min 0.5"
+    assert trials.violates(trials.rows[0]) == ""
+    paths = write(trials, tmp_path)
+    table = {int(r["trial"]): r for r in csv.DictReader(paths["trials.csv"].open())}
+    assert len(table) == 4
+    assert (table[2]["feasible"], table[2]["violates"]) == ("False", "accuracy 0.1 < min 0.5")
+    assert (table[0]["feasible"], table[0]["violates"]) == ("True", "")
+    assert [int(r["trial"]) for r in csv.DictReader(paths["pareto.csv"].open())] == [0, 1, 3]
+    data = json.loads(paths["pareto.json"].read_text())
+    assert data["feasible"] == 3 and [r["trial"] for r in data["front"]] == [0, 1, 3]
+    assert data["infeasible"] == [{"trial": 2, "name": "#2 model2",
+                                   "violates": "accuracy 0.1 < min 0.5"}]
+
+    figure = plots.pairs_figure(trials)
+    label = "infeasible (below accuracy floor 0.5)"
+    greyed = [t for t in figure.data if t.name == label]
+    assert len(greyed) == 3  # one per pair of objectives, in the legend once
+    assert [t.showlegend for t in greyed] == [True, False, False]
+    assert all(t.marker.color == plots.INFEASIBLE and t.marker.symbol == "x" for t in greyed)
+    assert all(list(t.x) == [FLOORED[2][0]] for t in greyed[:2])  # accuracy on x
+    assert "accuracy 0.1 < min 0.5" in greyed[0].text[0]
+    for trace in figure.data:  # no other trace holds trial 2
+        if trace.name != label:
+            assert not any("#2 " in text for text in trace.text)
+    assert label in paths["pareto.html"].read_text()
+    assert paths["pareto.png"].read_bytes()[:4] == b"\x89PNG"
+    parallel = plots.parallel_figure(trials)
+    feasible = next(d for d in parallel.data[0].dimensions if d.label == "feasible")
+    assert list(feasible["values"]) == [1, 1, 0, 1]
+
+
+def test_without_thresholds_nothing_is_greyed(tmp_path):
+    from dlas_search import plots
+    trials = floored_trials()
+    trials.thresholds = {}
+    assert [r["trial"] for r in trials.front()] == [0, 1, 2, 3]  # trial 2 the fastest
+    assert trials.summary() == ""
+    names = [t.name or "" for t in plots.pairs_figure(trials).data]
+    assert not any(name.startswith("infeasible") for name in names)
+    assert "feasible" not in [d.label for d in plots.parallel_figure(trials).data[0].dimensions]
+
+
+def test_dlas_pareto_says_how_many_were_infeasible_and_why(workdir, monkeypatch, capsys):
+    from dlas_search import cli, pareto
+    monkeypatch.setattr(pareto, "export_from_mlflow", lambda uri, name, out: floored_trials())
+    (workdir / "mlflow.db").touch()
+    assert cli.main(["pareto", "--experiment", "floored",
+                     "--tracking-uri", f"sqlite:///{workdir / 'mlflow.db'}"]) == 0
+    out = capsys.readouterr().out
+    assert "3 of 4 finished trials on the Pareto front" in out
+    assert "1 infeasible (below accuracy floor 0.5: 1)" in out
+    assert "#2 model2: accuracy 0.1 < min 0.5" in out
+
+
+def test_a_missing_metric_violates_its_threshold():
+    trials = floored_trials()
+    trials.thresholds = {"accuracy": {"min": 0.5}, "macs": {"max": 10}}
+    assert trials.violates(trials.rows[0]) == "macs not measured"
+    assert trials.violates(trials.rows[2]) == "accuracy 0.1 < min 0.5; macs not measured"
+    assert trials.infeasible_label() == (
+        "infeasible (macs not measured, below accuracy floor 0.5)")
+
+
+SHIPPED = sorted(p for p in (ROOT / "spaces").glob("*.yaml") if p.name != "targets.yaml")
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.stem)
+def test_every_shipped_space_has_an_accuracy_floor_well_above_chance(path):
+    """A feasible front by default: every shipped space declares `thresholds: accuracy:
+    {min: x}` at least twice chance for its dataset (the class count from the dataset
+    registry), with a comment saying why that number."""
+    from dlas_search.data import DATASETS
+    from dlas_search.space import load_space
+    space = load_space(path)
+    floor = space.thresholds.get("accuracy", {}).get("min")
+    assert floor is not None, f"{path.name}: no accuracy floor (thresholds: accuracy: min)"
+    assert 0 < floor < 1
+    for name in space.params["data.name"].values():
+        classes = DATASETS.meta(name).get("classes")
+        assert classes, f"the dataset registry does not know {name}'s class count"
+        assert floor >= 2 / classes, f"{path.name}: floor {floor} is near chance (1/{classes})"
+    assert "accuracy floor" in path.read_text() and "chance" in path.read_text()

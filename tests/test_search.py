@@ -257,6 +257,10 @@ def test_trials_outside_a_threshold_never_enter_the_front(workdir, cache_dir):
     front = json.loads((outcome.pareto_dir / "pareto.json").read_text())
     assert front["feasible"] == 0 and front["trials"] == 2 and front["thresholds"] == {
         "accuracy": {"min": 2.0}}
+    listed = (outcome.pareto_dir / "trials.csv").read_text().splitlines()
+    assert ",feasible,violates," in listed[0]
+    assert len(listed) == 3 and all(",False,accuracy " in line and " < min 2," in line
+                                    for line in listed[1:])  # kept, and why
     _, _, children = child_runs("tiny")
     assert {r.data.tags["dlas.feasible"] for r in children} == {"false"}
     assert all(r.data.metrics["threshold_violation"] > 0 for r in children)
