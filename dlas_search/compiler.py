@@ -23,7 +23,7 @@ from tvm import relax
 from tvm.relax.frontend.torch import from_exported_program
 
 from . import hardware, lowering, tuning
-from .algorithms import Plan, Primitive
+from .algorithms import Plan, Primitive, schedules
 from .errors import BadInput
 from .faults import layer
 from .registry import Registry
@@ -204,7 +204,9 @@ def compile(module: torch.nn.Module, example: torch.Tensor, algo: Plan | Primiti
     algo = algo if isinstance(algo, Plan) else Plan(algo)  # a bare primitive: a one-off plan
     mod, batchnorms = imported(module, example, precision, model_key)
     convs = _count(mod, "R.nn.conv2d")  # before the sparse kernels and legalisation take them
-    with target:  # the sparse kernels (some emitted by the rewrite) read the vector width here
+    # the sparse kernels (some emitted by the rewrite) read the vector width from the target;
+    # primitives may lower differently for a tuned build (algorithms.tuned)
+    with target, schedules(cfg.tuner != "none"):
         mod = algo.rewrite(mod)
         mod = relax.transform.LegalizeOps(
             customize_legalize_map=algo.legalize_map() or None)(mod)

@@ -10,7 +10,7 @@ times itself, and records cache hits and provenance for the trial's run:
 | `data` | 1 | (loading is cheap) |
 | `compressed` | 2 + 3 | data, model, compression and fine-tune settings, seed, weights source |
 | `algorithms` | 4 | (a plan is a few objects) |
-| `compiled` | 5 | the compressed model's fingerprint, algo and compiler settings, target, input, TVM version and the tuning database's digest (local CPU builds only) |
+| `compiled` | 5 | the compressed model's fingerprint, algo and compiler settings, target, input, TVM version, the revisions of the plan's primitives (where past 1) and the tuning database's digest (local CPU builds only) |
 | `measured` | 6 | (never: a measurement is what a trial is for) |
 
 What a stage produces depends only on the configuration of the layers above it, so a trial
@@ -136,10 +136,13 @@ class Stages:
         if settings.tuner == "metaschedule":
             database = folder_digest(tuning.target_folder(
                 settings.database, device.target, cold_weights=bool(settings.cold_weights)))
-        key = json.dumps({"model": model_key,
-                          "settings": cfg.key("algo", "compiler"), "target": str(device.target),
-                          "input": [list(example.shape), str(example.dtype)],
-                          "tvm": tvm.__version__, "database": database}, sort_keys=True)
+        key = {"model": model_key,
+               "settings": cfg.key("algo", "compiler"), "target": str(device.target),
+               "input": [list(example.shape), str(example.dtype)],
+               "tvm": tvm.__version__, "database": database}
+        if plan.revisions():  # a primitive whose code changed: its old builds are stale
+            key["lowering"] = plan.revisions()
+        key = json.dumps(key, sort_keys=True)
         built, hit, entry = self.cache.get_or_make_folder(
             "compile", key, make, lambda b, folder: compiler.save(b, folder, self.records),
             compiler.load)

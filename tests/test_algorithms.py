@@ -16,7 +16,7 @@ from tvm import relax
 from torch.nn.utils import prune
 
 from dlas_search import algorithms, compiler, compression, hardware, lowering, models, registry
-from dlas_search.algorithms import AlgoConfig, CannotExpress, Plan, plan, sparse
+from dlas_search.algorithms import AlgoConfig, CannotExpress, Plan, plan, schedules, sparse
 from dlas_search.errors import BadInput
 from dlas_search.space import LAYERS, TrialConfig, infeasible
 
@@ -169,16 +169,26 @@ def test_nhwc_primitives_really_compute_in_nhwc(name, reads_data, target):
 
 
 @pytest.mark.parametrize("case_id", ["3x3 batch 2 non-square (F2x2)", "depthwise"])
-def test_direct_nhwc_reads_hwio_weights(case_id, target):
-    """Output channels innermost in the weights as in the output (HWIO, transposed at compile
-    time from ConvertLayout's OHWI), so the vectorised loop over them loads contiguously."""
+@pytest.mark.parametrize("tuned, layout", [(True, "HWIO"), (False, "OHWI")])
+def test_direct_nhwc_weights_follow_the_schedule(case_id, tuned, layout, target):
+    """Tuned: output channels innermost in the weights as in the output (HWIO, transposed at
+    compile time from ConvertLayout's OHWI), so the vectorised loop over them loads
+    contiguously. Untuned: OHWI as they come, input channels innermost, as TVM's default loops
+    reduce over them (HWIO slowed untuned builds 2-8x)."""
     case = CASES[case_id]
     x, w = random_case(case)
-    mod = lower(plan(AlgoConfig(conv="direct_nhwc")), conv_module(case, w))
+    with schedules(tuned):
+        mod = lower(plan(AlgoConfig(conv="direct_nhwc")), conv_module(case, w))
     signature = re.sub(r"T\.int64\((\d+)\)", r"\1", mod["conv2d"].script().split("):\n", 1)[0])
     o, i, kh, kw = w.shape
-    assert f'T.Buffer(({kh}, {kw}, {i}, {o}), "float32")' in signature
+    shape = {"HWIO": (kh, kw, i, o), "OHWI": (o, kh, kw, i)}[layout]
+    assert f'T.Buffer(({", ".join(map(str, shape))}), "float32")' in signature
     assert relative_error(run(mod, target, x), reference(case, x, w)) <= 1e-4
+
+
+def test_a_changed_primitive_changes_the_compile_key_of_its_builds_only():
+    assert plan(AlgoConfig(conv="direct_nhwc")).revisions() == {"direct_nhwc": 2}
+    assert plan(AlgoConfig(conv="direct")).revisions() == {}  # unchanged: keys as before
 
 
 def test_direct_nhwc_keeps_relu6_in_nhwc():

@@ -15,6 +15,8 @@ depends on this file only (no import cycles, one place to read the rules).
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import logging
 from collections import Counter
 from dataclasses import dataclass, field
@@ -27,7 +29,7 @@ from tvm import relax, te, topi
 
 from ..registry import Registry
 
-__all__ = ["PRIMITIVES", "FORMATS", "BLOCKS", "DEFAULT_BLOCK", "DEFAULT_THRESHOLD", "AlgoConfig",
+__all__ = ["schedules", "tuned", "PRIMITIVES", "FORMATS", "BLOCKS", "DEFAULT_BLOCK", "DEFAULT_THRESHOLD", "AlgoConfig",
            "CannotExpress", "Conv", "Primitive", "Format", "transform_weight", "pad",
            "constant_array", "log"]
 
@@ -169,15 +171,38 @@ def constant_array(expr: relax.Expr) -> np.ndarray | None:
     return None
 
 
+_TUNED = contextvars.ContextVar("dlas_tuned", default=False)
+
+
+@contextlib.contextmanager
+def schedules(tuned: bool):
+    """While lowering for a build that MetaSchedule will tune (`tuned`) or not: what
+    `tuned()` answers to the primitives (the compiler sets it)."""
+    token = _TUNED.set(bool(tuned))
+    try:
+        yield
+    finally:
+        _TUNED.reset(token)
+
+
+def tuned() -> bool:
+    """Whether the build being lowered will be tuned (see `schedules`)."""
+    return _TUNED.get()
+
+
 class Primitive:
     """A conv algorithm: `rewrite` runs on the imported module (a layout change), `lower`
     turns one conv into TE kernels or raises CannotExpress. `ops` are the Relax ops it
     lowers; `sparse_kernel` is the sparse kernel that stands in for it on pruned layers;
-    `label` names it in run names and reports."""
+    `label` names it in run names and reports. `lower` may ask `tuned()` whether the build
+    will be tuned (a layout that suits tuned schedules can slow TVM's default ones)."""
     name = ""
     label = ""
     ops: tuple[str, ...] = ("relax.nn.conv2d",)
     sparse_kernel = "direct"
+    # bumped when the code this primitive generates changes: part of the stage cache's key of
+    # a compiled module (left out at 1, so the keys of unchanged primitives stay as they were)
+    revision = 1
 
     def rewrite(self, mod: tvm.IRModule,
                 claimed: Callable[[relax.Call], bool] = lambda call: False,

@@ -11,7 +11,7 @@ from __future__ import annotations
 from tvm import relax, topi
 
 from ..lowering import clip_as_min_max, fold_constants
-from .contract import PRIMITIVES, CannotExpress, Primitive, transform_weight
+from .contract import PRIMITIVES, CannotExpress, Primitive, transform_weight, tuned
 
 __all__ = ["Direct", "DIRECT", "ToNHWC", "DirectNHWC"]
 
@@ -26,10 +26,13 @@ class Direct(Primitive):
         if conv.out_layout != conv.data_layout:
             raise CannotExpress(f"output layout {conv.out_layout}")
         weight, kernel_layout = conv.weight, conv.kernel_layout
-        if (conv.data_layout, kernel_layout) == ("NHWC", "OHWI"):
-            # output channels innermost in the weights too, as in the NHWC output, so the
-            # vectorised loop over them loads weights contiguously (OHWI puts them KH*KW*C
-            # apart; mobilenet_v2's 96->576 1x1 conv tuned to 55 us so, 131 us before)
+        if (conv.data_layout, kernel_layout) == ("NHWC", "OHWI") and tuned():
+            # tuned: output channels innermost in the weights too, as in the NHWC output, so
+            # the vectorised loop over them loads weights contiguously (OHWI puts them KH*KW*C
+            # apart; mobilenet_v2's 96->576 1x1 conv tuned to 55 us so, 131 us before).
+            # Untuned, TVM's default loops reduce over the innermost input channels, which OHWI
+            # keeps contiguous: HWIO made untuned resnet18 at 32x32 2.2x slower in fp32 and
+            # 8.1x in int8 (bench/ledger.py --against fd04f10~1)
             weight = transform_weight(bb, lambda w: topi.transpose(w, (1, 2, 3, 0)), weight,
                                       "weight_hwio")
             kernel_layout = "HWIO"
@@ -62,6 +65,8 @@ class ToNHWC(Primitive):
 @PRIMITIVES.register("direct_nhwc")
 class DirectNHWC(ToNHWC, Direct):
     """Direct convolution in NHWC (channels innermost): the network is converted to NHWC with
-    OHWI weights (ConvertLayout's), which `Direct` lowers with HWIO weights (transposed at
-    compile time) so the loop over output channels vectorises on both operands."""
+    OHWI weights (ConvertLayout's), which `Direct` lowers as they are when untuned, and with
+    HWIO weights (transposed at compile time) when tuned, so the tuned loop over output
+    channels vectorises on both operands."""
     label = "direct (NHWC)"
+    revision = 2  # 2: OHWI weights when untuned (HWIO, revision 1, slowed untuned builds)

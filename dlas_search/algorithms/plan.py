@@ -108,6 +108,11 @@ class Plan:
         return metrics
 
 
+    def revisions(self) -> dict[str, int]:
+        """The revisions of its lowerings past the first (for the stage cache's key)."""
+        return {p.name or type(p).__name__: p.revision for p in self.chain if p.revision > 1}
+
+
 def _metric_name(name: str) -> str:
     return name.lower().replace(" ", "_")
 
