@@ -176,11 +176,16 @@ def cmd_search(args) -> int:
     study = outcome.study
     complete = sum(t.state.name == "COMPLETE" for t in study.trials)
     failed = sum(t.state.name == "FAIL" for t in study.trials)
+    running = len(outcome.running)
     print(f"study {study.study_name}: {len(study.trials)} trials ({complete} complete, "
-          f"{failed} failed); Pareto front: {len(outcome.front)} trials -> {outcome.pareto_dir}")
+          f"{failed} failed" + (f", {running} still running" if running else "") +
+          f"); Pareto front: {len(outcome.front)} trials -> {outcome.pareto_dir}" +
+          (f" (made with {running} trial(s) still running)" if running else ""))
     for row in outcome.front:
         shown = ", ".join(f"{m} {row['metrics'][m]:.4g}" for m in space.objectives)
         print(f"  {row['name']}: {shown}")
+    for line in outcome.running:
+        print(f"  {line}")
     for line in outcome.dead_workers:
         print(f"error: {line}", file=sys.stderr)
     if outcome.tracking_lost:

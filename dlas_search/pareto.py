@@ -151,8 +151,9 @@ def _optuna_study(trials: Trials):
     return study
 
 
-def write(trials: Trials, out_dir: str | Path) -> dict[str, Path]:
-    """Write pareto.csv, pareto.json, trials.csv, pareto.html and pareto.png into `out_dir`."""
+def write(trials: Trials, out_dir: str | Path, running: int = 0) -> dict[str, Path]:
+    """Write pareto.csv, pareto.json, trials.csv, pareto.html and pareto.png into `out_dir`;
+    `running`: trials of the study still running, not in the export (pareto.json says so)."""
     import csv
 
     out = Path(out_dir)
@@ -182,7 +183,9 @@ def write(trials: Trials, out_dir: str | Path) -> dict[str, Path]:
         "study": trials.study, "objectives": trials.objectives,
         "thresholds": trials.thresholds, "trials": len(trials.rows),
         "feasible": sum(trials.feasible(r) for r in trials.rows),
-        "hypervolume": volume, "front": front}, indent=2))
+        "hypervolume": volume, "front": front,
+        **({"trials_running": running, "note": f"made with {running} trial(s) still running"}
+           if running else {})}, indent=2))
     _plot_html(trials, paths["pareto.html"])
     _plot_png(trials, front, paths["pareto.png"])
     return paths
@@ -330,7 +333,8 @@ def _plot_png(trials: Trials, front: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
-def export_from_mlflow(tracking_uri: str, experiment: str, out_dir: str | Path) -> Trials:
+def export_from_mlflow(tracking_uri: str, experiment: str, out_dir: str | Path,
+                       running: int = 0) -> Trials:
     trials = load_trials(tracking_uri, experiment)
-    write(trials, out_dir)
+    write(trials, out_dir, running)
     return trials

@@ -15,6 +15,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
 
 from . import compiler, console, data, hardware, models, pareto, samplers, tracking
+from .workers import LostWorker, fail_gone, still_running
 from .cache import StageCache
 from .console import say as _say
 from .errors import BadInput
@@ -107,6 +108,7 @@ class SearchOutcome:
     front: list[dict]
     dead_workers: list[str] = field(default_factory=list)
     tracking_lost: str | None = None  # MLflow stopped answering: what to do about it
+    running: list[str] = field(default_factory=list)  # trials left RUNNING: whose, stale when
 
 
 DEFAULT_HEARTBEAT_S = 60
@@ -120,31 +122,7 @@ def _storage(url: str, heartbeat_s: float, tracking_uri: str):
         return optuna.storages.RDBStorage(
             url, heartbeat_interval=max(1, round(heartbeat_s)),
             grace_period=max(2, round(3 * heartbeat_s)),
-            failed_trial_callback=_StaleTrial(tracking_uri))
-
-
-class _StaleTrial:
-    """Optuna found a trial whose worker stopped beating (kill -9, power loss): end its MLflow
-    run as FAILED with the reason (not RUNNING forever), then queue the configuration again,
-    once (Optuna's RetryFailedTrialCallback)."""
-
-    def __init__(self, tracking_uri: str):
-        self.tracking_uri = tracking_uri
-        self.retry = optuna.storages.RetryFailedTrialCallback(max_retry=1)
-
-    def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
-        reason = "the worker running this trial stopped sending heartbeats (killed or lost)"
-        run_id = trial.user_attrs.get("mlflow_run_id")
-        if run_id:
-            try:
-                tracker = tracking.Tracker(self.tracking_uri, study.study_name)
-                if tracker.client.get_run(run_id).info.status == "RUNNING":
-                    tracker.fail_trial(run_id, reason)
-            except Exception as e:  # the study must go on even if MLflow cannot be told
-                print(f"warning: could not mark MLflow run {run_id} FAILED: {e}",
-                      file=sys.stderr)
-        _say(f"[trial {trial.number}] FAILED: {reason}; queued again")
-        self.retry(study, trial)
+            failed_trial_callback=LostWorker(tracking_uri))
 
 
 def _existing_directions(storage: str, name: str) -> list[str] | None:
@@ -164,7 +142,9 @@ def run_search(space: Space, *, study_name: str | None = None, trials: int | Non
                heartbeat_s: float = DEFAULT_HEARTBEAT_S, workers: int = 1) -> SearchOutcome:
     """Run (or continue) the study named `study_name` for `trials` more trials. A running
     trial beats every `heartbeat_s` (0: off); one silent for 3 beats (its worker was killed)
-    is failed in Optuna and MLflow by the next worker and run again once.
+    is failed in Optuna and MLflow by the next worker and run again once. A trial whose worker
+    on this host is gone is failed so at once, when the search starts and before it ends
+    (workers.py); trials still running at the end are named in `running`.
 
     `workers` > 1 runs that many processes on the same study, storage and MLflow experiment:
     this process creates them first (concurrent creation races), each worker runs its share
@@ -203,7 +183,9 @@ def run_search(space: Space, *, study_name: str | None = None, trials: int | Non
     cache = str(cache_dir if cache_dir is not None else tracking.TRACKING_DIR / "cache")
     job = _Job(space, name, storage, tracking_uri, tracker.experiment_id, parent, cache,
                timeout_s, heartbeat_s)
-    status, dead, lost = "FAILED", [], None
+    lost_worker = LostWorker(tracking_uri)
+    fail_gone(study, lost_worker)  # before any trial: their configurations run again
+    status, dead, lost, running = "FAILED", [], None, []
     try:
         if workers == 1:
             lost = _optimize(study, job, trials, worker=0, workers=1)
@@ -217,12 +199,16 @@ def run_search(space: Space, *, study_name: str | None = None, trials: int | Non
         out = Path(out_dir) if out_dir else tracking.TRACKING_DIR / "pareto" / name
         front = []
         try:
-            front = pareto.export_from_mlflow(tracking_uri, name, out).front()
+            fail_gone(study, lost_worker)  # a worker on this host died meanwhile
+            running = still_running(study)
+            front = pareto.export_from_mlflow(tracking_uri, name, out, len(running)).front()
             counts = {s.name.lower(): sum(t.state == s for t in study.trials)
                       for s in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.FAIL)}
             tracker.close_study(status, out, {"trials_complete": counts["complete"],
                                               "trials_failed": counts["fail"],
-                                              "pareto_size": len(front)})
+                                              "pareto_size": len(front),
+                                              **({"trials_running": len(running)}
+                                                 if running else {})})
             tracking.link_launcher_run(name, tracking_uri, parent, out)
         except Exception as e:  # keep the study's result even if the export breaks
             print(f"warning: Pareto export failed: {e}", file=sys.stderr)
@@ -231,7 +217,7 @@ def run_search(space: Space, *, study_name: str | None = None, trials: int | Non
             except Exception as e:  # MLflow is gone: the study's result is in Optuna
                 print(f"warning: could not close the study's MLflow run: {e}",
                       file=sys.stderr)
-    return SearchOutcome(study, parent, out, front, dead, lost)
+    return SearchOutcome(study, parent, out, front, dead, lost, running)
 
 
 def _create_study(name: str, make_storage, directions: list[str]) -> optuna.Study:
