@@ -276,6 +276,8 @@ def cmd_perturb(args) -> int:
     size = space.size()
     print(f"study {name}: {complete} complete, {failed} failed"
           + (f" of a grid of {size}" if size is not None else ""))
+    for line in outcome.running:
+        print(f"  {line}")
     out = Path(args.out) if args.out else tracking.TRACKING_DIR / "report" / name
     _, verdicts, path = report.write_report(uri, name, out)
     print(f"report -> {path}")
