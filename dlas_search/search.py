@@ -15,12 +15,12 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
 
 from . import compiler, console, data, hardware, models, pareto, samplers, tracking
-from .workers import LostWorker, fail_gone, still_running
 from .cache import StageCache
 from .console import say as _say
 from .errors import BadInput
 from .objective import Objective, config_key, suggest_new  # noqa: F401  (the search's API)
 from .space import Space, TrialConfig
+from .workers import LostWorker, fail_gone, still_running
 
 __all__ = ["default_storage", "check_storage", "preflight", "check_targets",
            "check_config", "make_sampler", "SearchOutcome", "DEFAULT_HEARTBEAT_S",
@@ -184,9 +184,9 @@ def run_search(space: Space, *, study_name: str | None = None, trials: int | Non
     job = _Job(space, name, storage, tracking_uri, tracker.experiment_id, parent, cache,
                timeout_s, heartbeat_s)
     lost_worker = LostWorker(tracking_uri)
-    fail_gone(study, lost_worker)  # before any trial: their configurations run again
     status, dead, lost, running = "FAILED", [], None, []
     try:
+        fail_gone(study, lost_worker)  # before any trial: their configurations run again
         if workers == 1:
             lost = _optimize(study, job, trials, worker=0, workers=1)
         else:

@@ -13,7 +13,7 @@ from datetime import datetime, timedelta, timezone
 import optuna
 import pytest
 
-from conftest import ROOT, TINY_SPACE, write_space
+from conftest import ROOT, write_space
 from dlas_search import pipeline, workers
 from dlas_search.cli import main
 from dlas_search.objective import config_key
