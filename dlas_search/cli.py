@@ -194,10 +194,15 @@ def cmd_search(args) -> int:
     study = outcome.study
     complete = sum(t.state.name == "COMPLETE" for t in study.trials)
     failed = sum(t.state.name == "FAIL" for t in study.trials)
+    running = len(outcome.running)
     print(f"study {study.study_name}: {len(study.trials)} trials ({complete} complete, "
-          f"{failed} failed); Pareto front: {len(outcome.front)} trials -> {outcome.pareto_dir}")
+          f"{failed} failed" + (f", {running} still running" if running else "") +
+          f"); Pareto front: {len(outcome.front)} trials -> {outcome.pareto_dir}" +
+          (f" (made with {running} trial(s) still running)" if running else ""))
     for row in outcome.front:
         print(_front_line(row, space.objectives))
+    for line in outcome.running:
+        print(f"  {line}")
     for line in outcome.dead_workers:
         print(f"error: {line}", file=sys.stderr)
     if outcome.tracking_lost:
@@ -329,6 +334,8 @@ def cmd_perturb(args) -> int:
     size = space.size()
     print(f"study {name}: {complete} complete, {failed} failed"
           + (f" of a grid of {size}" if size is not None else ""))
+    for line in outcome.running:
+        print(f"  {line}")
     out = Path(args.out) if args.out else tracking.TRACKING_DIR / "report" / name
     _, verdicts, path = report.write_report(uri, name, out)
     print(f"report -> {path}")

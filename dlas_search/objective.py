@@ -12,7 +12,7 @@ import json
 
 import optuna
 
-from . import faults, pipeline, tracking
+from . import faults, pipeline, tracking, workers
 from .cache import StageCache
 from .console import say
 from .space import Space, TrialConfig
@@ -77,9 +77,13 @@ class Objective:
         return faults.run_limited(pipeline.run, config, self.cache.root, self.space.limits)
 
     def __call__(self, trial: optuna.Trial) -> list[float]:
+        worker = workers.identity()  # first: a RUNNING trial names the process running it
+        for key, value in worker.items():
+            trial.set_user_attr(key, value)
         config = suggest_new(self.space, trial)
         try:
-            run_id = self.tracker.start_trial(trial.number, config.summary(), config.params())
+            run_id = self.tracker.start_trial(trial.number, config.summary(), config.params(),
+                                              workers.tags(worker))
         except Exception as e:  # MLflow is gone: nothing ran; stop rather than run blind
             why = f"{type(e).__name__}: {str(e)[:500]}"
             trial.set_user_attr("error", f"MLflow could not start the trial's run: {why}")

@@ -210,8 +210,9 @@ def _optuna_study(trials: Trials):
     return study
 
 
-def write(trials: Trials, out_dir: str | Path) -> dict[str, Path]:
-    """Write pareto.csv, pareto.json, trials.csv, pareto.html and pareto.png into `out_dir`."""
+def write(trials: Trials, out_dir: str | Path, running: int = 0) -> dict[str, Path]:
+    """Write pareto.csv, pareto.json, trials.csv, pareto.html and pareto.png into `out_dir`;
+    `running`: trials of the study still running, not in the export (pareto.json says so)."""
     import csv
 
     out = Path(out_dir)
@@ -247,7 +248,9 @@ def write(trials: Trials, out_dir: str | Path) -> dict[str, Path]:
         "feasible": sum(trials.feasible(r) for r in trials.rows),
         "infeasible": [{"trial": r["trial"], "name": r["name"], "violates": trials.violates(r)}
                        for r in trials.rows if not trials.feasible(r)],
-        "hypervolume": volume, "front": front}, indent=2))
+        "hypervolume": volume, "front": front,
+        **({"trials_running": running, "note": f"made with {running} trial(s) still running"}
+           if running else {})}, indent=2))
     from . import plots  # plotly and matplotlib load only to draw
     plots.html(trials, paths["pareto.html"])
     plots.png(trials, front, paths["pareto.png"])
@@ -284,7 +287,8 @@ def layer_importance(trials: Trials) -> dict[tuple[str, str], dict[str, float]]:
     return dict(sorted(scores.items(), key=lambda kv: (kv[0][0], kv[0][1] != "*", kv[0][1])))
 
 
-def export_from_mlflow(tracking_uri: str, experiment: str, out_dir: str | Path) -> Trials:
+def export_from_mlflow(tracking_uri: str, experiment: str, out_dir: str | Path,
+                       running: int = 0) -> Trials:
     trials = load_trials(tracking_uri, experiment)
-    write(trials, out_dir)
+    write(trials, out_dir, running)
     return trials

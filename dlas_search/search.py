@@ -21,6 +21,7 @@ from .console import say as _say
 from .errors import BadInput
 from .objective import Objective, config_key, suggest_new  # noqa: F401  (the search's API)
 from .space import Space, TrialConfig
+from .workers import LostWorker, fail_gone, still_running
 
 __all__ = ["default_storage", "check_storage", "preflight", "check_targets",
            "check_config", "make_sampler", "SearchOutcome", "DEFAULT_HEARTBEAT_S",
@@ -108,6 +109,7 @@ class SearchOutcome:
     front: list[dict]
     dead_workers: list[str] = field(default_factory=list)
     tracking_lost: str | None = None  # MLflow stopped answering: what to do about it
+    running: list[str] = field(default_factory=list)  # trials left RUNNING: whose, stale when
 
 
 DEFAULT_HEARTBEAT_S = 60
@@ -121,31 +123,7 @@ def _storage(url: str, heartbeat_s: float, tracking_uri: str):
         return optuna.storages.RDBStorage(
             url, heartbeat_interval=max(1, round(heartbeat_s)),
             grace_period=max(2, round(3 * heartbeat_s)),
-            failed_trial_callback=_StaleTrial(tracking_uri))
-
-
-class _StaleTrial:
-    """Optuna found a trial whose worker stopped beating (kill -9, power loss): end its MLflow
-    run as FAILED with the reason (not RUNNING forever), then queue the configuration again,
-    once (Optuna's RetryFailedTrialCallback)."""
-
-    def __init__(self, tracking_uri: str):
-        self.tracking_uri = tracking_uri
-        self.retry = optuna.storages.RetryFailedTrialCallback(max_retry=1)
-
-    def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
-        reason = "the worker running this trial stopped sending heartbeats (killed or lost)"
-        run_id = trial.user_attrs.get("mlflow_run_id")
-        if run_id:
-            try:
-                tracker = tracking.Tracker(self.tracking_uri, study.study_name)
-                if tracker.client.get_run(run_id).info.status == "RUNNING":
-                    tracker.fail_trial(run_id, reason)
-            except Exception as e:  # the study must go on even if MLflow cannot be told
-                print(f"warning: could not mark MLflow run {run_id} FAILED: {e}",
-                      file=sys.stderr)
-        _say(f"[trial {trial.number}] FAILED: {reason}; queued again")
-        self.retry(study, trial)
+            failed_trial_callback=LostWorker(tracking_uri))
 
 
 def _existing_directions(storage: str, name: str) -> list[str] | None:
@@ -166,7 +144,9 @@ def run_search(space: Space, *, study_name: str | None = None, trials: int | Non
                confirm_rounds: int = ROUNDS) -> SearchOutcome:
     """Run (or continue) the study named `study_name` for `trials` more trials. A running
     trial beats every `heartbeat_s` (0: off); one silent for 3 beats (its worker was killed)
-    is failed in Optuna and MLflow by the next worker and run again once. When the study
+    is failed in Optuna and MLflow by the next worker and run again once. A trial whose worker
+    on this host is gone is failed so at once, when the search starts and before it ends
+    (workers.py); trials still running at the end are named in `running`. When the study
     finishes, the trials that could be on the front are timed again side by side in
     `confirm_rounds` rounds (confirm.py; 0: not) before the front is exported.
 
@@ -210,8 +190,10 @@ def run_search(space: Space, *, study_name: str | None = None, trials: int | Non
     cache = str(cache_dir if cache_dir is not None else tracking.TRACKING_DIR / "cache")
     job = _Job(space, name, storage, tracking_uri, tracker.experiment_id, parent, cache,
                timeout_s, heartbeat_s)
-    status, dead, lost = "FAILED", [], None
+    lost_worker = LostWorker(tracking_uri)
+    status, dead, lost, running = "FAILED", [], None, []
     try:
+        fail_gone(study, lost_worker)  # before any trial: their configurations run again
         if workers == 1:
             lost = _optimize(study, job, trials, worker=0, workers=1)
         else:
@@ -229,12 +211,16 @@ def run_search(space: Space, *, study_name: str | None = None, trials: int | Non
             except Exception as e:  # the search's numbers still stand
                 _say(f"warning: confirming the front failed, the search's numbers stand: {e}")
         try:
-            front = pareto.export_from_mlflow(tracking_uri, name, out).front()
+            fail_gone(study, lost_worker)  # a worker on this host died meanwhile
+            running = still_running(study)
+            front = pareto.export_from_mlflow(tracking_uri, name, out, len(running)).front()
             counts = {s.name.lower(): sum(t.state == s for t in study.trials)
                       for s in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.FAIL)}
             tracker.close_study(status, out, {"trials_complete": counts["complete"],
                                               "trials_failed": counts["fail"],
-                                              "pareto_size": len(front)})
+                                              "pareto_size": len(front),
+                                              **({"trials_running": len(running)}
+                                                 if running else {})})
             tracking.link_launcher_run(name, tracking_uri, parent, out)
         except Exception as e:  # keep the study's result even if the export breaks
             print(f"warning: Pareto export failed: {e}", file=sys.stderr)
@@ -243,7 +229,7 @@ def run_search(space: Space, *, study_name: str | None = None, trials: int | Non
             except Exception as e:  # MLflow is gone: the study's result is in Optuna
                 print(f"warning: could not close the study's MLflow run: {e}",
                       file=sys.stderr)
-    return SearchOutcome(study, parent, out, front, dead, lost)
+    return SearchOutcome(study, parent, out, front, dead, lost, running)
 
 
 def _create_study(name: str, make_storage, directions: list[str]) -> optuna.Study:

@@ -204,11 +204,12 @@ class Tracker:
         """Log trials under a study another process opened (a worker under its launcher)."""
         self.experiment_id, self.parent_id = experiment_id, parent_id
 
-    def start_trial(self, number: int, name: str, params: dict[str, Any]) -> str:
+    def start_trial(self, number: int, name: str, params: dict[str, Any],
+                    tags: dict[str, str] | None = None) -> str:
         run = self.client.create_run(
             self.experiment_id, run_name=f"#{number} {name}",
             tags={"mlflow.parentRunId": self.parent_id, ROLE: "trial", STUDY: self.study,
-                  TRIAL: str(number)})
+                  TRIAL: str(number), **(tags or {})})
         self.client.log_batch(run.info.run_id,
                               params=[Param(k, _param_value(v)) for k, v in params.items()])
         return run.info.run_id

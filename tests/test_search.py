@@ -1,5 +1,6 @@
 """The study: persistent across runs, one MLflow child run per trial, failures fail alone."""
 import json
+import re
 
 import optuna
 import pytest
@@ -281,14 +282,17 @@ def test_front_keeps_only_feasible_rows():
 
 @pytest.mark.slow  # kills `dlas search` subprocesses mid-trial and runs the study again
 @pytest.mark.reliability("kill -9 of dlas search mid-trial, then the same command again",
-                         "the killed trial FAIL in Optuna and FAILED in MLflow, run again once",
+                         "the killed trial FAIL in Optuna and FAILED in MLflow at once (the "
+                         "reason names its worker's host and pid), run again once",
                          kept="completed trials kept, never repeated")
 def test_killed_worker_trial_is_failed_everywhere_and_run_again(workdir, cache_dir):
     """kill -9 of `dlas search` in the middle of its second trial, then the same command
-    again: the first trial is kept, the killed one is FAIL in Optuna and FAILED in MLflow
-    (not RUNNING forever), its configuration runs again once, nothing is duplicated."""
+    again at once, with the default 60 s heartbeat: the first trial is kept, the killed one
+    is FAIL in Optuna and FAILED in MLflow (not RUNNING until its heartbeats go stale) before
+    any new trial, its configuration runs again once, nothing is duplicated."""
     import os
     import signal
+    import socket
     import subprocess
     import sys
     import time
@@ -296,7 +300,7 @@ def test_killed_worker_trial_is_failed_everywhere_and_run_again(workdir, cache_d
     text = TINY_SPACE.replace("repeat: 3, min_repeat_ms: 1", "repeat: 20, min_repeat_ms: 100")
     path = write_space(workdir, text)
     argv = [sys.executable, "-m", "dlas_search", "search", "--space", str(path),
-            "--heartbeat", "1", "--cache-dir", str(cache_dir)]
+            "--cache-dir", str(cache_dir)]
     storage = default_storage()
     worker = subprocess.Popen([*argv, "--trials", "3"], cwd=workdir, start_new_session=True,
                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -319,15 +323,22 @@ def test_killed_worker_trial_is_failed_everywhere_and_run_again(workdir, cache_d
         os.killpg(worker.pid, signal.SIGKILL)
         worker.wait()
     assert killed is not None, worker.stderr.read()[-3000:]
-    time.sleep(4)  # past the grace period of 3 missed beats
+    assert killed.user_attrs["worker_pid"] == worker.pid  # recorded when the trial started
+    assert killed.user_attrs["worker_host"] == socket.gethostname()
     again = subprocess.run([*argv, "--trials", "2"], cwd=workdir, capture_output=True,
                            text=True, timeout=900)
     assert again.returncode == 0, again.stderr[-3000:]
-    assert "stopped sending heartbeats" in again.stderr
+    worker_named = f"(host {socket.gethostname()}, pid {worker.pid}) died"
+    failed_at = again.stderr.index(f"[trial {killed.number}] FAILED: the worker running")
+    assert worker_named in again.stderr[failed_at:].splitlines()[0]
+    first_done = re.search(r"\[trial \d+\] .*\(\d+ s\)", again.stderr)
+    assert first_done and failed_at < first_done.start()  # at once: before any new trial
+    assert "still RUNNING" not in again.stdout and "still running" not in again.stdout
 
     trials = optuna.load_study(study_name="tiny", storage=storage).trials
     by_number = {t.number: t for t in trials}
     assert by_number[killed.number].state.name == "FAIL"
+    assert worker_named in by_number[killed.number].user_attrs["error"]
     assert by_number[0].state.name == "COMPLETE"  # finished before the kill: kept
     complete = [t for t in trials if t.state.name == "COMPLETE"]
     assert len(complete) == 3  # 1 before the kill + 2 asked again
@@ -336,7 +347,7 @@ def test_killed_worker_trial_is_failed_everywhere_and_run_again(workdir, cache_d
     client, _, children = child_runs("tiny")
     status = {r.info.run_id: r.info.status for r in children}
     assert status[killed.user_attrs["mlflow_run_id"]] == "FAILED"
-    assert "heartbeats" in client.get_run(killed.user_attrs["mlflow_run_id"]).data.tags[
+    assert worker_named in client.get_run(killed.user_attrs["mlflow_run_id"]).data.tags[
         "dlas.error"]
     assert "RUNNING" not in status.values()
     finished = [t.user_attrs["mlflow_run_id"] for t in complete]
@@ -344,6 +355,9 @@ def test_killed_worker_trial_is_failed_everywhere_and_run_again(workdir, cache_d
     assert len(children) == len(status) == 4  # 3 finished + the killed one, no duplicates
     assert sorted(int(r.data.tags[tracking.TRIAL]) for r in children
                   if r.info.status == "FINISHED") == sorted(t.number for t in complete)
+    for r in children:  # each run names the process that ran it
+        assert r.data.tags["dlas.worker_host"] == socket.gethostname()
+        assert r.data.tags["dlas.worker_pid"].isdigit() and r.data.tags["dlas.worker_started"]
 
 
 @pytest.mark.parametrize("name", ["quickstart", "cifar10", "imagenet"])
