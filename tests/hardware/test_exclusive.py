@@ -59,9 +59,6 @@ def test_a_killed_holder_releases_the_lock(lock_dir):
 
 
 def test_watch_sees_a_neighbour_burning_a_cpu():
-    quiet = Watch()
-    with quiet:
-        sum(range(2_000_000))
     burner = _burner()
     try:
         with Watch() as busy:
@@ -69,8 +66,7 @@ def test_watch_sees_a_neighbour_burning_a_cpu():
     finally:
         burner.kill()
         burner.wait()
-    assert busy.other_cpu > 0.5, busy.other_cpu
-    assert busy.other_cpu > quiet.other_cpu
+    assert busy.other_cpu > 0.5, busy.other_cpu  # the burner's core (whatever else runs)
     assert busy.end > busy.start
 
 
