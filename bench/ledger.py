@@ -58,7 +58,8 @@ def row_key(params: dict) -> str:
     return f"{precision} {params.get('algo.conv')} {fmt} {tuned}"
 
 
-def build(label: str, tree: Path, out: Path, trials: int, log) -> dict[str, dict]:
+def build(label: str, tree: Path, out: Path, trials: int, convs: list[str] | None,
+          no_tuned: bool, log) -> dict[str, dict]:
     """Build the matrix with the revision in `tree`; {row: {"library": path} or {"error":}}."""
     folder = out / label
     folder.mkdir(parents=True, exist_ok=True)
@@ -71,10 +72,11 @@ def build(label: str, tree: Path, out: Path, trials: int, log) -> dict[str, dict
                               cwd=tree, env=env, capture_output=True, text=True).stdout
     if "--confirm-rounds" in helptext:
         common += ["--confirm-rounds", "0"]
-    runs = [("ledger", []), ("ledger-tuned",
+    only = ["--set", f"algo.conv=[{', '.join(convs)}]"] if convs else []
+    runs = [("ledger", only), ("ledger-tuned",
                              TUNED + ["--set", f"compiler.trials={trials}", "--set",
                                       f"compiler.database={folder / 'tuning'}"])]
-    for study, extra in runs:
+    for study, extra in runs[:1] if no_tuned else runs:
         log(f"[{label}] building {study} at {tree}")
         with open(folder / f"{study}.log", "w") as f:
             subprocess.run([sys.executable, "-m", "dlas_search", "search", *common,
@@ -234,6 +236,9 @@ def main(argv=None) -> int:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--repeat", type=int, default=10, help="timed repeats per cell per round")
     p.add_argument("--trials", type=int, default=16, help="MetaSchedule trials of a tuned row")
+    p.add_argument("--conv", default=None, metavar="A,B",
+                   help="only these primitives' untuned rows (a quick look; not for --write)")
+    p.add_argument("--no-tuned", action="store_true", help="leave out the tuned rows")
     p.add_argument("--out", default=None, help="work folder (default: a temporary one)")
     p.add_argument("--write", action="store_true", help=f"make this run {TABLE.name}")
     args = p.parse_args(argv)
@@ -243,13 +248,17 @@ def main(argv=None) -> int:
         print(line, file=sys.stderr, flush=True)
 
     out = Path(args.out or tempfile.mkdtemp(prefix="dlas-ledger-"))
+    convs = args.conv.split(",") if args.conv else None
+    if args.write and (convs or args.no_tuned):
+        p.error("--write needs the whole matrix (no --conv, no --no-tuned)")
     trees = {"this tree": ROOT}
     if args.against:
         trees[args.against] = worktree(args.against, out)
     try:
         with concurrent.futures.ThreadPoolExecutor(len(trees)) as pool:
             futures = {label: pool.submit(build, label.replace(" ", "-"), tree, out,
-                                          args.trials, log) for label, tree in trees.items()}
+                                          args.trials, convs, args.no_tuned, log)
+                       for label, tree in trees.items()}
             built = {label: f.result() for label, f in futures.items()}
         samples = time_all(built, args.rounds, args.repeat, log)
     finally:
