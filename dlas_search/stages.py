@@ -27,7 +27,8 @@ from pathlib import Path
 import torch
 import tvm
 
-from . import algorithms, compiler, compression, data, hardware, models, tuning
+from . import (algorithms, compiler, compression, data, hardware, models, tuning,
+               tuning_guard)
 from .cache import StageCache, fingerprint, folder_digest
 from .faults import layer
 from .result import TrialResult
@@ -132,8 +133,9 @@ class Stages:
             return make()
         database = ""
         if settings.tuner == "metaschedule":
-            database = folder_digest(tuning.target_folder(
+            database = folder_digest(tuning.target_folder(  # with the guard's stored times
                 settings.database, device.target, cold_weights=bool(settings.cold_weights)))
+            database += f" {tuning_guard.RULE}"  # which records are applied
         key = json.dumps({"model": model_key,
                           "settings": cfg.key("algo", "compiler"), "target": str(device.target),
                           "input": [list(example.shape), str(example.dtype)],
@@ -166,6 +168,9 @@ class Stages:
                 result.info["tuning_database"] = str(built.tuning.database)
                 if built.tuning.untuned:
                     result.info["untuned_tasks"] = ", ".join(built.tuning.untuned)[:5000]
+                kept_default = getattr(built.tuning, "kept_default", [])  # an older entry: []
+                if kept_default:
+                    result.info["default_kept_tasks"] = ", ".join(kept_default)[:5000]
         result.cache = dict(self.hits)
         result.compressed, result.built, result.dataset = compressed, built, self.dataset
         if self.hits["finetune"] == "hit":  # nothing was fine-tuned or quantised in this trial
