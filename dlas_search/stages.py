@@ -10,7 +10,7 @@ times itself, and records cache hits and provenance for the trial's run:
 | `data` | 1 | (loading is cheap) |
 | `compressed` | 2 + 3 | data, model, compression and fine-tune settings, seed, weights source |
 | `algorithms` | 4 | (a plan is a few objects) |
-| `compiled` | 5 | the compressed model's fingerprint, algo and compiler settings, target, input, TVM version and the tuning database's digest (local CPU builds only) |
+| `compiled` | 5 | the compressed model's fingerprint, algo and compiler settings, target, input, TVM version and the tuning database's digest and the tuning guard's rule (local CPU builds only) |
 | `measured` | 6 | (never: a measurement is what a trial is for) |
 
 What a stage produces depends only on the configuration of the layers above it, so a trial
