@@ -301,9 +301,10 @@ def tune(mod: tvm.IRModule, target: tvm.target.Target, trials: int,
                     len(tunable), ", ".join(report.untuned))
     compared = sum(1 for c in choices if c.kept != "none")
     if compared:
-        log.log(logging.WARNING if kept_default else logging.INFO, "%d of %d tuned tasks kept the default schedule (their tuned one measured "
-                    "slower)%s", len(kept_default), compared,
-                    ": " + ", ".join(kept_default) if kept_default else "")
+        log.log(logging.WARNING if kept_default else logging.INFO,
+                "%d of %d tuned tasks kept the default schedule (their tuned one measured "
+                "slower)%s", len(kept_default), compared,
+                ": " + ", ".join(kept_default) if kept_default else "")
     return applied, report
 
 

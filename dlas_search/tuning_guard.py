@@ -11,8 +11,9 @@ a few trials it can keep one slower than no schedule at all (resnet18 int8, 16 t
 tuned against 1.67 ms untuned). For every task with a record, the task's default lowering (its
 fused TIR function as it is, what `tvm.compile` builds when no schedule is applied) and its best
 record's schedule are built by the tuning's builder and timed by the tuning's runner (the same
-evaluator settings, on the same device, local or RPC), one after the other. The rule
-(`keep_tuned`): the tuned schedule is kept when its mean time is below the default's, else the
+evaluator settings, on the same device, local or RPC), interleaved, `ROUNDS` times each (the
+least of each schedule's times counts: on a shared machine one measurement can be 2x off).
+The rule (`keep_tuned`): the tuned schedule is kept when its time is below the default's, else the
 default is kept (no noise margin: a tie keeps the default). A tuned schedule that does not
 build or run again is not kept; where the default does not, the tuned one is.
 
@@ -38,8 +39,8 @@ import tvm_ffi
 from tvm.s_tir import Schedule
 from tvm.s_tir import meta_schedule as ms
 
-__all__ = ["RULE", "DEFAULTS_FILE", "CHOICES_FILE", "Choice", "keep_tuned", "mean_s", "record_key",
-           "default_lowering", "measure", "choose", "kept_database", "write_choices"]
+__all__ = ["RULE", "ROUNDS", "DEFAULTS_FILE", "CHOICES_FILE", "Choice", "keep_tuned", "mean_s",
+           "record_key", "default_lowering", "measure", "choose", "kept_database", "write_choices"]
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +50,7 @@ RULE = "tuned-if-faster-than-default/1"
 DEFAULTS_FILE = "database_default_lowering.json"  # in a target's database folder, JSON lines
 CHOICES_FILE = "choices.json"                     # in a trial's exported records
 _FAILED = 1e9  # MetaSchedule writes 1e10 s for a run that failed
+ROUNDS = 3     # each schedule is timed this many times, interleaved; the least counts
 
 
 @dataclass
@@ -125,10 +127,12 @@ def default_lowering(mod: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModu
 
 
 def measure(mods: list[tvm.IRModule], target: tvm.target.Target, builder: ms.builder.Builder,
-            runner: ms.runner.Runner) -> list[float | None]:
-    """Mean seconds of each TIR module, built and timed the way MetaSchedule measures its
+            runner: ms.runner.Runner, rounds: int = ROUNDS) -> list[float | None]:
+    """Seconds of each TIR module, built and timed the way MetaSchedule measures its
     candidates (its builder input, its runner input with the entry function's arguments,
-    layout-rewrite preprocessing removed); None where building or running failed."""
+    layout-rewrite preprocessing removed), `rounds` times over the whole list; the least of
+    the rounds' means (the others were slowed by something else), None where building or
+    every run failed."""
     built = builder.build([ms.builder.BuilderInput(mod, target) for mod in mods])
     device = str(tvm.runtime.device(target.get_target_device_type())).split(":")[0]  # cpu
     inputs, which = [], []
@@ -141,20 +145,20 @@ def measure(mods: list[tvm.IRModule], target: tvm.target.Target, builder: ms.bui
         else:
             log.warning("a schedule to compare did not build: %s",
                         result.error_msg.strip().splitlines()[-1][:300])
-    times: list[float | None] = [None] * len(mods)
+    times: list[list[float]] = [[] for _ in mods]
     try:
-        for i, future in zip(which, runner.run(inputs) if inputs else []):
+        for i, future in zip(which * rounds, runner.run(inputs * rounds) if inputs else []):
             result = future.result()
             if result.error_msg:
                 log.warning("a schedule to compare did not run: %s",
                             result.error_msg.strip().splitlines()[-1][:300])
-            else:
-                times[i] = mean_s(result.run_secs)
+            elif (mean := mean_s(result.run_secs)) is not None:
+                times[i].append(mean)
     finally:
         for result in built:  # the builder's temporary folders
             if result.artifact_path:
                 shutil.rmtree(Path(result.artifact_path).parent, ignore_errors=True)
-    return times
+    return [min(t) if t else None for t in times]
 
 
 def choose(tasks: list[ms.ExtractedTask], records: list, folder: Path,

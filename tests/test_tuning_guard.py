@@ -1,7 +1,7 @@
 """Layer 5, tuning's guard: a task's tuned schedule is applied only where it measured faster
 than the task's default lowering; the rule alone, the choice with times given (a record whose
-trace schedules nothing stands in for a tuned one), and one real tuning run whose 4 trials
-lose to the default."""
+trace only looks up blocks stands in for a tuned one), and one real tuning run whose 4 trials
+lose to the default (an int8 widening)."""
 from __future__ import annotations
 
 import json
@@ -139,25 +139,36 @@ def test_a_default_that_cannot_be_measured_keeps_the_tuned_schedule_and_is_tried
     assert not (report.database / tuning_guard.DEFAULTS_FILE).exists()
 
 
-@pytest.mark.slow  # a real MetaSchedule run and measurement (about 20 s)
+def widen(width: int = 512) -> tvm.IRModule:
+    """One task: int8 values widened to int32 (as int8 arithmetic does before accumulating)."""
+    bb, x = relax.BlockBuilder(), relax.Var("x", R.Tensor((1, width), "int8"))
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            y = bb.emit_output(relax.op.astype(x, "int32"))
+        bb.emit_func_output(y)
+    return relax.transform.LegalizeOps()(bb.get())
+
+
+@pytest.mark.slow  # a real MetaSchedule run and measurement (about 15-25 s)
 def test_a_tuned_build_whose_schedule_loses_to_the_default_keeps_the_default(tmp_path):
-    """A softmax over 1000 values tuned with 4 MetaSchedule trials: the default lowering (plain
-    loops LLVM vectorises) measured 2.7-4.2 us, the best of 4 trials 4.7-6.4 us, on seeds 0-3.
-    Timed side by side with the tuning's own builder and runner, the default is kept and
-    applied; the kept choice is whichever measured faster; the records stay in the database;
-    the build computes softmax."""
+    """512 int8 values widened to int32, tuned with 4 MetaSchedule trials: the default lowering
+    (one loop LLVM vectorises) measured 12-13 ns, MetaSchedule's schedule (a parallel loop) 47-50 ns (5 runs;
+    a softmax over 1000 values, 2x slower tuned on four runs, was beaten once, so it is not
+    used). Timed side by side with the tuning's own builder and runner, the default is kept
+    and applied; the kept choice is whichever measured faster; the records stay in the
+    database; the build computes the cast."""
     target = hardware.local_target(1)
-    applied, report = tuning.tune(softmax(), target, 4, tmp_path, seed=0, progress=False)
+    applied, report = tuning.tune(widen(), target, 4, tmp_path, seed=0, progress=False)
     (row,) = report.task_table
     assert row["default_us"] is not None and row["tuned_us"] is not None
     faster = "tuned" if row["tuned_us"] < row["default_us"] else "default"
     assert row["kept"] == faster
     assert row["kept"] == "default", f"4 trials beat the default here: {row}"
-    assert report.kept_default == ["softmax"] and report.untuned == []
-    assert tuning.task_functions(applied)[0] == ["softmax"]
-    assert len(tuning.open_database(report.database).get_all_tuning_records()) >= 4
+    assert report.kept_default == [row["task"]] and report.untuned == []
+    assert tuning.task_functions(applied)[0] == [row["task"]]
+    # the losing record stays (this task has one schedule to sample: one distinct record)
+    assert len(tuning.open_database(report.database).get_all_tuning_records()) >= 1
     vm = relax.VirtualMachine(tvm.compile(applied, target), tvm.cpu())
-    x = np.random.default_rng(0).standard_normal((1, 1000)).astype("float32")
-    expected = np.exp(x - x.max()) / np.exp(x - x.max()).sum()
-    np.testing.assert_allclose(vm["main"](tvm.runtime.tensor(x)).numpy(), expected,
-                               rtol=1e-5, atol=1e-7)
+    x = np.random.default_rng(0).integers(-128, 128, (1, 512)).astype("int8")
+    np.testing.assert_array_equal(vm["main"](tvm.runtime.tensor(x)).numpy(),
+                                  x.astype("int32"))
