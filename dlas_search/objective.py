@@ -109,7 +109,10 @@ class Objective:
                 trial.set_user_attr(key, result.metrics[key])
         shown = ", ".join(f"{m} {result.metrics[m]:.4g}" for m in self.space.objectives)
         speedup = result.metrics.get("speedup_vs_torch")
+        kept = result.metrics.get("tuning_tasks_kept_default")  # tuned trials only
         say(f"[trial {trial.number}] {config.summary()}: {shown}" +
              (f", speedup_vs_torch {speedup:.2f}" if speedup is not None else "") +
+             (f", {kept:.0f} of {result.metrics['tuning_tasks']:.0f} tasks kept the default "
+              "schedule" if kept is not None else "") +
              f" ({result.metrics['trial_s']:.0f} s)")
         return values

@@ -10,7 +10,7 @@ times itself, and records cache hits and provenance for the trial's run:
 | `data` | 1 | (loading is cheap) |
 | `compressed` | 2 + 3 | data, model, compression and fine-tune settings, seed, weights source |
 | `algorithms` | 4 | (a plan is a few objects) |
-| `compiled` | 5 | the compressed model's fingerprint, algo and compiler settings, target, input, TVM version, the revisions of the plan's primitives (where past 1) and the tuning database's digest (local CPU builds only) |
+| `compiled` | 5 | the compressed model's fingerprint, algo and compiler settings, target, input, TVM version, the revisions of the plan's primitives (where past 1), the tuning database's digest and the tuning guard's rule (local CPU builds only) |
 | `measured` | 6 | (never: a measurement is what a trial is for) |
 
 What a stage produces depends only on the configuration of the layers above it, so a trial
@@ -27,7 +27,8 @@ from pathlib import Path
 import torch
 import tvm
 
-from . import algorithms, compiler, compression, data, hardware, models, tuning
+from . import (algorithms, compiler, compression, data, hardware, models, tuning,
+               tuning_guard)
 from .cache import StageCache, fingerprint, folder_digest
 from .console import say
 from .faults import layer
@@ -134,8 +135,9 @@ class Stages:
             return make()
         database = ""
         if settings.tuner == "metaschedule":
-            database = folder_digest(tuning.target_folder(
+            database = folder_digest(tuning.target_folder(  # with the guard's stored times
                 settings.database, device.target, cold_weights=bool(settings.cold_weights)))
+            database += f" {tuning_guard.RULE}"  # which records are applied
         key = {"model": model_key,
                "settings": cfg.key("algo", "compiler"), "target": str(device.target),
                "input": [list(example.shape), str(example.dtype)],
@@ -171,6 +173,9 @@ class Stages:
                 result.info["tuning_database"] = str(built.tuning.database)
                 if built.tuning.untuned:
                     result.info["untuned_tasks"] = ", ".join(built.tuning.untuned)[:5000]
+                kept_default = getattr(built.tuning, "kept_default", [])  # an older entry: []
+                if kept_default:
+                    result.info["default_kept_tasks"] = ", ".join(kept_default)[:5000]
         result.cache = dict(self.hits)
         result.compressed, result.built, result.dataset = compressed, built, self.dataset
         if self.hits["finetune"] == "hit":  # nothing was fine-tuned or quantised in this trial

@@ -8,7 +8,9 @@ TIR function is a task, and the database is applied with `MetaScheduleApplyDatab
 `compile_relax`, which re-fuses and misses records). The database lives in one folder per
 target under `database_dir`, so its records are keyed by workload (MetaSchedule's structural
 hash) and target: a task with a record there is reused and spends no new trials. Functions
-that carry their own schedule (our sparse kernels, `tirx.is_scheduled`) are not tasks.
+that carry their own schedule (our sparse kernels, `tirx.is_scheduled`) are not tasks. A
+task's best record is applied only where it measures faster than the task's default lowering
+(`tuning_guard`); the others keep the default and are reported in `kept_default`.
 
 Kept free of torch so the builder and runner worker processes start quickly.
 """
@@ -34,6 +36,8 @@ from tvm.s_tir.analysis import estimate_tir_flops
 from tvm.s_tir import meta_schedule as ms
 from tvm.s_tir.meta_schedule.builder import local_builder
 from tvm.support.popen_pool import PopenPoolExecutor, StatusKind
+
+from . import tuning_guard
 
 __all__ = ["SCHEDULED", "TuningReport", "target_folder", "open_database", "fuse",
            "task_functions", "best_record", "KeptPoolBuilder", "SEARCH_RETRIES",
@@ -78,16 +82,21 @@ class TuningReport:
     tuned: int                  # tasks tuned in this call
     scheduled: int              # task functions that received a schedule in the end
     untuned: list[str] = field(default_factory=list)  # task functions left without one
+    # tasks with a record whose tuned schedule measured slower than their default lowering
+    # (tuning_guard): the default is applied; the record stays in the database
+    kept_default: list[str] = field(default_factory=list)
     new_trials: int = 0         # measurements added to the database by this call
     tune_s: float = 0.0
     database: Path | None = None
-    # per task: name, count in the model, FLOPs of one call, best measured us (None: no record)
+    # per task: name, count in the model, FLOPs of one call, best measured us (None: no
+    # record), and the guard's choice: default_us, tuned_us (measured side by side), kept
     task_table: list[dict] = field(default_factory=list)
 
     def metrics(self) -> dict[str, float]:
         return {"tuning_tasks": float(self.tasks), "tuning_tasks_scheduled": float(self.scheduled),
                 "tuning_tasks_untuned": float(len(self.untuned)),
                 "tuning_tasks_reused": float(self.reused),
+                "tuning_tasks_kept_default": float(len(self.kept_default)),
                 "tuning_new_trials": float(self.new_trials), "tune_s": self.tune_s,
                 "hand_scheduled_kernels": float(self.hand_scheduled)}
 
@@ -268,22 +277,56 @@ def tune(mod: tvm.IRModule, target: tvm.target.Target, trials: int,
                     log.warning("MetaSchedule stopped on an error (%s); tuning the tasks "
                                 "still without a record again with seed %d", what,
                                 seed + attempt + 1)
-    with target, db, tvm.transform.PassContext(opt_level=3):
-        applied = relax.transform.MetaScheduleApplyDatabase(enable_warning=False)(mod)
+    # the guard: a task's best record is applied only if it measures faster than the task's
+    # default lowering (tuning_guard); the database keeps every record
+    records = [best_record(db, task) for task in tasks]
+    choices = _choose(tasks, records, folder, target, threads, rpc, keep, cold_weights)
+    applied = _apply(mod, target, tuning_guard.kept_database(tasks, records, choices))
     unscheduled, _ = task_functions(applied)
+    kept_default = [c.task for c in choices if c.kept == "default"]
+    untuned = task_functions(_apply(mod, target, db))[0] if kept_default else unscheduled
     report = TuningReport(
         tasks=len(tasks), hand_scheduled=len(hand),
         reused=len(tasks) - len(todo), tuned=len(todo) if trials > 0 else 0,
-        scheduled=len(tunable) - len(unscheduled), untuned=unscheduled,
+        scheduled=len(tunable) - len(unscheduled), untuned=untuned, kept_default=kept_default,
         new_trials=len(db.get_all_tuning_records()) - before,
         tune_s=time.perf_counter() - start, database=folder)
-    report.task_table = [_task_row(db, task) for task in tasks]
+    report.task_table = [{**_task_row(db, task), **choice.row()}
+                         for task, choice in zip(tasks, choices)]
     if export_to is not None:
-        export_records(db, tasks, export_to)
+        export_records(db, [t for t, c in zip(tasks, choices) if c.kept == "tuned"], export_to)
+        tuning_guard.write_choices(choices, export_to)
     if report.untuned:
         log.warning("%d of %d task functions have no tuned schedule: %s", len(report.untuned),
                     len(tunable), ", ".join(report.untuned))
+    compared = sum(1 for c in choices if c.kept != "none")
+    if compared:
+        log.log(logging.WARNING if kept_default else logging.INFO,
+                "%d of %d tuned tasks kept the default schedule (their tuned one measured "
+                "slower)%s", len(kept_default), compared,
+                ": " + ", ".join(kept_default) if kept_default else "")
     return applied, report
+
+
+def _apply(mod: tvm.IRModule, target: tvm.target.Target,
+           db: ms.database.Database) -> tvm.IRModule:
+    with target, db, tvm.transform.PassContext(opt_level=3):
+        return relax.transform.MetaScheduleApplyDatabase(enable_warning=False)(mod)
+
+
+def _choose(tasks: list, records: list, folder: Path, target: tvm.target.Target,
+            threads: int, rpc: tuple[str, int, str] | None, keep: tuple[str, ...],
+            cold_weights: bool) -> list[tuning_guard.Choice]:
+    """The guard's choices, timed with the tuning's builder and runner."""
+    def timer(mods: list[tvm.IRModule]) -> list[float | None]:
+        builder = KeptPoolBuilder(max_workers=1, timeout_sec=120,
+                                  initializer=partial(_stub_foreign_intrinsics, keep))
+        try:
+            return tuning_guard.measure(mods, target, builder,
+                                        _runner(threads, rpc, cold_weights))
+        finally:
+            builder.close()
+    return tuning_guard.choose(tasks, records, folder, target, timer)
 
 
 def _run_metaschedule(todo: list, db: ms.database.Database, target: tvm.target.Target,

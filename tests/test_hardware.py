@@ -323,6 +323,8 @@ def test_metaschedule_measures_on_the_rpc_device(tracker, server, tmp_path, monk
     assert f"-{KEY}-" in report.database.name  # records kept apart from the local CPU's
     assert report.database != tuning.target_folder(tmp_path, hardware.local_target(1))
     assert any(row["best_us"] for row in report.task_table)  # real measured times came back
+    # the tuning guard timed each default and tuned schedule on the device too
+    assert all(row["default_us"] and row["tuned_us"] for row in report.task_table)
     with torch.no_grad():
         reference = model(example).numpy()
     ours = hardware.run_tvm(built.executable, example)

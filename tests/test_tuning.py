@@ -54,17 +54,25 @@ def test_a_small_tuning_run_produces_records_and_a_fully_scheduled_module(tuned)
     model, example, _, built, root = tuned
     report = built.tuning
     assert report.tasks >= 1 and report.tuned == report.tasks and report.reused == 0
-    assert report.untuned == [] and report.scheduled == report.tasks
+    # every task has a record; a record that lost to the default lowering is not applied
+    kept_default = len(report.kept_default)
+    assert report.untuned == [] and report.scheduled == report.tasks - kept_default
     assert report.new_trials >= TRIALS  # MetaSchedule may finish its last batch
     assert len(records_in(report.database)) == report.new_trials
-    assert built.metrics["tuning_tasks_scheduled"] == report.tasks
+    assert built.metrics["tuning_tasks_scheduled"] == report.tasks - kept_default
+    assert built.metrics["tuning_tasks_kept_default"] == kept_default
+    assert all(row["kept"] in ("tuned", "default") and row["default_us"] > 0
+               for row in report.task_table)
     with torch.no_grad():
         reference = model(example).numpy()
     ours = hardware.run_tvm(built.executable, example)
     assert compiler.max_relative_error(ours, reference) <= 1e-5
-    # the run artifact: the best record of each task, readable as a database of its own
+    # the run artifact: the best record of each task applied, readable as a database of its
+    # own, and each task's choice
     exported = ms.database.JSONDatabase(work_dir=str(root / "export"))
-    assert len(exported.get_all_tuning_records()) == report.tasks
+    assert len(exported.get_all_tuning_records()) == report.tasks - kept_default
+    choices = json.loads((root / "export" / "choices.json").read_text())
+    assert [c["kept"] for c in choices] == [row["kept"] for row in report.task_table]
 
 
 def test_a_second_compile_reuses_the_records_and_measures_nothing(tuned):
@@ -76,6 +84,7 @@ def test_a_second_compile_reuses_the_records_and_measures_nothing(tuned):
     assert again.tuning.new_trials == 0 and again.tuning.tuned == 0
     assert again.tuning.reused == first.tuning.tasks and again.tuning.untuned == []
     assert (folder / "database_tuning_record.json").read_bytes() == before
+    assert again.tuning.kept_default == first.tuning.kept_default  # the stored times
 
 
 def test_records_are_kept_per_target(tuned):
@@ -122,7 +131,7 @@ def test_the_report_names_task_functions_left_without_a_schedule(tuned):
     assert len(report.untuned) == report.tasks - report.reused >= 1
     assert all("conv2d" in name or "add" in name for name in report.untuned)
     unscheduled, _ = tuning.task_functions(applied)
-    assert unscheduled == report.untuned
+    assert unscheduled == sorted(report.untuned + report.kept_default)
 
 
 def test_hand_scheduled_functions_are_not_tuning_tasks():
@@ -156,7 +165,8 @@ def test_tuning_artifacts_are_logged_with_the_trial(tuned, tmp_path):
     run_id = tracker.start_trial(0, "t", {})
     tracker.finish_trial(run_id, {"latency_ms": 1.0}, {}, {"tuning": root / "export"})
     names = {f.path for f in tracker.client.list_artifacts(run_id, "tuning")}
-    assert names == {"tuning/database_tuning_record.json", "tuning/database_workload.json"}
+    assert names == {"tuning/database_tuning_record.json", "tuning/database_workload.json",
+                     "tuning/choices.json"}
 
 
 @pytest.mark.parametrize("name, value, problem", [
