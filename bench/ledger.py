@@ -59,7 +59,7 @@ def row_key(params: dict) -> str:
 
 
 def build(label: str, tree: Path, out: Path, trials: int, convs: list[str] | None,
-          no_tuned: bool, log) -> dict[str, dict]:
+          which: tuple[bool, bool], log) -> dict[str, dict]:
     """Build the matrix with the revision in `tree`; {row: {"library": path} or {"error":}}."""
     folder = out / label
     folder.mkdir(parents=True, exist_ok=True)
@@ -76,7 +76,9 @@ def build(label: str, tree: Path, out: Path, trials: int, convs: list[str] | Non
     runs = [("ledger", only), ("ledger-tuned",
                              TUNED + ["--set", f"compiler.trials={trials}", "--set",
                                       f"compiler.database={folder / 'tuning'}"])]
-    for study, extra in runs[:1] if no_tuned else runs:
+    for (study, extra), wanted in zip(runs, which):  # (untuned, tuned)
+        if not wanted:
+            continue
         log(f"[{label}] building {study} at {tree}")
         with open(folder / f"{study}.log", "w") as f:
             subprocess.run([sys.executable, "-m", "dlas_search", "search", *common,
@@ -239,6 +241,7 @@ def main(argv=None) -> int:
     p.add_argument("--conv", default=None, metavar="A,B",
                    help="only these primitives' untuned rows (a quick look; not for --write)")
     p.add_argument("--no-tuned", action="store_true", help="leave out the tuned rows")
+    p.add_argument("--no-untuned", action="store_true", help="only the tuned rows")
     p.add_argument("--out", default=None, help="work folder (default: a temporary one)")
     p.add_argument("--write", action="store_true", help=f"make this run {TABLE.name}")
     args = p.parse_args(argv)
@@ -249,15 +252,16 @@ def main(argv=None) -> int:
 
     out = Path(args.out or tempfile.mkdtemp(prefix="dlas-ledger-"))
     convs = args.conv.split(",") if args.conv else None
-    if args.write and (convs or args.no_tuned):
-        p.error("--write needs the whole matrix (no --conv, no --no-tuned)")
+    if args.write and (convs or args.no_tuned or args.no_untuned):
+        p.error("--write needs the whole matrix (no --conv, --no-tuned or --no-untuned)")
     trees = {"this tree": ROOT}
     if args.against:
         trees[args.against] = worktree(args.against, out)
     try:
         with concurrent.futures.ThreadPoolExecutor(len(trees)) as pool:
             futures = {label: pool.submit(build, label.replace(" ", "-"), tree, out,
-                                          args.trials, convs, args.no_tuned, log)
+                                          args.trials, convs,
+                                          (not args.no_untuned, not args.no_tuned), log)
                        for label, tree in trees.items()}
             built = {label: f.result() for label, f in futures.items()}
         samples = time_all(built, args.rounds, args.repeat, log)

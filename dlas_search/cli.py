@@ -1,5 +1,7 @@
 """The `dlas` command (a contract: docs/architecture.md). Exit status: 0 done, 2 bad input (nothing
-written), 1 anything else. The MLproject entry points are thin calls into this."""
+written), 1 anything else. The MLproject entry points are thin calls into this. The commands
+that read a finished study back from MLflow (pareto, confirm, report, reconcile) are in
+cli_results.py."""
 from __future__ import annotations
 
 import argparse
@@ -9,10 +11,12 @@ import os
 import sys
 from pathlib import Path
 
+from .cli_results import (cache_dir_arg, cmd_confirm, cmd_pareto, cmd_reconcile, cmd_report,
+                          front_lines)
 from .errors import BadInput
 
 __all__ = ["DEFAULT_SPACE", "PAPER_SPACE", "REDUCED_SPACE", "build_parser",
-           "cmd_search", "cmd_trial", "cmd_pareto", "cmd_perturb", "cmd_report",
+           "cmd_search", "cmd_trial", "cmd_pareto", "cmd_confirm", "cmd_perturb", "cmd_report",
            "cmd_reconcile", "cmd_targets", "cmd_space", "main"]
 
 
@@ -160,12 +164,6 @@ def _load(args):
     return space.pin(pins) if pins else space
 
 
-def _cache_dir(value: str | None):
-    if value is None:
-        return None
-    return "" if value.lower() == "none" else value
-
-
 @contextlib.contextmanager
 def _stdout_to_stderr():
     """Send everything (Python and C libraries) printed to stdout to stderr meanwhile, so
@@ -187,7 +185,7 @@ def cmd_search(args) -> int:
     space = _load(args)
     outcome = run_search(space, study_name=args.study or None, trials=args.trials,
                          storage=args.storage or None, tracking_uri=args.tracking_uri or None,
-                         out_dir=args.out or None, cache_dir=_cache_dir(args.cache_dir),
+                         out_dir=args.out or None, cache_dir=cache_dir_arg(args.cache_dir),
                          timeout_s=args.timeout, workers=args.workers,
                          confirm_rounds=args.confirm_rounds,
                          **({} if args.heartbeat is None else {"heartbeat_s": args.heartbeat}))
@@ -199,8 +197,8 @@ def cmd_search(args) -> int:
           f"{failed} failed" + (f", {running} still running" if running else "") +
           f"); Pareto front: {len(outcome.front)} trials -> {outcome.pareto_dir}" +
           (f" (made with {running} trial(s) still running)" if running else ""))
-    for row in outcome.front:
-        print(_front_line(row, space.objectives))
+    for line in front_lines(outcome.trials) if outcome.trials else ():
+        print(line)
     for line in outcome.running:
         print(f"  {line}")
     for line in outcome.dead_workers:
@@ -219,7 +217,7 @@ def cmd_trial(args) -> int:
     config = space.defaults()
     check_config(config)
     uri = tracking.check_tracking_uri(args.tracking_uri or tracking.default_tracking_uri())
-    cache_dir = _cache_dir(args.cache_dir)
+    cache_dir = cache_dir_arg(args.cache_dir)
     with _stdout_to_stderr():
         tracker = tracking.Tracker(uri, args.experiment)
         tracker.open_study(space.objectives, space.path, space.text, {})
@@ -251,66 +249,6 @@ def cmd_trial(args) -> int:
     return code
 
 
-def _store(args) -> str:
-    """The tracking URI of a command that reads a study: it must exist already."""
-    from . import tracking
-    uri = tracking.check_tracking_uri(args.tracking_uri or tracking.default_tracking_uri())
-    if uri.startswith("sqlite:"):
-        from sqlalchemy.engine import make_url
-        if not Path(make_url(uri).database).exists():
-            raise BadInput(f"--tracking-uri {uri!r}: no MLflow database there yet; run a "
-                           "search first or name the right store")
-    return uri
-
-
-def _print_front(experiment: str, trials, out: Path) -> None:
-    front = trials.front()
-    print(f"{experiment}: {len(front)} of {len(trials.rows)} finished trials on the "
-          f"Pareto front ({', '.join(f'{k} {v}' for k, v in trials.objectives.items())}) -> {out}")
-    if trials.confirmed:
-        print(f"  latency: the confirmed numbers of {trials.confirmed} trial(s) (dlas confirm), "
-              "the search's for the others")
-    for row in front:
-        print(_front_line(row, trials.objectives))
-    if trials.summary():  # how many were outside the thresholds, and why
-        print(trials.summary())
-        outside = [row for row in trials.rows if not trials.feasible(row)]
-        for row in outside[:10]:
-            print(f"  {row['name']}: {trials.violates(row)}")
-        if len(outside) > 10:
-            print(f"  ... and {len(outside) - 10} more (trials.csv)")
-
-
-def _front_line(row: dict, objectives) -> str:
-    """`  name: accuracy 0.93, latency_ms 4.1, size_mb 11 (tied with 3 7)`."""
-    shown = ", ".join(f"{m} {row['metrics'][m]:.4g}" for m in objectives)
-    tied = f" (statistically tied with trial {row['tied_with']})" if row.get("tied_with") else ""
-    return f"  {row['name']}: {shown}{tied}"
-
-
-def cmd_pareto(args) -> int:
-    from . import pareto, tracking
-    uri = _store(args)
-    out = Path(args.out) if args.out else tracking.TRACKING_DIR / "pareto" / args.experiment
-    _print_front(args.experiment, pareto.export_from_mlflow(uri, args.experiment, out), out)
-    return 0
-
-
-def cmd_confirm(args) -> int:
-    from . import pareto, tracking
-    from .confirm import confirm
-    uri = _store(args)
-    cache_dir = _cache_dir(args.cache_dir)
-    result = confirm(uri, args.experiment,
-                     cache_dir if cache_dir is not None else tracking.TRACKING_DIR / "cache",
-                     args.rounds, say=lambda line: print(line, file=sys.stderr))
-    print(f"{args.experiment}: {len(result.confirmed)} trial(s) timed again in {args.rounds} "
-          f"rounds ({result.seconds:.0f} s); {len(result.skipped)} kept their search numbers")
-    out = Path(args.out) if args.out else tracking.TRACKING_DIR / "pareto" / args.experiment
-    _print_front(args.experiment, pareto.export_from_mlflow(uri, args.experiment, out), out)
-    return 0
-
-
 def cmd_perturb(args) -> int:
     import dataclasses
 
@@ -326,7 +264,7 @@ def cmd_perturb(args) -> int:
     uri = tracking.check_tracking_uri(args.tracking_uri or tracking.default_tracking_uri())
     outcome = run_search(space, study_name=args.study or None, trials=args.trials,
                          storage=args.storage or None, tracking_uri=uri,
-                         cache_dir=_cache_dir(args.cache_dir))
+                         cache_dir=cache_dir_arg(args.cache_dir))
     study = outcome.study
     name = study.study_name
     complete = sum(t.state.name == "COMPLETE" for t in study.trials)
@@ -341,52 +279,6 @@ def cmd_perturb(args) -> int:
     print(f"report -> {path}")
     for verdict in verdicts:
         print(f"  {verdict.verdict}: {verdict.claim}")
-    return 0
-
-
-def cmd_report(args) -> int:
-    from . import report, tracking
-    uri = tracking.check_tracking_uri(args.tracking_uri or tracking.default_tracking_uri())
-    _check_store(uri)
-    out = Path(args.out) if args.out else tracking.TRACKING_DIR / "report" / args.experiment
-    _, verdicts, path = report.write_report(uri, args.experiment, out)
-    print(f"report -> {path}")
-    for verdict in verdicts:
-        print(f"  {verdict.verdict}: {verdict.claim}")
-    return 0
-
-
-def _check_store(uri: str) -> None:
-    if uri.startswith("sqlite:"):
-        from sqlalchemy.engine import make_url
-        if not Path(make_url(uri).database).exists():
-            raise BadInput(f"--tracking-uri {uri!r}: no MLflow database there yet; run a "
-                           "search first or name the right store")
-
-
-def cmd_reconcile(args) -> int:
-    import optuna
-
-    from . import reconcile, tracking
-    from .search import check_storage, default_storage
-    storage = check_storage(args.storage or default_storage())
-    uri = tracking.check_tracking_uri(args.tracking_uri or tracking.default_tracking_uri())
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    try:
-        study = optuna.load_study(study_name=args.study, storage=storage)
-    except KeyError:
-        names = [s.study_name for s in optuna.get_all_study_summaries(storage)]
-        raise BadInput(f"--study {args.study!r}: no such study in {storage}; studies there: "
-                       f"{', '.join(names) or 'none'}") from None
-    tracker = reconcile.open_tracker(uri, study)
-    missing = reconcile.find_missing(study, tracker)
-    print(f"study {args.study}: {len(missing)} finished trial(s) missing from MLflow at {uri}")
-    for trial, run in missing:
-        where = f"run {run.info.run_id} is {run.info.status}" if run else "no run"
-        print(f"  trial {trial.number} ({trial.state.name.lower()}): {where}")
-    if missing and not args.dry_run:
-        runs = reconcile.backfill(study, tracker, missing)
-        print(f"back-filled {len(runs)} run(s), tagged dlas.backfilled")
     return 0
 
 

@@ -205,8 +205,9 @@ def compile(module: torch.nn.Module, example: torch.Tensor, algo: Plan | Primiti
     mod, batchnorms = imported(module, example, precision, model_key)
     convs = _count(mod, "R.nn.conv2d")  # before the sparse kernels and legalisation take them
     # the sparse kernels (some emitted by the rewrite) read the vector width from the target;
-    # primitives may lower differently for a tuned build (algorithms.tuned)
-    with target, schedules(cfg.tuner != "none"):
+    # primitives may lower differently for a well-tuned build (algorithms.tuning_budget)
+    budget = (cfg.trials or DEFAULT_TRIALS) / max(convs, 1) if cfg.tuner != "none" else 0.0
+    with target, schedules(budget):
         mod = algo.rewrite(mod)
         mod = relax.transform.LegalizeOps(
             customize_legalize_map=algo.legalize_map() or None)(mod)

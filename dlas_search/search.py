@@ -110,6 +110,7 @@ class SearchOutcome:
     dead_workers: list[str] = field(default_factory=list)
     tracking_lost: str | None = None  # MLflow stopped answering: what to do about it
     running: list[str] = field(default_factory=list)  # trials left RUNNING: whose, stale when
+    trials: pareto.Trials | None = None  # what the export read (None when it failed)
 
 
 DEFAULT_HEARTBEAT_S = 60
@@ -204,7 +205,7 @@ def run_search(space: Space, *, study_name: str | None = None, trials: int | Non
         raise
     finally:
         out = Path(out_dir) if out_dir else tracking.TRACKING_DIR / "pareto" / name
-        front = []
+        front, exported = [], None
         if status == "FINISHED" and confirm_rounds:
             try:  # the front's candidates timed again side by side, before the export
                 confirm(tracking_uri, name, job.cache_dir or None, confirm_rounds, say=_say)
@@ -213,7 +214,8 @@ def run_search(space: Space, *, study_name: str | None = None, trials: int | Non
         try:
             fail_gone(study, lost_worker)  # a worker on this host died meanwhile
             running = still_running(study)
-            front = pareto.export_from_mlflow(tracking_uri, name, out, len(running)).front()
+            exported = pareto.export_from_mlflow(tracking_uri, name, out, len(running))
+            front = exported.front()
             counts = {s.name.lower(): sum(t.state == s for t in study.trials)
                       for s in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.FAIL)}
             tracker.close_study(status, out, {"trials_complete": counts["complete"],
@@ -229,7 +231,7 @@ def run_search(space: Space, *, study_name: str | None = None, trials: int | Non
             except Exception as e:  # MLflow is gone: the study's result is in Optuna
                 print(f"warning: could not close the study's MLflow run: {e}",
                       file=sys.stderr)
-    return SearchOutcome(study, parent, out, front, dead, lost, running)
+    return SearchOutcome(study, parent, out, front, dead, lost, running, exported)
 
 
 def _create_study(name: str, make_storage, directions: list[str]) -> optuna.Study:

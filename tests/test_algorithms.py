@@ -169,21 +169,30 @@ def test_nhwc_primitives_really_compute_in_nhwc(name, reads_data, target):
 
 
 @pytest.mark.parametrize("case_id", ["3x3 batch 2 non-square (F2x2)", "depthwise"])
-@pytest.mark.parametrize("tuned, layout", [(True, "HWIO"), (False, "OHWI")])
-def test_direct_nhwc_weights_follow_the_schedule(case_id, tuned, layout, target):
-    """Tuned: output channels innermost in the weights as in the output (HWIO, transposed at
-    compile time from ConvertLayout's OHWI), so the vectorised loop over them loads
-    contiguously. Untuned: OHWI as they come, input channels innermost, as TVM's default loops
-    reduce over them (HWIO slowed untuned builds 2-8x)."""
+@pytest.mark.parametrize("budget, layout", [(20.0, "HWIO"), (0.0, "OHWI"), (2.0, "OHWI")])
+def test_direct_nhwc_weights_follow_the_tuning_budget(case_id, budget, layout, target):
+    """Well tuned (trials per conv): output channels innermost in the weights as in the output
+    (HWIO, transposed at compile time from ConvertLayout's OHWI), so the vectorised loop over
+    them loads contiguously. Untuned or barely tuned: OHWI as they come, input channels
+    innermost, as TVM's default loops reduce over them (HWIO slowed such builds 1.6-8x)."""
     case = CASES[case_id]
     x, w = random_case(case)
-    with schedules(tuned):
+    with schedules(budget):
         mod = lower(plan(AlgoConfig(conv="direct_nhwc")), conv_module(case, w))
     signature = re.sub(r"T\.int64\((\d+)\)", r"\1", mod["conv2d"].script().split("):\n", 1)[0])
     o, i, kh, kw = w.shape
     shape = {"HWIO": (kh, kw, i, o), "OHWI": (o, kh, kw, i)}[layout]
     assert f'T.Buffer(({", ".join(map(str, shape))}), "float32")' in signature
     assert relative_error(run(mod, target, x), reference(case, x, w)) <= 1e-4
+
+
+def test_hwio_only_for_well_tuned_fp32():
+    from dlas_search.algorithms.direct import HWIO_MIN_TRIALS_PER_CONV, hwio_weights
+    assert hwio_weights("float32", HWIO_MIN_TRIALS_PER_CONV)
+    assert not hwio_weights("float32", HWIO_MIN_TRIALS_PER_CONV - 1)
+    assert not hwio_weights("float32", 0)
+    for dtype in ("int8", "float16"):  # measured slower (int8) or never measured (fp16)
+        assert not hwio_weights(dtype, 1000)
 
 
 def test_a_changed_primitive_changes_the_compile_key_of_its_builds_only():

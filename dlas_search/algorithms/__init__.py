@@ -3,8 +3,8 @@
 A primitive is a small class registered by the name the YAML uses (`algo.conv`):
 
 - `direct`       direct convolution in NCHW (TOPI's compute, what Relax lowers by default);
-- `direct_nhwc`  the same in NHWC (a layout rewrite before legalisation); HWIO weights when
-                 tuned, OHWI when not;
+- `direct_nhwc`  the same in NHWC (a layout rewrite before legalisation); HWIO weights for
+                 well-tuned fp32 builds, OHWI otherwise;
 - `im2col_gemm`  explicit im2col matrix [C/g*kh*kw, OH*OW] per image and group, then a GEMM;
 - `spatial_pack` input packed to NCHW[c], weights to OIHW[i][o], a blocked conv, then unpacked;
 - `winograd`     Winograd F(4x4,3x3) (F(2x2,3x3) on small outputs) for 3x3 stride-1 convs;
@@ -34,7 +34,7 @@ it imports every module of the package, so a new primitive is one file registeri
 # primitives direct .. winograd_nhwc, then the formats dense, sparse
 from .contract import (BLOCKS, DEFAULT_BLOCK, DEFAULT_THRESHOLD, FORMATS, PRIMITIVES, AlgoConfig,
                        CannotExpress, Conv, Format, Primitive, schedules, transform_weight,
-                       tuned)
+                       tuning_budget)
 from .direct import DIRECT, Direct, DirectNHWC, ToNHWC
 from .im2col import IM2COL_GEMM_NHWC, Im2colGemm, Im2colGemmNHWC
 from .spatial_pack import SpatialPack
@@ -49,7 +49,7 @@ discover(__name__, __path__)  # a new primitive is one module here: it registers
 
 __all__ = ["sparse", "BLOCKS", "DEFAULT_BLOCK", "DEFAULT_THRESHOLD", "FORMATS", "PRIMITIVES",
            "AlgoConfig", "CannotExpress", "Conv", "Format", "Primitive", "transform_weight",
-           "schedules", "tuned",
+           "schedules", "tuning_budget",
            "DIRECT", "Direct", "DirectNHWC", "ToNHWC", "IM2COL_GEMM_NHWC", "Im2colGemm",
            "Im2colGemmNHWC", "Dense", "Plan", "plan", "primitive_named", "Sparse",
            "SparseLowering", "block_shape", "SpatialPack", "WINOGRAD_RULES", "Winograd",

@@ -29,7 +29,7 @@ from tvm import relax, te, topi
 
 from ..registry import Registry
 
-__all__ = ["schedules", "tuned", "PRIMITIVES", "FORMATS", "BLOCKS", "DEFAULT_BLOCK", "DEFAULT_THRESHOLD", "AlgoConfig",
+__all__ = ["schedules", "tuning_budget", "PRIMITIVES", "FORMATS", "BLOCKS", "DEFAULT_BLOCK", "DEFAULT_THRESHOLD", "AlgoConfig",
            "CannotExpress", "Conv", "Primitive", "Format", "transform_weight", "pad",
            "constant_array", "log"]
 
@@ -171,31 +171,33 @@ def constant_array(expr: relax.Expr) -> np.ndarray | None:
     return None
 
 
-_TUNED = contextvars.ContextVar("dlas_tuned", default=False)
+_BUDGET = contextvars.ContextVar("dlas_tuning_budget", default=0.0)
 
 
 @contextlib.contextmanager
-def schedules(tuned: bool):
-    """While lowering for a build that MetaSchedule will tune (`tuned`) or not: what
-    `tuned()` answers to the primitives (the compiler sets it)."""
-    token = _TUNED.set(bool(tuned))
+def schedules(trials_per_conv: float):
+    """While lowering a build that MetaSchedule will tune with about `trials_per_conv` trials
+    for each conv of the model (0: untuned): what `tuning_budget()` answers to the primitives
+    (the compiler sets it)."""
+    token = _BUDGET.set(float(trials_per_conv))
     try:
         yield
     finally:
-        _TUNED.reset(token)
+        _BUDGET.reset(token)
 
 
-def tuned() -> bool:
-    """Whether the build being lowered will be tuned (see `schedules`)."""
-    return _TUNED.get()
+def tuning_budget() -> float:
+    """MetaSchedule trials per conv of the build being lowered (0: untuned; see `schedules`)."""
+    return _BUDGET.get()
 
 
 class Primitive:
     """A conv algorithm: `rewrite` runs on the imported module (a layout change), `lower`
     turns one conv into TE kernels or raises CannotExpress. `ops` are the Relax ops it
     lowers; `sparse_kernel` is the sparse kernel that stands in for it on pruned layers;
-    `label` names it in run names and reports. `lower` may ask `tuned()` whether the build
-    will be tuned (a layout that suits tuned schedules can slow TVM's default ones)."""
+    `label` names it in run names and reports. `lower` may ask `tuning_budget()` how much the
+    build will be tuned (a layout that suits well-tuned schedules can slow TVM's default ones
+    and the few-trial ones)."""
     name = ""
     label = ""
     ops: tuple[str, ...] = ("relax.nn.conv2d",)

@@ -11,9 +11,27 @@ from __future__ import annotations
 from tvm import relax, topi
 
 from ..lowering import clip_as_min_max, fold_constants
-from .contract import PRIMITIVES, CannotExpress, Primitive, transform_weight, tuned
+from .contract import PRIMITIVES, CannotExpress, Primitive, transform_weight, tuning_budget
 
-__all__ = ["Direct", "DIRECT", "ToNHWC", "DirectNHWC"]
+__all__ = ["Direct", "DIRECT", "ToNHWC", "DirectNHWC", "HWIO_MIN_TRIALS_PER_CONV", "hwio_weights"]
+
+# The weight layout of an NHWC direct conv, as measured (resnet18 32x32, 1 thread, Zen 5,
+# bench/ledger.py side by side with OHWI): HWIO puts the output channels innermost in the
+# weights as in the output, so a tuned loop vectorised over them loads weights contiguously
+# (mobilenet_v2's 96->576 1x1 conv at 224x224 tuned to 55 us so, 131 us with OHWI). But TVM's
+# default loops, which every task MetaSchedule did not reach keeps, reduce over the innermost
+# input channels, which OHWI keeps contiguous:
+#   untuned:                   HWIO 2.2x slower in fp32, 8.1x in int8 (the regression of fd04f10)
+#   tuned, 16 trials (1.5/conv): HWIO 1.6x slower in fp32, 4.1x in int8
+#   tuned, 200 trials (18/conv): HWIO 3.4x faster in fp32, 1.55x slower in int8
+# So HWIO only for fp32 builds tuned with at least this many trials per conv (the crossover
+# lies between 1.5 and 18; 8 is not measured, it is between them).
+HWIO_MIN_TRIALS_PER_CONV = 8
+
+
+def hwio_weights(weight_dtype: str, trials_per_conv: float) -> bool:
+    """Whether an NHWC direct conv reads HWIO weights (else OHWI, as ConvertLayout gives)."""
+    return weight_dtype == "float32" and trials_per_conv >= HWIO_MIN_TRIALS_PER_CONV
 
 
 @PRIMITIVES.register("direct")
@@ -26,13 +44,8 @@ class Direct(Primitive):
         if conv.out_layout != conv.data_layout:
             raise CannotExpress(f"output layout {conv.out_layout}")
         weight, kernel_layout = conv.weight, conv.kernel_layout
-        if (conv.data_layout, kernel_layout) == ("NHWC", "OHWI") and tuned():
-            # tuned: output channels innermost in the weights too, as in the NHWC output, so
-            # the vectorised loop over them loads weights contiguously (OHWI puts them KH*KW*C
-            # apart; mobilenet_v2's 96->576 1x1 conv tuned to 55 us so, 131 us before).
-            # Untuned, TVM's default loops reduce over the innermost input channels, which OHWI
-            # keeps contiguous: HWIO made untuned resnet18 at 32x32 2.2x slower in fp32 and
-            # 8.1x in int8 (bench/ledger.py --against fd04f10~1)
+        if (conv.data_layout, kernel_layout) == ("NHWC", "OHWI") and \
+                hwio_weights(conv.weight_dtype, tuning_budget()):
             weight = transform_weight(bb, lambda w: topi.transpose(w, (1, 2, 3, 0)), weight,
                                       "weight_hwio")
             kernel_layout = "HWIO"
@@ -65,8 +78,8 @@ class ToNHWC(Primitive):
 @PRIMITIVES.register("direct_nhwc")
 class DirectNHWC(ToNHWC, Direct):
     """Direct convolution in NHWC (channels innermost): the network is converted to NHWC with
-    OHWI weights (ConvertLayout's), which `Direct` lowers as they are when untuned, and with
-    HWIO weights (transposed at compile time) when tuned, so the tuned loop over output
-    channels vectorises on both operands."""
+    OHWI weights (ConvertLayout's), which `Direct` lowers as they are, or with HWIO weights
+    (transposed at compile time) for fp32 builds tuned with enough trials (`hwio_weights`), so
+    the tuned loop over output channels vectorises on both operands."""
     label = "direct (NHWC)"
-    revision = 2  # 2: OHWI weights when untuned (HWIO, revision 1, slowed untuned builds)
+    revision = 2  # 2: HWIO only where measured faster (revision 1: always; slowed most builds)
