@@ -51,3 +51,12 @@ def test_mlflow_run_search_then_pareto(tiny_space, workdir):
                  cwd=workdir, env=env)
     assert pareto.returncode == 0, pareto.stderr[-3000:]
     assert json.loads((again / "pareto.json").read_text())["front"] == front["front"]
+
+    # and -e confirm times the front again from the kept libraries, then exports it
+    confirmed = workdir / "confirmed"
+    confirm = run(["mlflow", "run", str(ROOT), "-e", "confirm", "--env-manager", "local",
+                   "-P", "experiment=tiny", "-P", "rounds=1", "-P", f"tracking_uri={store}",
+                   "-P", f"out={confirmed}"], cwd=workdir, env=env)
+    assert confirm.returncode == 0, confirm.stderr[-3000:]
+    assert "timed again in 1 rounds" in confirm.stdout
+    assert json.loads((confirmed / "pareto.json").read_text())["confirmed"] >= 1
