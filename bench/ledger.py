@@ -10,8 +10,9 @@ path a trial can take at a small size, in a few minutes:
   a short tuned row (MetaSchedule, `--trials` trials, a fresh database) for fp32 and int8 in
   `direct_nhwc`;
 - each revision builds the matrix through its own `dlas search` (a grid study; the command
-  line is the contract every revision keeps), in its own process, both at once; the libraries
-  come from the runs' `model/model.so` artifacts;
+  line is the contract every revision keeps), in its own process, both at once, except the
+  tuned rows, which one revision tunes after the other (tuning times candidates); the
+  libraries come from the runs' `model/model.so` artifacts;
 - then one process times every library of every revision and each row's PyTorch eager
   baseline, interleaved in `--rounds` rounds under the timing lock, so drift hits all alike;
 - each row's ratio TVM / PyTorch is compared with bench/results/ledger.md (committed, with
@@ -28,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import contextlib
 import datetime
 import json
 import os
@@ -35,6 +37,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -44,6 +47,7 @@ SPACE = ROOT / "bench" / "ledger.yaml"
 TABLE = ROOT / "bench" / "results" / "ledger.md"
 DATA = ROOT / "bench" / "results" / "ledger.json"
 WORSE = 1.15  # a row 15% worse than its reference is a regression
+TUNING = threading.Lock()  # the revisions build at once, but tune one after the other
 TUNED = ["--set", "compiler.tuner=metaschedule", "--set", "algo.conv=direct_nhwc",
          "--set", "compress.method=[none, int8]"]
 
@@ -79,11 +83,13 @@ def build(label: str, tree: Path, out: Path, trials: int, convs: list[str] | Non
     for (study, extra), wanted in zip(runs, which):  # (untuned, tuned)
         if not wanted:
             continue
-        log(f"[{label}] building {study} at {tree}")
-        with open(folder / f"{study}.log", "w") as f:
-            subprocess.run([sys.executable, "-m", "dlas_search", "search", *common,
-                            "--study", study, *extra], cwd=tree, env=env, stdout=f,
-                           stderr=subprocess.STDOUT, check=False)
+        # tuning measures candidates: one revision tunes at a time, never beside the other
+        with TUNING if study == "ledger-tuned" else contextlib.nullcontext():
+            log(f"[{label}] building {study} at {tree}")
+            with open(folder / f"{study}.log", "w") as f:
+                subprocess.run([sys.executable, "-m", "dlas_search", "search", *common,
+                                "--study", study, *extra], cwd=tree, env=env, stdout=f,
+                               stderr=subprocess.STDOUT, check=False)
     return libraries(uri, folder)
 
 
