@@ -66,6 +66,15 @@ class StageCache:
             shutil.rmtree(tmp, ignore_errors=True)
         return value, False, (path if path.is_dir() else None)
 
+    def get(self, stage: str, key: str) -> Any | None:
+        """The stored value, or None when there is none (nothing is made)."""
+        if self.root is None or not self._path(stage, key).exists():
+            return None
+        try:
+            return torch.load(self._path(stage, key), weights_only=False)
+        except Exception:  # truncated or stale: as if absent
+            return None
+
     def get_or_make(self, stage: str, key: str, make: Callable[[], Any]) -> tuple[Any, bool]:
         """(value, hit). The value is pickled whole (our own files: torch.load trusts them)."""
         if self.root is None:

@@ -6,8 +6,9 @@ timed minutes apart are not compared fairly: the machine's state drifts. At the 
 put on the front (`confidence.candidates`: no other trial beats it at every bound of the 95%
 intervals) is timed again:
 
-- from its compiled library as the run kept it (`model/model.so`), or the stage cache's
-  build: nothing is compiled again; its PyTorch model comes from the stage cache;
+- from its compiled library as the run kept it (`model/model.so`) and its PyTorch model from
+  the stage cache: nothing is trained or compiled again (a trial missing either keeps its
+  search numbers, and is named);
 - all candidates in one process, under the device's timing lock, interleaved in `rounds`
   rounds (the order rotated every round), each with its PyTorch eager baseline in the same
   round, so drift hits every candidate alike;
@@ -81,8 +82,9 @@ def config_of(client: MlflowClient, trials: pareto.Trials, row: dict):
 
 
 def _prepare(client: MlflowClient, trials: pareto.Trials, row: dict, cache) -> Candidate:
-    """Load what the candidate runs: its config, model (stage cache) and library (the run's
-    artifact, else the stage cache's build). Raises with a reason when it cannot."""
+    """Load what the candidate runs: its config, its library (the run's `model/model.so`) and
+    its PyTorch model (the stage cache). Raises with a reason, before any work, when one is
+    missing: nothing is trained or compiled again."""
     from tvm import relax
     import tvm
 
@@ -94,22 +96,19 @@ def _prepare(client: MlflowClient, trials: pareto.Trials, row: dict, cache) -> C
     if device.remote or device.spec.device != "local":
         raise BadInput(f"timed on {device.spec.device} target {device.name!r}; only trials "
                        "timed on this machine's CPU (local) are confirmed here")
-    dataset = stages.data()
-    compressed = stages.compressed()
-    if cfg.compiler.backend == "torch":
-        executable = None
-    else:
+    executable = None
+    if cfg.compiler.backend != "torch":
+        kept = {a.path for a in client.list_artifacts(row["run_id"], "model")}
+        if "model/model.so" not in kept:
+            raise BadInput("its run kept no compiled library (artifacts.library: false)")
         folder = Path(tempfile.mkdtemp(prefix="dlas-confirm-"))
-        try:
-            library = Path(client.download_artifacts(row["run_id"], "model/model.so",
-                                                     str(folder)))
-            executable = relax.VMExecutable(tvm.runtime.load_module(str(library)))
-        except Exception:  # the run kept no library: the stage cache's build, if any
-            built = stages.compiled(compressed, stages.algorithms())
-            if stages.hits["compile"] != "hit":
-                raise BadInput("its run kept no compiled library (artifacts.library: false) "
-                               "and the stage cache had no build of it; it was compiled again")
-            executable = built.executable
+        library = client.download_artifacts(row["run_id"], "model/model.so", str(folder))
+        executable = relax.VMExecutable(tvm.runtime.load_module(library))
+    compressed = stages.cached_compressed()
+    if compressed is None:
+        raise BadInput(f"its model is not in the stage cache {cache.root or '(none)'}; give "
+                       "the study's --cache-dir")
+    dataset = stages.data()
     return Candidate(row, executable, compressed.module, dataset.example(), cfg.hw,
                      device.threads)
 

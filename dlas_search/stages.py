@@ -72,6 +72,11 @@ class Stages:
         self.hits["finetune"] = "hit" if hit else "miss"
         return compressed
 
+    def cached_compressed(self) -> compression.Compressed | None:
+        """Layers 2 and 3 from the stage cache only (None when absent: nothing is trained)."""
+        self.provenance = models.describe(self.cfg.model)
+        return self.cache.get("finetune", self._key("compress", "finetune"))
+
     def algorithms(self) -> algorithms.Plan | None:
         """Layer 4: how each conv lowers (None for PyTorch eager, which lowers nothing)."""
         if self.cfg.compiler.backend == "torch":
