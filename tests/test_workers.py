@@ -100,6 +100,7 @@ def quick_pipeline(monkeypatch):
     return ran
 
 
+@pytest.mark.slow  # a whole search over four left-over trials (12 s); the fast tier keeps the rest
 @pytest.mark.reliability(
     "trials left RUNNING by a SIGKILLed worker on this host, a live one, and two on another "
     "host (one beating, one silent for 10 min); then dlas search (default heartbeat)",
