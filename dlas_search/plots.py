@@ -11,11 +11,15 @@ from __future__ import annotations
 
 import itertools
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .pareto import Trials, non_dominated
+from .dominance import non_dominated
 from .stack import group_order
+
+if TYPE_CHECKING:  # the export hands its Trials to the plots; nothing imported at run time
+    from .pareto import Trials
 
 __all__ = ["html", "png", "pairs_figure", "parallel_figure", "FEASIBLE", "INFEASIBLE", "FRONT"]
 
