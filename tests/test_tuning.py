@@ -50,6 +50,7 @@ def tuned(tmp_path_factory):
     return model, example, cfg, built, root
 
 
+@pytest.mark.slow  # uses the module's MetaSchedule run (48 s): what tunes is slow
 def test_a_small_tuning_run_produces_records_and_a_fully_scheduled_module(tuned):
     model, example, _, built, root = tuned
     report = built.tuning
@@ -75,6 +76,7 @@ def test_a_small_tuning_run_produces_records_and_a_fully_scheduled_module(tuned)
     assert [c["kept"] for c in choices] == [row["kept"] for row in report.task_table]
 
 
+@pytest.mark.slow  # uses the module's MetaSchedule run (48 s): what tunes is slow
 def test_a_second_compile_reuses_the_records_and_measures_nothing(tuned):
     model, example, cfg, first, _ = tuned
     folder = first.tuning.database
@@ -87,6 +89,7 @@ def test_a_second_compile_reuses_the_records_and_measures_nothing(tuned):
     assert again.tuning.kept_default == first.tuning.kept_default  # the stored times
 
 
+@pytest.mark.slow  # uses the module's MetaSchedule run (48 s): what tunes is slow
 def test_records_are_kept_per_target(tuned):
     """MetaSchedule's lookup ignores the target: each target gets its own folder."""
     *_, built, root = tuned
@@ -118,6 +121,7 @@ def test_cold_weight_tuning_measures_with_flushed_caches_and_keeps_its_records_a
     assert compiler.max_relative_error(ours, reference) <= 1e-5
 
 
+@pytest.mark.slow  # uses the module's MetaSchedule run (48 s): what tunes is slow
 def test_the_report_names_task_functions_left_without_a_schedule(tuned):
     """A model with the tuned conv and a new one, tuned with no budget: the known task is
     reused, the new conv's task is reported untuned, and nothing is measured."""
@@ -157,6 +161,7 @@ def test_torch_backend_is_timed_like_tvm(tiny_space, cache_dir):
     assert result.metrics["speedup_vs_torch"] == 1.0 and "accuracy" in result.metrics
 
 
+@pytest.mark.slow  # uses the module's MetaSchedule run (48 s): what tunes is slow
 def test_tuning_artifacts_are_logged_with_the_trial(tuned, tmp_path):
     from dlas_search import tracking
     *_, root = tuned
