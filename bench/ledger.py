@@ -127,19 +127,15 @@ def time_all(built: dict[str, dict[str, dict]], rounds: int, repeat: int, log) -
 
     from dlas_search import hardware
     from dlas_search.cache import StageCache
-    from dlas_search.space import load_space, parse_assignment
-    from dlas_search.space.config import _all_names
+    from dlas_search.space import load_space
     from dlas_search.stages import Stages
 
     here = built["this tree"]
-    names = set(_all_names())
     cells = {}
     for key, entry in sorted(here.items()):
         if "library" not in entry:
             continue
-        pins = dict(parse_assignment(f"{k}={v}") for k, v in entry["params"].items()
-                    if k in names and v != "-")
-        cfg = load_space(SPACE).pin(pins).defaults()
+        cfg = load_space(SPACE).logged(entry["params"])
         stages = Stages(cfg, StageCache(Path(entry["library"]).parents[3] / "cache"))
         device = stages.target()
         example = stages.data().example()

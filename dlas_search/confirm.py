@@ -35,7 +35,7 @@ from mlflow.tracking import MlflowClient
 
 from . import confidence, pareto
 from .errors import BadInput
-from .tracking import ABSENT, add_to_run
+from .tracking import add_to_run
 
 __all__ = ["ROUNDS", "Candidate", "Confirmation", "confirm", "config_of"]
 
@@ -67,18 +67,14 @@ class Confirmation:
 def config_of(client: MlflowClient, trials: pareto.Trials, row: dict):
     """The trial's configuration (space.TrialConfig), from the study's space file and the
     run's parameters (read as `--set` reads them)."""
-    from .space import load_space, parse_assignment
-    from .space.config import _all_names
+    from .space import load_space
 
     parent = client.get_run(client.get_run(row["run_id"]).data.tags["mlflow.parentRunId"])
     path = Path(parent.data.tags.get("dlas.space", ""))
     if not path.is_file():  # moved since: the copy the study's run kept
         folder = Path(tempfile.mkdtemp(prefix="dlas-confirm-"))
         path = Path(client.download_artifacts(parent.info.run_id, "space.yaml", str(folder)))
-    names = set(_all_names())
-    pins = dict(parse_assignment(f"{name}={value}") for name, value in row["params"].items()
-                if name in names and value != ABSENT)
-    return load_space(path).pin(pins).defaults()
+    return load_space(path).logged(row["params"])
 
 
 def _prepare(client: MlflowClient, trials: pareto.Trials, row: dict, cache) -> Candidate:
@@ -127,25 +123,15 @@ def _round(candidates: list[Candidate], start: int) -> None:
 
 
 def _metrics_of(candidate: Candidate) -> dict[str, float]:
+    """`latency_confirmed_ms` and the rest, from the samples of every round."""
     from . import hardware
-    from .stages import latency_metrics
+    from .stages import latency_metrics, speedup_metrics
 
     torch_time = hardware.Timing.of(candidate.torch_ms)
     tvm_time = hardware.Timing.of(candidate.tvm_ms) if candidate.tvm_ms else torch_time
-    out = {**latency_metrics("", tvm_time), **latency_metrics("torch_", torch_time)}
-    low, high = hardware.ratio_ci(torch_time.repeats, tvm_time.repeats)
-    out.update(speedup_vs_torch=torch_time.median_ms / tvm_time.median_ms,
-               speedup_vs_torch_ci_low=low, speedup_vs_torch_ci_high=high)
-    renamed = {}
-    for name, value in out.items():  # latency_ms -> latency_confirmed_ms, ...
-        stem, unit = (name[:-3], "_ms") if name.endswith("_ms") else (name, "")
-        for part in ("_ci_low", "_ci_high", "_std", "_p90"):
-            if stem.endswith(part):
-                renamed[f"{stem[:-len(part)]}_confirmed{part}{unit}"] = value
-                break
-        else:
-            renamed[f"{stem}_confirmed{unit}"] = value
-    return renamed
+    return {**latency_metrics("", tvm_time, "latency_confirmed"),
+            **latency_metrics("torch_", torch_time, "latency_confirmed"),
+            **speedup_metrics(torch_time, tvm_time, "speedup_vs_torch_confirmed")}
 
 
 def confirm(tracking_uri: str, experiment: str, cache_dir: str | Path | None = None,

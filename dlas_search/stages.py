@@ -214,19 +214,21 @@ def keep_model(compressed: compression.Compressed, built: compiler.Compiled | No
     return folder
 
 
-def latency_metrics(prefix: str, timing: hardware.Timing) -> dict[str, float]:
-    """`<prefix>latency_ms` (the median), its std, p90 and 95% interval, of one timing."""
-    return {f"{prefix}latency_ms": timing.median_ms, f"{prefix}latency_std_ms": timing.std_ms,
-            f"{prefix}latency_p90_ms": timing.p90_ms,
-            f"{prefix}latency_ci_low_ms": timing.ci_ms[0],
-            f"{prefix}latency_ci_high_ms": timing.ci_ms[1]}
+def latency_metrics(prefix: str, timing: hardware.Timing,
+                    stem: str = "latency") -> dict[str, float]:
+    """`<prefix><stem>_ms` (the median), its std, p90 and 95% interval, of one timing."""
+    name = f"{prefix}{stem}"
+    return {f"{name}_ms": timing.median_ms, f"{name}_std_ms": timing.std_ms,
+            f"{name}_p90_ms": timing.p90_ms, f"{name}_ci_low_ms": timing.ci_ms[0],
+            f"{name}_ci_high_ms": timing.ci_ms[1]}
 
 
-def speedup_metrics(torch_time: hardware.Timing, tvm_time: hardware.Timing) -> dict[str, float]:
+def speedup_metrics(torch_time: hardware.Timing, tvm_time: hardware.Timing,
+                    name: str = "speedup_vs_torch") -> dict[str, float]:
     """`speedup_vs_torch` (ratio of the medians) and its 95% interval (bootstrap)."""
     low, high = hardware.ratio_ci(torch_time.repeats, tvm_time.repeats)
-    return {"speedup_vs_torch": torch_time.median_ms / tvm_time.median_ms,
-            "speedup_vs_torch_ci_low": low, "speedup_vs_torch_ci_high": high}
+    return {name: torch_time.median_ms / tvm_time.median_ms,
+            f"{name}_ci_low": low, f"{name}_ci_high": high}
 
 
 def _judge(*names: str):

@@ -10,7 +10,7 @@ import optuna
 
 from .. import faults, hardware, registry
 from .config import ARTIFACTS, LAYERS, TrialConfig, _all_names
-from .params import Param, _check_target_names, _parse_param
+from .params import Param, _check_target_names, _parse_param, parse_assignment
 
 __all__ = ["Space"]
 
@@ -75,6 +75,13 @@ class Space:
                 groups[layer][key] = chosen[name]
         return TrialConfig(**{layer: LAYERS[layer](**groups[layer]) for layer in LAYERS},
                            seed=self.seed, targets=self.targets, artifacts=self.artifacts)
+
+    def logged(self, params: Mapping[str, str]) -> TrialConfig:
+        """The configuration a run logged: its parameters as MLflow keeps them (strings, `-`
+        where one does not apply), each read as `--set` reads it, over this space."""
+        pins = dict(parse_assignment(f"{name}={value}") for name, value in params.items()
+                    if name in _all_names() and value != "-")
+        return self.pin(pins).defaults()
 
     def suggest(self, trial: optuna.Trial) -> TrialConfig:
         """Sample a configuration; conditional parameters are asked only where they apply."""

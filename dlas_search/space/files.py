@@ -14,7 +14,7 @@ from ..errors import BadInput, allowed
 from .config import (ARTIFACTS, DIRECTIONS, LAYERS, OBJECTIVE_METRICS, TOP_LEVEL, _all_names,
                      _field_info)
 from .definition import Space
-from .params import Param, _check_target_names, _parse_param
+from .params import Param, _check_target_names, _parse_param, parse_assignment
 
 __all__ = ["MAX_YAML_BYTES", "read_text", "read_yaml", "load_targets", "load_artifacts",
            "load_space", "parse_assignment"]
@@ -219,18 +219,3 @@ def _check_conditions(space: Space, where: str) -> None:
             if name not in space.params and any(v in values for v in possible):
                 raise BadInput(f"{where}space.{name}: required when {parent} can be "
                                f"{' or '.join(values)} (give a value or a low/high range)")
-
-
-def parse_assignment(text: str) -> tuple[str, Any]:
-    """`KEY=VALUE` from --set, with VALUE read as YAML (so 0.5 is a float, [a, b] a list)."""
-    if "=" not in text:
-        raise BadInput(f"--set {text!r}: expected KEY=VALUE, e.g. --set model.arch=resnet18")
-    name, _, raw = text.partition("=")
-    name = name.strip()
-    if name not in _all_names():
-        raise allowed("--set", name, _all_names())
-    try:
-        value = yaml.safe_load(raw)
-    except yaml.YAMLError:
-        value = raw
-    return name, value

@@ -6,12 +6,13 @@ from dataclasses import dataclass
 from typing import Any, Mapping
 
 import optuna
+import yaml
 
 from .. import hardware
 from ..errors import BadInput, allowed
-from .config import _field_info, check_value
+from .config import _all_names, _field_info, check_value
 
-__all__ = ["Param"]
+__all__ = ["Param", "parse_assignment"]
 
 
 @dataclass(frozen=True)
@@ -124,3 +125,18 @@ def _check_target_names(params: dict[str, Param], targets: Mapping, where: str) 
             hardware.lookup(name, targets)
         except BadInput as e:
             raise BadInput(f"{where}{e}") from None
+
+
+def parse_assignment(text: str) -> tuple[str, Any]:
+    """`KEY=VALUE` from --set, with VALUE read as YAML (so 0.5 is a float, [a, b] a list)."""
+    if "=" not in text:
+        raise BadInput(f"--set {text!r}: expected KEY=VALUE, e.g. --set model.arch=resnet18")
+    name, _, raw = text.partition("=")
+    name = name.strip()
+    if name not in _all_names():
+        raise allowed("--set", name, _all_names())
+    try:
+        value = yaml.safe_load(raw)
+    except yaml.YAMLError:
+        value = raw
+    return name, value
