@@ -1,8 +1,10 @@
 """The objective of a study: one Optuna trial in, the space's objective values out.
 
 A sample the space rules out (`infeasible`: the reason) or that repeats a configuration that
-completed or that another worker is running (`duplicate_of`: that trial's number) is pruned
-before any work, with no MLflow run. Otherwise the trial runs and is logged like `dlas trial`
+completed, that a gate stopped or that another worker is running (`duplicate_of`: that
+trial's number) is pruned before any work, with no MLflow run. A trial a gate stops
+(gates.py: e.g. below the accuracy floor after fine-tuning) is pruned too, after its MLflow
+run recorded what it measured (`stopped_at`, `stopped_reason`). Otherwise the trial runs and is logged like `dlas trial`
 (trial.py); a failure fails this trial alone, and MLflow going away stops the study after it
 (`dlas reconcile` back-fills what MLflow missed).
 """
@@ -12,8 +14,11 @@ import json
 
 import optuna
 
+from functools import partial
+
 from . import faults, pipeline, tracking, workers
 from .cache import StageCache
+from .gates import Gates
 from .console import say
 from .space import Space, TrialConfig
 from .trial import Failure, run_and_log
@@ -28,17 +33,22 @@ def config_key(config: TrialConfig) -> str:
 
 def suggest_new(space: Space, trial: optuna.Trial) -> TrialConfig:
     """The trial's configuration, or TrialPruned before any work when the space's constraints
-    rule it out (`infeasible`: the reason) or it repeats a configuration that completed or that
-    another worker is running (`duplicate_of`: that trial's number)."""
+    rule it out (`infeasible`: the reason) or it repeats a configuration that completed, that
+    a gate stopped or that another worker is running (`duplicate_of`: that trial's number)."""
     config = space.suggest(trial)
     reason = config.ruled_out
     if reason:
         trial.set_user_attr("infeasible", reason)
         raise optuna.TrialPruned(reason)
     key = config_key(config)
-    done_or_running = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.RUNNING)
+    done_or_running = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.RUNNING,
+                       optuna.trial.TrialState.PRUNED)
     for earlier in trial.study.get_trials(deepcopy=False, states=done_or_running):
-        # running: another worker has it now (two workers must not both run it)
+        # running: another worker has it now (two workers must not both run it); pruned:
+        # only one a gate stopped (it ran; the others were pruned before any work)
+        if earlier.state == optuna.trial.TrialState.PRUNED and \
+                "stopped_at" not in earlier.user_attrs:
+            continue
         if earlier.user_attrs.get("config") == key and earlier.number != trial.number:
             trial.set_user_attr("duplicate_of", earlier.number)
             raise optuna.TrialPruned(f"same configuration as trial {earlier.number}")
@@ -55,6 +65,7 @@ class Objective:
     def __init__(self, space: Space, tracker: tracking.Tracker, cache: StageCache):
         self.space, self.tracker, self.cache = space, tracker, cache
         self.tracking_lost: str | None = None  # why MLflow stopped answering, if it did
+        self.gates = Gates.from_space(space)
 
     def _tracking_lost(self, trial: optuna.Trial, why: str, ran: bool) -> None:
         """MLflow stopped answering (after its own retries): mark the trial as missing from
@@ -72,9 +83,10 @@ class Objective:
     def run(self, config: TrialConfig) -> pipeline.TrialResult:
         """The pipeline, in this process; with the space's time or memory limit, in a child
         process that is killed when it passes one."""
+        run = partial(pipeline.run, gates=self.gates)
         if not self.space.limits:
-            return pipeline.run(config, self.cache)
-        return faults.run_limited(pipeline.run, config, self.cache.root, self.space.limits)
+            return run(config, self.cache)
+        return faults.run_limited(run, config, self.cache.root, self.space.limits)
 
     def __call__(self, trial: optuna.Trial) -> list[float]:
         worker = workers.identity()  # first: a RUNNING trial names the process running it
@@ -103,8 +115,18 @@ class Objective:
                              self._tracking_lost(trial, why, ran))
         if self.space.thresholds:
             trial.set_user_attr("constraints", result.constraints)
+        if result.stopped:  # a gate: pruned, with the reason and what it measured
+            for key in ("accuracy", "size_mb", "trial_s"):
+                if key in result.metrics:
+                    trial.set_user_attr(key, result.metrics[key])
+            trial.set_user_attr("stopped_at", result.stopped["at"])
+            trial.set_user_attr("stopped_reason", result.stopped["reason"][:1000])
+            say(f"[trial {trial.number}] {config.summary()}: {result.stopped['reason']} "
+                f"({result.metrics['trial_s']:.0f} s)")
+            raise optuna.TrialPruned(result.stopped["reason"])
         values = [result.metrics[m] for m in self.space.objectives]
-        for key in ("accuracy", "latency_ms", "size_mb", "speedup_vs_torch", "sparsity"):
+        for key in ("accuracy", "latency_ms", "size_mb", "speedup_vs_torch", "sparsity",
+                    "trial_s", "tuning_new_trials"):  # the last two: the study's budget
             if key in result.metrics:  # no PyTorch baseline on a remote device
                 trial.set_user_attr(key, result.metrics[key])
         shown = ", ".join(f"{m} {result.metrics[m]:.4g}" for m in self.space.objectives)

@@ -117,6 +117,8 @@ def load_trials(tracking_uri: str, experiment: str) -> Trials:
                                   max_results=1000, page_token=token)
         for run in page:
             metrics = _confirmed(dict(run.data.metrics))
+            if "dlas.stopped_at" in run.data.tags:  # a gate stopped it: not compiled or timed
+                continue
             if all(m in metrics and math.isfinite(metrics[m]) for m in objectives):
                 rows.append({"trial": int(run.data.tags.get(TRIAL, -1)), "run_id": run.info.run_id,
                              "name": run.info.run_name, "params": dict(run.data.params),

@@ -10,20 +10,24 @@ from __future__ import annotations
 
 from .cache import StageCache
 from .errors import BadInput
+from .gates import Gates
 from .result import TrialResult
 from .stages import Stages
 
 __all__ = ["run", "TrialResult"]
 
 
-def run(cfg, cache: StageCache | None = None) -> TrialResult:
-    """Run one configuration (a space.TrialConfig) through the six layers and measure it."""
+def run(cfg, cache: StageCache | None = None, gates: Gates | None = None) -> TrialResult:
+    """Run one configuration (a space.TrialConfig) through the six layers and measure it;
+    `gates` (a study's) may stop it after fine-tuning (`result.stopped` says where and why)."""
     if cfg.ruled_out:  # decided by the space; a search prunes these before calling run
         raise BadInput(cfg.ruled_out)
     stack = Stages(cfg, cache)
     stack.target()                                      # 6: the target, resolved first
     stack.data()                                        # 1: datasets
     compressed = stack.compressed()                     # 2-3: model, compression, fine-tuning
+    if gates and (why := gates.after_finetune(compressed.metrics)):
+        return stack.stopped("finetune", why, compressed)  # cannot reach the front
     plan = stack.algorithms()                           # 4: conv algorithms and data formats
     built = stack.compiled(compressed, plan)            # 5: compiler and tuning
     return stack.measured(compressed, built)            # 6: checked and timed on the target

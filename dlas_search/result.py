@@ -31,6 +31,9 @@ class TrialResult:
     artifacts: dict[str, Path] = field(default_factory=dict)
     # the space's thresholds as Optuna constraints (<= 0: met), when the space has any
     constraints: list[float] = field(default_factory=list)
+    # a gate stopped the trial (gates.py): {"at": stage, "reason": why}; its metrics are the
+    # stages' before it
+    stopped: dict[str, str] = field(default_factory=dict)
 
     def discard_artifacts(self) -> None:
         """Remove the artifact folders once they are logged (they live in temporary space)."""
@@ -47,9 +50,11 @@ class TrialResult:
     def to_message(self) -> dict[str, Any]:
         """What a child process sends its parent (plain data: no torch or TVM objects)."""
         return {"metrics": self.metrics, "cache": self.cache, "info": self.info,
-                "artifacts": {k: str(v) for k, v in self.artifacts.items()}}
+                "artifacts": {k: str(v) for k, v in self.artifacts.items()},
+                "stopped": self.stopped}
 
     @classmethod
     def from_message(cls, message: dict[str, Any]) -> "TrialResult":
         return cls(message["metrics"], message["cache"], message["info"],
-                   artifacts={k: Path(v) for k, v in message["artifacts"].items()})
+                   artifacts={k: Path(v) for k, v in message["artifacts"].items()},
+                   stopped=message.get("stopped") or {})

@@ -218,8 +218,10 @@ def run_search(space: Space, *, study_name: str | None = None, trials: int | Non
             front = exported.front()
             counts = {s.name.lower(): sum(t.state == s for t in study.trials)
                       for s in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.FAIL)}
+            stopped = sum("stopped_at" in t.user_attrs for t in study.trials)  # by a gate
             tracker.close_study(status, out, {"trials_complete": counts["complete"],
                                               "trials_failed": counts["fail"],
+                                              "trials_stopped": stopped,
                                               "pareto_size": len(front),
                                               **({"trials_running": len(running)}
                                                  if running else {})})

@@ -103,6 +103,18 @@ class Stages:
                 result = measure(compressed, built, self.dataset, self.device, self.cfg)
         return self._finish(result, compressed, built)
 
+    def stopped(self, stage: str, reason: str,
+                compressed: compression.Compressed) -> TrialResult:
+        """The result of a trial a gate stopped after `stage`: what was measured so far."""
+        result = TrialResult(dict(compressed.metrics), stopped={"at": stage, "reason": reason},
+                             info={"precision": compressed.precision, **self.provenance})
+        if self.hits["finetune"] == "hit":
+            result.metrics["finetune_s"] = result.metrics["convert_s"] = 0.0
+        result.metrics.setdefault("train_s", self.train_s)
+        result.cache = dict(self.hits)
+        result.compressed, result.dataset = compressed, self.dataset
+        return result
+
     # --- stage bookkeeping ------------------------------------------------------------------------
 
     def _key(self, *groups: str) -> str:

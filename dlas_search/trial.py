@@ -1,7 +1,9 @@
 """One trial's lifecycle, the same for `dlas trial` and for every trial of a study: walk the
 stack, judge the result against the space's objectives and thresholds, and log it to the
 trial's MLflow run (FINISHED with metrics, tags and artifacts; or FAILED/KILLED with the
-layer and the reason, the traceback as `error.txt`). A failure fails this trial alone.
+layer and the reason, the traceback as `error.txt`). A failure fails this trial alone. A trial
+a gate stopped (gates.py) is FINISHED with the metrics measured before the gate and the tags
+`dlas.stopped_at` and `dlas.stopped_reason`.
 
     run_id = tracker.start_trial(number, config.summary(), config.params())
     result = run_and_log(config, tracker, run_id, lambda c: pipeline.run(c, cache), space)
@@ -49,14 +51,18 @@ def run_and_log(config, tracker, run_id: str, runner: Callable[..., TrialResult]
     try:
         result = runner(config)
         missing = [m for m in space.objectives if m not in result.metrics]
-        if require_objectives and missing:
+        if require_objectives and missing and not result.stopped:
             raise RuntimeError(f"objective {', '.join(missing)} was not measured on "
                                f"hw.target {config.hw.target} (PyTorch eager, the "
                                "speed-up's baseline, runs on the local CPU only)")
         if space.thresholds:  # outside a threshold: infeasible, never on the front
             violations = result.constraints = space.violations(result.metrics)
-            result.metrics["threshold_violation"] = max(violations)
+            measured = [v for v in violations if v != float("inf")]  # a stopped trial's
+            result.metrics["threshold_violation"] = max(measured or violations)
             result.info["feasible"] = str(max(violations) <= 0).lower()
+        if result.stopped:  # a gate stopped it (gates.py): not a failure, never on the front
+            result.info.update({"stopped_at": result.stopped["at"], "feasible": "false",
+                                "stopped_reason": result.stopped["reason"][:5000]})
         result.metrics["trial_s"] = time.perf_counter() - start
         with faults.layer("artifacts"):  # e.g. disk full: the run must not look complete
             tracker.finish_trial(run_id, result.metrics, result.tags(), result.artifacts)

@@ -179,7 +179,7 @@ def _fake_result() -> pipeline.TrialResult:
     return pipeline.TrialResult({"accuracy": 0.5, "latency_ms": 1.0, "size_mb": 1.0})
 
 
-def hanging_run(config, cache):
+def hanging_run(config, cache, gates=None):
     """Pipeline stand-in (runs in the child): compiling method `none` never returns; it
     leaves its process id in child.pid so the test can check the process is gone."""
     import os
@@ -191,7 +191,7 @@ def hanging_run(config, cache):
         time.sleep(3600)
 
 
-def hungry_run(config, cache):
+def hungry_run(config, cache, gates=None):
     """Pipeline stand-in: measuring method `none` allocates (and touches) 100 MB a step, up to
     8 GB."""
     if config.compress.method != "none":
@@ -330,7 +330,7 @@ def test_mlflow_going_away_stops_the_study_and_reconcile_backfills(workdir, monk
     from dlas_search.cli import main
     calls = []
 
-    def run_then_kill_the_server(config, cache=None):  # the pipeline is not tested here
+    def run_then_kill_the_server(config, cache=None, gates=None):  # the pipeline is not tested here
         calls.append(1)
         if len(calls) == 2:
             mlflow_server.stop()

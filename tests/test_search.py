@@ -115,7 +115,7 @@ def test_search_prunes_ruled_out_samples_before_any_work(workdir, monkeypatch):
     are pruned with the reason, get no MLflow run and do not count against the budget."""
     ran = []
 
-    def run_instantly(config, cache=None):  # the pipeline is not what is tested here
+    def run_instantly(config, cache=None, gates=None):  # the pipeline is not what is tested here
         ran.append(config)
         return pipeline.TrialResult({"accuracy": 0.5, "latency_ms": float(len(ran)),
                                      "size_mb": 1.0, "speedup_vs_torch": 1.0, "sparsity": 0.8})
@@ -249,7 +249,8 @@ def test_bad_thresholds_are_named(workdir, thresholds, words):
 def test_trials_outside_a_threshold_never_enter_the_front(workdir, cache_dir):
     """accuracy >= 2 cannot be met: every trial completes, is marked infeasible in Optuna (its
     constraint) and MLflow, and neither our front nor Optuna's best trials hold any of them."""
-    space = load_space(write_space(workdir, TINY_SPACE + "thresholds: {accuracy: {min: 2}}\n"))
+    space = load_space(write_space(workdir, TINY_SPACE + "thresholds: {accuracy: {min: 2}}\n"
+                                            "gates: {finetune: false}\n"))  # see test_gates
     outcome = run_search(space, cache_dir=str(cache_dir))
     done = [t for t in outcome.study.trials if t.state.name == "COMPLETE"]
     assert len(done) == 2 and outcome.front == []
@@ -384,7 +385,7 @@ def test_grid_study_finishes_the_grid_despite_long_runs_of_repeats(workdir, monk
     space = load_space(write_space(workdir, text))
     assert space.size() == 4  # none / unstructured 0.5, x direct / direct_nhwc
 
-    def fake_run(config, cache=None):  # the search's bookkeeping is under test, not the stack
+    def fake_run(config, cache=None, gates=None):  # the search's bookkeeping is under test, not the stack
         return pipeline.TrialResult({"accuracy": 0.5, "latency_ms": 1.0, "size_mb": 1.0})
     monkeypatch.setattr(pipeline, "run", fake_run)
     outcome = run_search(space, heartbeat_s=0)

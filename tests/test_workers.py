@@ -92,7 +92,7 @@ def quick_pipeline(monkeypatch):
     """The pipeline is not what is tested here: each trial returns at once."""
     ran = []
 
-    def run_instantly(config, cache=None):
+    def run_instantly(config, cache=None, gates=None):
         ran.append(config)
         return pipeline.TrialResult({"accuracy": 0.5, "latency_ms": float(len(ran)),
                                      "size_mb": 1.0, "speedup_vs_torch": 1.0, "sparsity": 0.0})

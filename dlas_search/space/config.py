@@ -25,8 +25,8 @@ LAYERS: dict[str, type] = dict(zip(stack.GROUPS, (
 OBJECTIVE_METRICS = ("accuracy", "latency_ms", "size_mb", "macs", "params", "sparsity",
                      "speedup_vs_torch")
 DIRECTIONS = ("maximize", "minimize")
-TOP_LEVEL = ("study", "description", "seed", "objectives", "thresholds", "sampler", "budget",
-             "targets", "artifacts", "space")
+TOP_LEVEL = ("study", "description", "seed", "objectives", "thresholds", "gates", "sampler",
+             "budget", "targets", "artifacts", "space")
 # what each finished trial's run keeps under `model/` (tens of MB each: can be switched off)
 ARTIFACTS = {"weights": True, "library": True}
 

@@ -33,6 +33,10 @@ class Space:
     artifacts: Mapping[str, bool] = field(default_factory=lambda: dict(ARTIFACTS))
     # budget.trial_timeout_s / trial_memory_mb: a trial past either is stopped and fails alone
     limits: faults.Limits = field(default_factory=faults.Limits)
+    # the `gates:` section (gates.GATES -> on/off; unset: on)
+    gates: Mapping[str, bool] = field(default_factory=dict)
+    # budget.tuning_trials: MetaSchedule measurements the whole study may spend (None: no cap)
+    tuning_trials: int | None = None
 
     def violations(self, metrics: Mapping[str, float]) -> list[float]:
         """One number per threshold, <= 0 when met (Optuna's constraint convention); a metric

@@ -11,6 +11,7 @@ import yaml
 
 from .. import faults, hardware, samplers
 from ..errors import BadInput, allowed
+from ..gates import parse as parse_gates
 from .config import (ARTIFACTS, DIRECTIONS, LAYERS, OBJECTIVE_METRICS, TOP_LEVEL, _all_names,
                      _field_info)
 from .definition import Space
@@ -149,7 +150,8 @@ def load_space(path: str | Path) -> Space:
                       list(samplers.settings(name)))
 
     budget = doc.get("budget") or {}
-    budget_keys = ("trials", "timeout_s", "trial_timeout_s", "trial_memory_mb")
+    budget_keys = ("trials", "hours", "timeout_s", "tuning_trials", "trial_timeout_s",
+                   "trial_memory_mb")
     if not isinstance(budget, dict):
         raise BadInput(f"{where}budget: a mapping with {', '.join(budget_keys)}")
     if set(budget) - set(budget_keys):
@@ -160,6 +162,21 @@ def load_space(path: str | Path) -> Space:
     timeout_s = budget.get("timeout_s")
     if timeout_s is not None and (not isinstance(timeout_s, (int, float)) or timeout_s <= 0):
         raise BadInput(f"{where}budget.timeout_s: {timeout_s!r} must be a positive number")
+    hours = budget.get("hours")
+    if hours is not None:
+        if not isinstance(hours, (int, float)) or isinstance(hours, bool) or hours <= 0:
+            raise BadInput(f"{where}budget.hours: {hours!r} must be a positive number (the "
+                           "study's wall time, e.g. 1.5)")
+        if timeout_s is not None:
+            raise BadInput(f"{where}budget: give hours or timeout_s, not both (hours: "
+                           f"{hours}, timeout_s: {timeout_s})")
+        timeout_s = 3600.0 * hours
+    tuning_trials = budget.get("tuning_trials")
+    if tuning_trials is not None and (not isinstance(tuning_trials, int) or
+                                      isinstance(tuning_trials, bool) or tuning_trials < 0):
+        raise BadInput(f"{where}budget.tuning_trials: {tuning_trials!r} must be an integer >= 0 "
+                       "(MetaSchedule measurements for the whole study; 0: reuse and transfer "
+                       "only)")
 
     for key in ("trial_timeout_s", "trial_memory_mb"):
         value = budget.get(key)
@@ -170,6 +187,7 @@ def load_space(path: str | Path) -> Space:
 
     targets = load_targets(doc.get("targets"), path, where)
     artifacts = load_artifacts(doc.get("artifacts"), where)
+    gates = parse_gates(doc.get("gates"), where)
 
     layers = doc.get("space") or {}
     if not isinstance(layers, dict):
@@ -194,7 +212,7 @@ def load_space(path: str | Path) -> Space:
             raise BadInput(f"{where}sampler grid enumerates the space: {continuous[0]} is a "
                            "continuous range; give it a step or a list of choices")
     space = Space(str(path), study, seed, dict(objectives), sampler, trials, timeout_s,
-                  ordered, text, targets, thresholds, artifacts, limits)
+                  ordered, text, targets, thresholds, artifacts, limits, gates, tuning_trials)
     _check_conditions(space, where)
     return space
 
