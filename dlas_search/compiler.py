@@ -206,7 +206,8 @@ def compile(module: torch.nn.Module, example: torch.Tensor, algo: Plan | Primiti
     convs = _count(mod, "R.nn.conv2d")  # before the sparse kernels and legalisation take them
     # the sparse kernels (some emitted by the rewrite) read the vector width from the target;
     # primitives may lower differently for a well-tuned build (algorithms.tuning_budget)
-    budget = (cfg.trials or DEFAULT_TRIALS) / max(convs, 1) if cfg.tuner != "none" else 0.0
+    trials = DEFAULT_TRIALS if cfg.trials is None else cfg.trials  # 0: reuse records only
+    budget = trials / max(convs, 1) if cfg.tuner != "none" else 0.0
     with target, schedules(budget):
         mod = algo.rewrite(mod)
         mod = relax.transform.LegalizeOps(
@@ -216,7 +217,7 @@ def compile(module: torch.nn.Module, example: torch.Tensor, algo: Plan | Primiti
     if cfg.tuner == "metaschedule":
         threads = int(target.attrs.get("num-cores", 1))
         with layer("tune"):
-            mod, report = tuning.tune(mod, target, cfg.trials or DEFAULT_TRIALS,
+            mod, report = tuning.tune(mod, target, trials,
                                       cfg.database or DEFAULT_DATABASE, threads=threads,
                                       export_to=records_to, rpc=measure_on,
                                       extend=extend_tuning,

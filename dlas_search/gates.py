@@ -14,6 +14,10 @@ never a failure, never on the front.
 
 The space switches the gate off with `gates: {finetune: false}` (every trial is then compiled
 and timed, as a perturbation study wants).
+
+The study's tuning budget (`budget.tuning_trials`) is a gate on layer 5: `tuning_left` is what
+the study has not spent yet when the trial starts; a tuned trial measures at most that many
+new MetaSchedule candidates (0: it reuses the database's records and transfers schedules only).
 """
 from __future__ import annotations
 
@@ -37,10 +41,16 @@ class Gates:
     """The gates of one study: the space's thresholds, and which gates are on."""
     thresholds: Mapping[str, Mapping[str, float]]
     finetune: bool = True
+    # MetaSchedule measurements the study has left for this trial (None: no study budget)
+    tuning_left: int | None = None
 
     @classmethod
-    def from_space(cls, space) -> "Gates":
-        return cls(dict(space.thresholds), **dict(space.gates))
+    def from_space(cls, space, tuning_left: int | None = None) -> "Gates":
+        return cls(dict(space.thresholds), **dict(space.gates), tuning_left=tuning_left)
+
+    def tuning_trials(self, asked: int) -> int:
+        """The tuning trials a trial that asks for `asked` may spend."""
+        return asked if self.tuning_left is None else max(0, min(asked, self.tuning_left))
 
     def after_finetune(self, metrics: Mapping[str, float]) -> str | None:
         """Why the trial stops after fine-tuning (None: it goes on): the thresholds on

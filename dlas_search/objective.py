@@ -66,6 +66,7 @@ class Objective:
         self.space, self.tracker, self.cache = space, tracker, cache
         self.tracking_lost: str | None = None  # why MLflow stopped answering, if it did
         self.gates = Gates.from_space(space)
+        self.said_spent = False  # the study's tuning budget ran out: said once
 
     def _tracking_lost(self, trial: optuna.Trial, why: str, ran: bool) -> None:
         """MLflow stopped answering (after its own retries): mark the trial as missing from
@@ -80,10 +81,26 @@ class Objective:
         say(f"[trial {trial.number}] {self.tracking_lost}")
         trial.study.stop()
 
-    def run(self, config: TrialConfig) -> pipeline.TrialResult:
+    def tuning_left(self, study: optuna.Study) -> int | None:
+        """MetaSchedule measurements the study has not spent (`budget.tuning_trials`), as the
+        trials that ran recorded them (`tuning_new_trials`); None: no such budget. Workers
+        running at the same moment may together overspend by one trial's share."""
+        if self.space.tuning_trials is None:
+            return None
+        spent = sum(int(t.user_attrs.get("tuning_new_trials", 0))
+                    for t in study.get_trials(deepcopy=False))
+        left = max(0, self.space.tuning_trials - spent)
+        if not left and not self.said_spent:
+            self.said_spent = True
+            say(f"the study's tuning budget (budget.tuning_trials {self.space.tuning_trials}) "
+                "is spent: tuned trials from now on reuse the database's schedules and "
+                "transfer them, measuring no new candidates")
+        return left
+
+    def run(self, config: TrialConfig, gates: Gates | None = None) -> pipeline.TrialResult:
         """The pipeline, in this process; with the space's time or memory limit, in a child
         process that is killed when it passes one."""
-        run = partial(pipeline.run, gates=self.gates)
+        run = partial(pipeline.run, gates=gates or self.gates)
         if not self.space.limits:
             return run(config, self.cache)
         return faults.run_limited(run, config, self.cache.root, self.space.limits)
@@ -110,7 +127,9 @@ class Objective:
             say(f"[trial {trial.number}] {config.summary()} FAILED in {failure.layer}: "
                  f"{failure.reason}")
 
-        result = run_and_log(config, self.tracker, run_id, self.run, self.space,
+        gates = Gates.from_space(self.space, self.tuning_left(trial.study))
+        result = run_and_log(config, self.tracker, run_id, partial(self.run, gates=gates),
+                             self.space,
                              on_failure=failed, on_tracking_lost=lambda why, ran:
                              self._tracking_lost(trial, why, ran))
         if self.space.thresholds:

@@ -22,7 +22,7 @@ def run(cfg, cache: StageCache | None = None, gates: Gates | None = None) -> Tri
     `gates` (a study's) may stop it after fine-tuning (`result.stopped` says where and why)."""
     if cfg.ruled_out:  # decided by the space; a search prunes these before calling run
         raise BadInput(cfg.ruled_out)
-    stack = Stages(cfg, cache)
+    stack = Stages(cfg, cache, gates)
     stack.target()                                      # 6: the target, resolved first
     stack.data()                                        # 1: datasets
     compressed = stack.compressed()                     # 2-3: model, compression, fine-tuning

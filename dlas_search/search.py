@@ -15,6 +15,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
 
 from . import compiler, console, data, hardware, models, pareto, samplers, tracking
+from .budget import Budget, estimate, grid_left
 from .cache import StageCache
 from .confirm import ROUNDS, confirm
 from .console import say as _say
@@ -193,6 +194,8 @@ def run_search(space: Space, *, study_name: str | None = None, trials: int | Non
                timeout_s, heartbeat_s)
     lost_worker = LostWorker(tracking_uri)
     status, dead, lost, running = "FAILED", [], None, []
+    expected = grid_left(space, study, trials) if space.sampler["name"] == "grid" else trials
+    _say(estimate(study, expected, workers, timeout_s or space.timeout_s))
     try:
         fail_gone(study, lost_worker)  # before any trial: their configurations run again
         if workers == 1:
@@ -331,8 +334,8 @@ def _optimize(study: optuna.Study, job: _Job, trials: int, worker: int,
     tracker.attach(job.experiment_id, job.parent_run_id)
     objective = Objective(space, tracker, StageCache(job.cache_dir))
     grid = space.sampler["name"] == "grid"
-    budget = _Budget(trials, None if grid else 30, bar=workers == 1,
-                     expected=_grid_left(space, study, trials) if grid else None)
+    budget = Budget(trials, None if grid else 30, bar=workers == 1,
+                    expected=grid_left(space, study, trials) if grid else None)
     try:
         study.optimize(objective, timeout=job.timeout_s or space.timeout_s, catch=(Exception,),
                        callbacks=[budget], gc_after_trial=True)
@@ -343,50 +346,3 @@ def _optimize(study: optuna.Study, job: _Job, trials: int, worker: int,
                  "trials or were ruled out by the space's constraints (the space looks "
                  "exhausted)")
     return objective.tracking_lost
-
-
-def _grid_left(space: Space, study: optuna.Study, trials: int) -> int:
-    """How many trials a grid study will still run: its configurations not completed yet
-    (the progress bar's length and time estimate; the budget is usually far larger)."""
-    size = space.size()
-    if size is None:
-        return trials
-    done = {t.user_attrs.get("config") for t in study.get_trials(
-        deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))}
-    return max(0, min(trials, size - len(done - {None})))
-
-
-class _Budget:
-    """Stops the study after `trials` trials that ran (complete or failed), or when the sampler
-    only proposes configurations that already ran or that the space rules out (`max_skipped`
-    in a row: a small space is exhausted; None for the grid sampler, which stops by itself
-    once every grid point was proposed: conditional parameters make many points repeat one
-    configuration). Skipped samples do not count against the budget."""
-
-    def __init__(self, trials: int, max_skipped: int | None = 30, bar: bool = True,
-                 expected: int | None = None):
-        from tqdm import tqdm
-        self.trials, self.max_skipped = trials, max_skipped
-        self.ran = self.skipped = 0
-        self.exhausted = False
-        # the bar's length: trials expected to run (a grid's configurations not run yet)
-        self.bar = tqdm(total=trials if expected is None else expected, desc="study",
-                        unit="trial", file=sys.stderr) if bar else None
-
-    def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
-        if {"duplicate_of", "infeasible"} & set(trial.user_attrs):
-            self.skipped += 1
-            self.exhausted = self.max_skipped is not None and self.skipped >= self.max_skipped
-        else:
-            self.ran += 1
-            self.skipped = 0
-            if self.bar is not None:
-                self.bar.update(1)
-            else:  # several workers: one line each instead of bars tearing each other
-                _say(f"{self.ran}/{self.trials} of this worker's trials done")
-        if self.ran >= self.trials or self.exhausted:
-            study.stop()
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()

@@ -18,6 +18,7 @@ that differs from an earlier one only in lower layers reuses the upper stages.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import tempfile
@@ -32,6 +33,7 @@ from . import (algorithms, compiler, compression, data, hardware, models, tuning
 from .cache import StageCache, fingerprint, folder_digest
 from .console import say
 from .faults import layer
+from .gates import Gates
 from .result import TrialResult
 
 __all__ = ["Stages", "keep_model", "measure", "measure_eager", "latency_metrics",
@@ -41,8 +43,8 @@ __all__ = ["Stages", "keep_model", "measure", "measure_eager", "latency_metrics"
 class Stages:
     """One trial's stages over the configuration `cfg` (a space.TrialConfig) and `cache`."""
 
-    def __init__(self, cfg, cache: StageCache | None = None):
-        self.cfg, self.cache = cfg, cache or StageCache(None)
+    def __init__(self, cfg, cache: StageCache | None = None, gates: Gates | None = None):
+        self.cfg, self.cache, self.gates = cfg, cache or StageCache(None), gates
         self.hits = {"model": "unused", "finetune": "unused", "compile": "unused"}
         self.train_s = 0.0
         self.dataset: data.Data | None = None
@@ -138,7 +140,14 @@ class Stages:
     def _compile(self, compressed: compression.Compressed,
                  plan: algorithms.Plan) -> compiler.Compiled:
         cfg, device, example = self.cfg, self.device, self.dataset.example()
-        settings = cfg.resolved("compiler")
+        settings, capped = cfg.resolved("compiler"), None
+        if settings.tuner == "metaschedule" and self.gates is not None:  # the study's budget
+            trials = compiler.DEFAULT_TRIALS if settings.trials is None else settings.trials
+            if self.gates.tuning_trials(trials) < trials:
+                capped = self.gates.tuning_trials(trials)
+                settings = dataclasses.replace(settings, trials=capped)
+                say(f"  tuning: {capped} of the {trials} trials asked (the study's "
+                    f"budget.tuning_trials has {capped} left)")
         if settings.tuner != "none":
             self.records = Path(tempfile.mkdtemp(prefix="dlas-records-")) / "tuning"
         model_key = fingerprint(compressed.module, compressed.precision)
@@ -159,6 +168,8 @@ class Stages:
                "settings": cfg.key("algo", "compiler"), "target": str(device.target),
                "input": [list(example.shape), str(example.dtype)],
                "tvm": tvm.__version__, "database": database}
+        if capped is not None:  # fewer trials than its settings say: another build
+            key["tuning_trials_capped"] = capped
         if plan.revisions():  # a primitive whose code changed: its old builds are stale
             key["lowering"] = plan.revisions()
         key = json.dumps(key, sort_keys=True)
