@@ -43,13 +43,18 @@ class Gates:
     finetune: bool = True
     # MetaSchedule measurements the study has left for this trial (None: no study budget)
     tuning_left: int | None = None
+    # a tuning round's extension (rounds.py): the trials its earlier round spent
+    extend_from: int | None = None
 
     @classmethod
     def from_space(cls, space, tuning_left: int | None = None) -> "Gates":
         return cls(dict(space.thresholds), **dict(space.gates), tuning_left=tuning_left)
 
     def tuning_trials(self, asked: int) -> int:
-        """The tuning trials a trial that asks for `asked` may spend."""
+        """The new tuning trials a trial whose budget is `asked` may spend: what an earlier
+        round did not, within what the study has left."""
+        if self.extend_from is not None:
+            asked = max(0, asked - self.extend_from)
         return asked if self.tuning_left is None else max(0, min(asked, self.tuning_left))
 
     def after_finetune(self, metrics: Mapping[str, float]) -> str | None:

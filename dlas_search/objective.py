@@ -10,6 +10,7 @@ run recorded what it measured (`stopped_at`, `stopped_reason`). Otherwise the tr
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import optuna
@@ -36,6 +37,9 @@ def suggest_new(space: Space, trial: optuna.Trial) -> TrialConfig:
     rule it out (`infeasible`: the reason) or it repeats a configuration that completed, that
     a gate stopped or that another worker is running (`duplicate_of`: that trial's number)."""
     config = space.suggest(trial)
+    if "tuning_trials" in trial.user_attrs:  # a tuning round's extension (rounds.py)
+        config = dataclasses.replace(config, compiler=dataclasses.replace(
+            config.compiler, trials=int(trial.user_attrs["tuning_trials"])))
     reason = config.ruled_out
     if reason:
         trial.set_user_attr("infeasible", reason)
@@ -110,9 +114,11 @@ class Objective:
         for key, value in worker.items():
             trial.set_user_attr(key, value)
         config = suggest_new(self.space, trial)
+        extends = trial.user_attrs.get("extends_run")  # a tuning round (rounds.py)
         try:
-            run_id = self.tracker.start_trial(trial.number, config.summary(), config.params(),
-                                              workers.tags(worker))
+            run_id = self.tracker.start_trial(
+                trial.number, config.summary(), config.params(),
+                {**workers.tags(worker), **({tracking.EXTENDS: extends} if extends else {})})
         except Exception as e:  # MLflow is gone: nothing ran; stop rather than run blind
             why = f"{type(e).__name__}: {str(e)[:500]}"
             trial.set_user_attr("error", f"MLflow could not start the trial's run: {why}")
@@ -128,12 +134,18 @@ class Objective:
                  f"{failure.reason}")
 
         gates = Gates.from_space(self.space, self.tuning_left(trial.study))
+        if extends:  # tune on from the earlier round's records, with what it did not spend
+            earlier = trial.study.trials[trial.user_attrs["extends"]]
+            gates = dataclasses.replace(gates, extend_from=int(
+                earlier.user_attrs.get("tuning_trials", self.space.rounds.start)))
         result = run_and_log(config, self.tracker, run_id, partial(self.run, gates=gates),
                              self.space,
                              on_failure=failed, on_tracking_lost=lambda why, ran:
                              self._tracking_lost(trial, why, ran))
         if self.space.thresholds:
             trial.set_user_attr("constraints", result.constraints)
+        if extends:  # this run takes the configuration's row; the earlier round goes under it
+            self.tracker.supersede(extends, run_id)
         if result.stopped:  # a gate: pruned, with the reason and what it measured
             for key in ("accuracy", "size_mb", "trial_s"):
                 if key in result.metrics:

@@ -24,7 +24,7 @@ from mlflow.tracking import MlflowClient
 from . import confidence
 from .dominance import hypervolume, non_dominated, normalised_hypervolume
 from .errors import BadInput
-from .tracking import ROLE, STUDY, TRIAL
+from .tracking import ROLE, STUDY, SUPERSEDED, TRIAL
 
 __all__ = ["non_dominated", "hypervolume", "normalised_hypervolume", "Trials",
            "load_trials", "write", "layer_importance", "export_from_mlflow"]
@@ -118,6 +118,8 @@ def load_trials(tracking_uri: str, experiment: str) -> Trials:
         for run in page:
             metrics = _confirmed(dict(run.data.metrics))
             if "dlas.stopped_at" in run.data.tags:  # a gate stopped it: not compiled or timed
+                continue
+            if SUPERSEDED in run.data.tags:  # a later tuning round's run has its final numbers
                 continue
             if all(m in metrics and math.isfinite(metrics[m]) for m in objectives):
                 rows.append({"trial": int(run.data.tags.get(TRIAL, -1)), "run_id": run.info.run_id,

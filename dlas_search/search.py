@@ -16,6 +16,7 @@ from sqlalchemy.exc import ArgumentError
 
 from . import compiler, console, data, hardware, models, pareto, samplers, tracking
 from .budget import Budget, estimate, grid_left
+from .rounds import run_rounds
 from .cache import StageCache
 from .confirm import ROUNDS, confirm
 from .console import say as _say
@@ -194,6 +195,8 @@ def run_search(space: Space, *, study_name: str | None = None, trials: int | Non
                timeout_s, heartbeat_s)
     lost_worker = LostWorker(tracking_uri)
     status, dead, lost, running = "FAILED", [], None, []
+    limit = timeout_s or space.timeout_s
+    deadline = None if limit is None else time.monotonic() + limit
     expected = grid_left(space, study, trials) if space.sampler["name"] == "grid" else trials
     _say(estimate(study, expected, workers, timeout_s or space.timeout_s))
     try:
@@ -202,6 +205,8 @@ def run_search(space: Space, *, study_name: str | None = None, trials: int | Non
             lost = _optimize(study, job, trials, worker=0, workers=1)
         else:
             dead = _run_workers(job, trials, workers)
+        if space.rounds is not None and not lost and not dead:  # the front tuned further
+            lost = _rounds(study, job, deadline)
         status = "FAILED" if dead else "FINISHED"
     except KeyboardInterrupt:
         status = "KILLED"
@@ -321,6 +326,18 @@ def _worker(job: _Job, share: int, index: int, workers: int) -> None:
         job.storage, job.heartbeat_s, job.tracking_uri))
     if _optimize(study, job, share, worker=index, workers=workers):
         raise SystemExit(1)  # MLflow went away: the launcher reports this worker
+
+
+def _rounds(study: optuna.Study, job: _Job, deadline: float | None) -> str | None:
+    """Tuning rounds (rounds.py) in this process, after the study's trials ran."""
+    tracker = tracking.Tracker(job.tracking_uri, job.study)
+    tracker.attach(job.experiment_id, job.parent_run_id)
+    objective = Objective(job.space, tracker, StageCache(job.cache_dir))
+    ran = run_rounds(study, objective, job.space.rounds, job.tracking_uri, job.study, deadline,
+                     _say)
+    if ran:
+        _say(f"tuning rounds: {ran} extension(s) ran")
+    return objective.tracking_lost
 
 
 def _optimize(study: optuna.Study, job: _Job, trials: int, worker: int,

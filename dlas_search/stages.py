@@ -146,16 +146,22 @@ class Stages:
             if self.gates.tuning_trials(trials) < trials:
                 capped = self.gates.tuning_trials(trials)
                 settings = dataclasses.replace(settings, trials=capped)
-                say(f"  tuning: {capped} of the {trials} trials asked (the study's "
-                    f"budget.tuning_trials has {capped} left)")
+                say(f"  tuning: {capped} new trials of the {trials} asked (" + (
+                    f"the round before spent {self.gates.extend_from}; "
+                    if self.gates.extend_from else "") + (
+                    f"the study's budget.tuning_trials has {self.gates.tuning_left} left"
+                    if self.gates.tuning_left is not None else "") + ")")
         if settings.tuner != "none":
             self.records = Path(tempfile.mkdtemp(prefix="dlas-records-")) / "tuning"
         model_key = fingerprint(compressed.module, compressed.precision)
 
+        extend = bool(self.gates and self.gates.extend_from)  # a tuning round: tune on
+
         def make() -> compiler.Compiled:
             return compiler.compile(compressed.module, example, plan, settings, device.target,
                                     compressed.precision, records_to=self.records,
-                                    measure_on=device.rpc, model_key=model_key)
+                                    measure_on=device.rpc, model_key=model_key,
+                                    extend_tuning=extend)
 
         if self.cache.root is None or device.remote or device.target.kind.name != "llvm":
             return make()
@@ -170,6 +176,8 @@ class Stages:
                "tvm": tvm.__version__, "database": database}
         if capped is not None:  # fewer trials than its settings say: another build
             key["tuning_trials_capped"] = capped
+        if extend:
+            key["extends"] = self.gates.extend_from
         if plan.revisions():  # a primitive whose code changed: its old builds are stale
             key["lowering"] = plan.revisions()
         key = json.dumps(key, sort_keys=True)

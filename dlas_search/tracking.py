@@ -22,13 +22,16 @@ from sqlalchemy.exc import ArgumentError
 
 from .errors import BadInput
 
-__all__ = ["TRACKING_DIR", "ROLE", "STUDY", "TRIAL", "URI_SCHEMES", "ABSENT",
+__all__ = ["TRACKING_DIR", "ROLE", "STUDY", "TRIAL", "SUPERSEDED", "EXTENDS", "URI_SCHEMES", "ABSENT",
            "default_tracking_uri", "check_tracking_uri", "CONNECT_TIMEOUT_S",
            "check_database", "environment_tags", "Tracker", "link_launcher_run", "add_to_run"]
 
 
 TRACKING_DIR = Path("tracking")
 ROLE, STUDY, TRIAL = "dlas.role", "dlas.study", "dlas.trial"
+# tuning in rounds (rounds.py): an earlier round's run names the run that extended it, which
+# names the run it extends
+SUPERSEDED, EXTENDS = "dlas.superseded_by", "dlas.extends"
 URI_SCHEMES = ("sqlite", "postgresql", "mysql", "mssql", "http", "https", "file", "databricks")
 ABSENT = "-"  # the logged value of a parameter that does not apply to a trial
 
@@ -223,6 +226,12 @@ class Tracker:
         for name, folder in (artifacts or {}).items():
             self.client.log_artifacts(run_id, str(folder), name)
         self.client.set_terminated(run_id, "FINISHED")
+
+    def supersede(self, earlier: str, later: str) -> None:
+        """A later tuning round's run `later` takes the configuration's row: the earlier
+        round's run moves under it (rounds.py)."""
+        self.client.set_tag(earlier, "mlflow.parentRunId", later)
+        self.client.set_tag(earlier, SUPERSEDED, later)
 
     def fail_trial(self, run_id: str, error: str, status: str = "FAILED",
                    layer: str | None = None) -> None:

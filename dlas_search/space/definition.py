@@ -37,6 +37,9 @@ class Space:
     gates: Mapping[str, bool] = field(default_factory=dict)
     # budget.tuning_trials: MetaSchedule measurements the whole study may spend (None: no cap)
     tuning_trials: int | None = None
+    # budget.tuning_rounds (rounds.Rounds): tuned configurations start small, the promising
+    # ones are tuned further
+    rounds: Any = None
 
     def violations(self, metrics: Mapping[str, float]) -> list[float]:
         """One number per threshold, <= 0 when met (Optuna's constraint convention); a metric

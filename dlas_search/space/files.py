@@ -12,6 +12,7 @@ import yaml
 from .. import faults, hardware, samplers
 from ..errors import BadInput, allowed
 from ..gates import parse as parse_gates
+from ..rounds import parse as parse_rounds
 from .config import (ARTIFACTS, DIRECTIONS, LAYERS, OBJECTIVE_METRICS, TOP_LEVEL, _all_names,
                      _field_info)
 from .definition import Space
@@ -150,8 +151,8 @@ def load_space(path: str | Path) -> Space:
                       list(samplers.settings(name)))
 
     budget = doc.get("budget") or {}
-    budget_keys = ("trials", "hours", "timeout_s", "tuning_trials", "trial_timeout_s",
-                   "trial_memory_mb")
+    budget_keys = ("trials", "hours", "timeout_s", "tuning_trials", "tuning_rounds",
+                   "trial_timeout_s", "trial_memory_mb")
     if not isinstance(budget, dict):
         raise BadInput(f"{where}budget: a mapping with {', '.join(budget_keys)}")
     if set(budget) - set(budget_keys):
@@ -184,6 +185,7 @@ def load_space(path: str | Path) -> Space:
                                   isinstance(value, bool) or value <= 0):
             raise BadInput(f"{where}budget.{key}: {value!r} must be a positive number")
     limits = faults.Limits(budget.get("trial_timeout_s"), budget.get("trial_memory_mb"))
+    rounds = parse_rounds(budget.get("tuning_rounds"), where)
 
     targets = load_targets(doc.get("targets"), path, where)
     artifacts = load_artifacts(doc.get("artifacts"), where)
@@ -212,8 +214,20 @@ def load_space(path: str | Path) -> Space:
             raise BadInput(f"{where}sampler grid enumerates the space: {continuous[0]} is a "
                            "continuous range; give it a step or a list of choices")
     space = Space(str(path), study, seed, dict(objectives), sampler, trials, timeout_s,
-                  ordered, text, targets, thresholds, artifacts, limits, gates, tuning_trials)
+                  ordered, text, targets, thresholds, artifacts, limits, gates, tuning_trials,
+                  rounds)
     _check_conditions(space, where)
+    if rounds is not None:  # the first round's budget is compiler.trials
+        given = space.params.get("compiler.trials")
+        if given is not None and given.values() != [rounds.start]:
+            raise BadInput(f"{where}budget.tuning_rounds starts at {rounds.start} trials, "
+                           f"compiler.trials gives {given.values()}: give one (with rounds, "
+                           "leave compiler.trials out)")
+        tuner = space.params.get("compiler.tuner")
+        if tuner is None or "metaschedule" not in tuner.values():
+            raise BadInput(f"{where}budget.tuning_rounds: compiler.tuner never is metaschedule "
+                           "in this space, so nothing would be tuned in rounds")
+        space = space.pin({"compiler.trials": rounds.start})
     return space
 
 
