@@ -78,3 +78,23 @@ def test_a_trial_with_no_tuning_budget_left_measures_nothing_new(tiny_space, cac
     assert result.metrics["tuning_new_trials"] == 0
     assert result.metrics["tuning_tasks"] > 0 and result.metrics["latency_ms"] > 0
     assert result.metrics["max_rel_error"] < 1e-4
+
+
+def test_the_hours_stop_the_study_and_the_estimate_is_printed(workdir, monkeypatch, capsys):
+    """budget.hours is the study's wall time: a study of 50 trials of 1 s each with 3 s of
+    budget stops after a few; the next run of it starts with an estimate from those."""
+    import time
+
+    def one_second(config, cache=None, gates=None):  # the pipeline is not what is tested
+        time.sleep(1.0)
+        return pipeline.TrialResult({"accuracy": 0.5, "latency_ms": 1.0, "size_mb": 1.0})
+
+    monkeypatch.setattr(pipeline, "run", one_second)
+    from dlas_search.search import run_search
+    space = with_budget(workdir, "{trials: 50, hours: 0.000834}")  # 3.0 s
+    outcome = run_search(space, confirm_rounds=0)
+    ran = [t for t in outcome.study.trials if t.state.name == "COMPLETE"]
+    assert 1 <= len(ran) <= 4  # Optuna's timeout stops it after the trial running at 3 s
+    assert "estimate: none yet" in capsys.readouterr().err
+    run_search(space, trials=1, confirm_rounds=0)
+    assert f"median of {len(ran)} earlier trial(s)" in capsys.readouterr().err
