@@ -24,7 +24,6 @@ import shutil
 import sys
 import tempfile
 import time
-import types
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -34,10 +33,9 @@ from tvm import relax
 from tvm.ir.utils import derived_object
 from tvm.s_tir.analysis import estimate_tir_flops
 from tvm.s_tir import meta_schedule as ms
-from tvm.s_tir.meta_schedule.builder import local_builder
-from tvm.support.popen_pool import PopenPoolExecutor, StatusKind
 
-from . import tuning_guard
+from . import tuning_guard, tuning_measure
+from .tuning_measure import KeptPoolBuilder, runner, stub_foreign_intrinsics, used_intrinsics
 
 __all__ = ["SCHEDULED", "TuningReport", "target_folder", "open_database", "fuse",
            "task_functions", "best_record", "KeptPoolBuilder", "SEARCH_RETRIES",
@@ -47,32 +45,6 @@ __all__ = ["SCHEDULED", "TuningReport", "target_folder", "open_database", "fuse"
 log = logging.getLogger(__name__)
 
 SCHEDULED = "tirx.is_scheduled"
-# Tensor-intrinsic tables the builder workers import but an x86 build never uses; the CUDA one
-# alone took 20-50 s to import here, past the builder's time-out.
-_FOREIGN_INTRINSICS = ("cuda", "rocm", "hexagon", "arm_cpu", "riscv_cpu", "metal")
-
-
-def _stub_foreign_intrinsics(keep: tuple[str, ...] = ()) -> None:
-    """Empty modules in place of the intrinsic tables the target does not use: in the builder
-    workers (their initializer) and in this process before a CPU tuning run (the schedule
-    rules import the tables: 38 s here, nearly all of it CUDA's). An aarch64 target keeps
-    arm_cpu (its int8 dot-product rules need the real table)."""
-    for name in _FOREIGN_INTRINSICS:
-        if name not in keep:
-            sys.modules.setdefault(f"tvm.s_tir.tensor_intrin.{name}",
-                                   types.ModuleType(f"tvm.s_tir.tensor_intrin.{name}"))
-
-
-def _used_intrinsics(target: tvm.target.Target) -> tuple[str, ...]:
-    triple = str(target.attrs.get("mtriple", ""))
-    return ("arm_cpu",) if triple.startswith(("aarch64", "arm")) else ()
-
-
-def _set_threads(threads: int) -> None:
-    """Runner worker initializer: measure with the trial's thread count."""
-    tvm.get_global_func("runtime.config_threadpool")(1, threads)
-
-
 @dataclass
 class TuningReport:
     """What tuning did, for the trial's metrics and for the user who asks "was it tuned?"."""
@@ -174,44 +146,6 @@ class _Progress(ms.measure_callback.PyMeasureCallback):
               file=sys.stderr, flush=True)
 
 
-@derived_object
-class KeptPoolBuilder(ms.builder.PyBuilder):
-    """MetaSchedule's LocalBuilder with its worker processes kept between batches. The
-    LocalBuilder starts a fresh pool for every batch of candidates (3.4 s here: a process
-    importing TVM); a small budget measures one candidate per batch, so that start-up was
-    most of a tuning run. A worker is replaced after `renew_after` builds (TVM renews them for
-    a memory leak in long-lived workers) and after a time-out."""
-
-    def __init__(self, max_workers: int, timeout_sec: float, initializer=None,
-                 renew_after: int = 64) -> None:
-        super().__init__()
-        self.timeout_sec = timeout_sec
-        self.pool: PopenPoolExecutor | None = PopenPoolExecutor(
-            max_workers=max_workers, timeout=timeout_sec, initializer=initializer,
-            maximum_process_uses=renew_after)
-
-    def build(self, build_inputs: list) -> list:
-        jobs = [(None, None, b.mod, b.target, local_builder._serialize_params(b.params))
-                for b in build_inputs]
-        results = []
-        for outcome in self.pool.map_with_error_catching(
-                lambda job: local_builder._worker_func(*job), jobs):
-            if outcome.status == StatusKind.COMPLETE:
-                results.append(ms.builder.BuilderResult(outcome.value, None))
-            elif outcome.status == StatusKind.TIMEOUT:
-                results.append(ms.builder.BuilderResult(
-                    None, f"LocalBuilder: Timeout, killed after {self.timeout_sec} seconds"))
-            else:
-                results.append(ms.builder.BuilderResult(
-                    None, f"LocalBuilder: An exception occurred\n{outcome.value}"))
-        return results
-
-    def close(self) -> None:
-        if self.pool is not None:
-            self.pool.shutdown()
-        self.pool = None
-
-
 SEARCH_RETRIES = 2  # further MetaSchedule runs after one stops on an internal error
 
 
@@ -240,9 +174,9 @@ def tune(mod: tvm.IRModule, target: tvm.target.Target, trials: int,
     whole model whose weights exceed the last-level cache, so the search prefers schedules
     that stream them well."""
     start = time.perf_counter()
-    keep = _used_intrinsics(target)
+    keep = used_intrinsics(target)
     if target.kind.name == "llvm":
-        _stub_foreign_intrinsics(keep)
+        stub_foreign_intrinsics(keep)
     mod = fuse(mod)
     tunable, hand = task_functions(mod)
     folder = target_folder(database_dir, target, rpc[2] if rpc else None, cold_weights)
@@ -280,7 +214,8 @@ def tune(mod: tvm.IRModule, target: tvm.target.Target, trials: int,
     # the guard: a task's best record is applied only if it measures faster than the task's
     # default lowering (tuning_guard); the database keeps every record
     records = [best_record(db, task) for task in tasks]
-    choices = _choose(tasks, records, folder, target, threads, rpc, keep, cold_weights)
+    choices = tuning_guard.choose(tasks, records, folder, target,
+                                  tuning_measure.timer(target, threads, rpc, keep, cold_weights))
     applied = _apply(mod, target, tuning_guard.kept_database(tasks, records, choices))
     unscheduled, _ = task_functions(applied)
     kept_default = [c.task for c in choices if c.kept == "default"]
@@ -314,21 +249,6 @@ def _apply(mod: tvm.IRModule, target: tvm.target.Target,
         return relax.transform.MetaScheduleApplyDatabase(enable_warning=False)(mod)
 
 
-def _choose(tasks: list, records: list, folder: Path, target: tvm.target.Target,
-            threads: int, rpc: tuple[str, int, str] | None, keep: tuple[str, ...],
-            cold_weights: bool) -> list[tuning_guard.Choice]:
-    """The guard's choices, timed with the tuning's builder and runner."""
-    def timer(mods: list[tvm.IRModule]) -> list[float | None]:
-        builder = KeptPoolBuilder(max_workers=1, timeout_sec=120,
-                                  initializer=partial(_stub_foreign_intrinsics, keep))
-        try:
-            return tuning_guard.measure(mods, target, builder,
-                                        _runner(threads, rpc, cold_weights))
-        finally:
-            builder.close()
-    return tuning_guard.choose(tasks, records, folder, target, timer)
-
-
 def _run_metaschedule(todo: list, db: ms.database.Database, target: tvm.target.Target,
                       trials: int, threads: int, seed: int,
                       rpc: tuple[str, int, str] | None, keep: tuple[str, ...],
@@ -348,36 +268,17 @@ def _run_metaschedule(todo: list, db: ms.database.Database, target: tvm.target.T
         if progress:
             callbacks = [*callbacks, _Progress(trials, [t.task_name for t in todo])]
         builder = KeptPoolBuilder(max_workers=max(1, threads), timeout_sec=120,
-                                  initializer=partial(_stub_foreign_intrinsics, keep))
+                                  initializer=partial(stub_foreign_intrinsics, keep))
         try:
             ms.tune.tune_tasks(
                 tasks=contexts, task_weights=weights, work_dir=work_dir,
                 # batches small enough that the budget reaches every task at least once
                 max_trials_global=trials,
                 num_trials_per_iter=max(1, min(64, trials // len(todo))),
-                builder=builder, runner=_runner(threads, rpc, cold_weights), database=db,
+                builder=builder, runner=runner(threads, rpc, cold_weights), database=db,
                 measure_callbacks=callbacks)
         finally:
             builder.close()
-
-
-def _runner(threads: int, rpc: tuple[str, int, str] | None,
-            cold_weights: bool = False) -> ms.runner.Runner:
-    """Where candidates are measured: the device the trial targets. A remote server runs with
-    the thread count it was started with (TVM_NUM_THREADS in its environment). Cold weights:
-    TVM flushes every argument but the first from the caches before each single run."""
-    evaluator = (ms.runner.EvaluatorConfig(number=1, repeat=5, min_repeat_ms=0,
-                                           enable_cpu_cache_flush=True) if cold_weights else
-                 ms.runner.EvaluatorConfig(number=3, repeat=1, min_repeat_ms=50,
-                                           enable_cpu_cache_flush=False))
-    if rpc is None:
-        return ms.runner.LocalRunner(timeout_sec=60, initializer=partial(_set_threads, threads),
-                                     evaluator_config=evaluator)
-    host, port, key = rpc
-    return ms.runner.RPCRunner(
-        rpc_config=ms.runner.RPCConfig(tracker_host=host, tracker_port=port, tracker_key=key,
-                                       session_priority=1, session_timeout_sec=120),
-        evaluator_config=evaluator, max_workers=1)
 
 
 def export_records(source: ms.database.Database, tasks: list[ms.ExtractedTask],
