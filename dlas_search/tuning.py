@@ -10,7 +10,9 @@ target under `database_dir`, so its records are keyed by workload (MetaSchedule'
 hash) and target: a task with a record there is reused and spends no new trials. Functions
 that carry their own schedule (our sparse kernels, `tirx.is_scheduled`) are not tasks. A
 task's best record is applied only where it measures faster than the task's default lowering
-(`tuning_guard`); the others keep the default and are reported in `kept_default`.
+(`tuning_guard`); the others keep the default and are reported in `kept_default`. A task left
+without a record gets the schedule of a similar tuned task where that measures faster than its
+default (`transfer`; reported in `transferred`).
 
 Kept free of torch so the builder and runner worker processes start quickly.
 """
@@ -34,6 +36,7 @@ from tvm.ir.utils import derived_object
 from tvm.s_tir.analysis import estimate_tir_flops
 from tvm.s_tir import meta_schedule as ms
 
+from . import transfer as _transfer
 from . import tuning_guard, tuning_measure
 from .tuning_measure import KeptPoolBuilder, runner, stub_foreign_intrinsics, used_intrinsics
 
@@ -57,18 +60,29 @@ class TuningReport:
     # tasks with a record whose tuned schedule measured slower than their default lowering
     # (tuning_guard): the default is applied; the record stays in the database
     kept_default: list[str] = field(default_factory=list)
+    # tasks without a record that run a similar task's schedule (`transfer`): it measured
+    # faster than their default lowering
+    transferred: list[str] = field(default_factory=list)
+    own: int = 0                # tasks that run their own record (the guard kept it)
     new_trials: int = 0         # measurements added to the database by this call
     tune_s: float = 0.0
     database: Path | None = None
     # per task: name, count in the model, FLOPs of one call, best measured us (None: no
     # record), and the guard's choice: default_us, tuned_us (measured side by side), kept
+    # (tuned, default, none, transferred) and source (where a transferred schedule came from)
     task_table: list[dict] = field(default_factory=list)
+
+    def counts(self) -> dict[str, int]:
+        """Tasks by the schedule they run: their own record, a transferred one, the default."""
+        moved = len(getattr(self, "transferred", []))  # a report stored before: none
+        return {"own": self.own, "transferred": moved, "default": self.tasks - self.own - moved}
 
     def metrics(self) -> dict[str, float]:
         return {"tuning_tasks": float(self.tasks), "tuning_tasks_scheduled": float(self.scheduled),
                 "tuning_tasks_untuned": float(len(self.untuned)),
                 "tuning_tasks_reused": float(self.reused),
                 "tuning_tasks_kept_default": float(len(self.kept_default)),
+                **{f"tuning_tasks_{k}": float(v) for k, v in self.counts().items()},
                 "tuning_new_trials": float(self.new_trials), "tune_s": self.tune_s,
                 "hand_scheduled_kernels": float(self.hand_scheduled)}
 
@@ -163,7 +177,8 @@ def search_strategy(trials: int, tasks: int) -> ms.search_strategy.EvolutionaryS
 def tune(mod: tvm.IRModule, target: tvm.target.Target, trials: int,
          database_dir: str | Path, threads: int = 1, seed: int = 0, progress: bool = True,
          export_to: Path | None = None, rpc: tuple[str, int, str] | None = None,
-         extend: bool = False, cold_weights: bool = False) -> tuple[tvm.IRModule, TuningReport]:
+         extend: bool = False, cold_weights: bool = False,
+         transfer: bool = True) -> tuple[tvm.IRModule, TuningReport]:
     """Tune the tasks of `mod` not yet in the database (a global budget of `trials`
     measurements) and return the fused module with every recorded schedule applied;
     `export_to` receives the best record of each task as a database of its own; `rpc`
@@ -172,7 +187,8 @@ def tune(mod: tvm.IRModule, target: tvm.target.Target, trials: int,
     best records), to add trials to an earlier run; `cold_weights` measures every candidate
     with its weights (every argument but the input) evicted from the caches, as they are in a
     whole model whose weights exceed the last-level cache, so the search prefers schedules
-    that stream them well."""
+    that stream them well; `transfer` gives the tasks still without a record the schedule of
+    a similar tuned task where it measures faster than their default (`trials` 0: only that)."""
     start = time.perf_counter()
     keep = used_intrinsics(target)
     if target.kind.name == "llvm":
@@ -214,32 +230,46 @@ def tune(mod: tvm.IRModule, target: tvm.target.Target, trials: int,
     # the guard: a task's best record is applied only if it measures faster than the task's
     # default lowering (tuning_guard); the database keeps every record
     records = [best_record(db, task) for task in tasks]
-    choices = tuning_guard.choose(tasks, records, folder, target,
-                                  tuning_measure.timer(target, threads, rpc, keep, cold_weights))
-    applied = _apply(mod, target, tuning_guard.kept_database(tasks, records, choices))
+    timer = tuning_measure.timer(target, threads, rpc, keep, cold_weights)
+    choices = tuning_guard.choose(tasks, records, folder, target, timer)
+    if transfer:  # the tasks without a record: a similar task's schedule, where it is faster
+        for i, move in _transfer.transfer(tasks, records, db, folder, target, timer).items():
+            records[i], choices[i] = move.record, move.choice
+    kept = tuning_guard.kept_database(tasks, records, choices)
+    applied = _apply(mod, target, kept)
     unscheduled, _ = task_functions(applied)
     kept_default = [c.task for c in choices if c.kept == "default"]
-    untuned = task_functions(_apply(mod, target, db))[0] if kept_default else unscheduled
     report = TuningReport(
         tasks=len(tasks), hand_scheduled=len(hand),
         reused=len(tasks) - len(todo), tuned=len(todo) if trials > 0 else 0,
-        scheduled=len(tunable) - len(unscheduled), untuned=untuned, kept_default=kept_default,
+        scheduled=len(tunable) - len(unscheduled), kept_default=kept_default,
+        untuned=[name for name in unscheduled if name not in kept_default],
+        transferred=[c.task for c in choices if c.kept == "transferred"],
+        own=sum(1 for c in choices if c.kept == "tuned"),
         new_trials=len(db.get_all_tuning_records()) - before,
         tune_s=time.perf_counter() - start, database=folder)
     report.task_table = [{**_task_row(db, task), **choice.row()}
                          for task, choice in zip(tasks, choices)]
-    if export_to is not None:
-        export_records(db, [t for t, c in zip(tasks, choices) if c.kept == "tuned"], export_to)
+    if export_to is not None:  # the records applied: own and transferred
+        export_records(kept, [t for t, c in zip(tasks, choices)
+                              if c.kept in ("tuned", "transferred")], export_to)
         tuning_guard.write_choices(choices, export_to)
     if report.untuned:
         log.warning("%d of %d task functions have no tuned schedule: %s", len(report.untuned),
                     len(tunable), ", ".join(report.untuned))
-    compared = sum(1 for c in choices if c.kept != "none")
+    compared = sum(1 for c in choices if c.kept in ("tuned", "default"))
     if compared:
         log.log(logging.WARNING if kept_default else logging.INFO,
                 "%d of %d tuned tasks kept the default schedule (their tuned one measured "
                 "slower)%s", len(kept_default), compared,
                 ": " + ", ".join(kept_default) if kept_default else "")
+    counts = report.counts()
+    line = (f"tuning: {counts['own']} of {len(tasks)} tasks run their own schedule, "
+            f"{counts['transferred']} a transferred one, {counts['default']} the default")
+    if progress:  # as the progress lines: the user's view of a tuning compile
+        print(line, file=sys.stderr, flush=True)
+    else:
+        log.info(line)
     return applied, report
 
 
