@@ -14,6 +14,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
+import torch
 import tvm
 import tvm_ffi
 from tvm import relax
@@ -21,7 +22,8 @@ from tvm.s_tir import Schedule
 from tvm.s_tir import meta_schedule as ms
 from tvm.script import relax as R
 
-from dlas_search import hardware, transfer, tuning, tuning_guard, tuning_measure
+from dlas_search import (algorithms, compiler, hardware, transfer, tuning, tuning_guard,
+                         tuning_measure)
 
 pytestmark = pytest.mark.xdist_group("tuning")
 
@@ -240,3 +242,81 @@ def test_other_operators_and_transfer_off_get_no_schedule_and_measure_nothing(tm
     for report in (sigmoid, off):
         assert report.transferred == [] and len(report.untuned) == 1
         assert report.task_table[0]["kept"] == "none" and report.task_table[0]["source"] is None
+
+
+# --- for real: MetaSchedule's schedule of one conv on a conv of other shapes ---------------
+
+def conv_relu(in_ch: int, out_ch: int) -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Conv2d(in_ch, out_ch, 3, padding=1),
+                               torch.nn.ReLU()).eval()
+
+
+@pytest.mark.slow  # a MetaSchedule run of 24 trials (about 45 s) and real measurements
+def test_a_conv_with_no_record_runs_a_tuned_convs_schedule_and_matches_pytorch(
+        tmp_path, monkeypatch):
+    """A conv+ReLU 8->16 at 12x12 tuned with 24 trials; a conv+ReLU 12->32 at 12x12 (other
+    channels, as channel pruning gives), compiled with no new trial, runs one of its
+    schedules replayed, says so, and matches PyTorch; a second compile measures nothing.
+    (The same spatial size: replayed at 20x20, three of the four best 12x12 schedules lost
+    to the default loops.)"""
+    plan, target = algorithms.plan(algorithms.AlgoConfig()), hardware.local_target(1)
+    db = str(tmp_path / "db")
+    tuned = compiler.compile(conv_relu(8, 16), torch.randn(1, 8, 12, 12), plan,
+                             compiler.CompilerConfig(tuner="metaschedule", trials=24,
+                                                     database=db), target)
+    assert tuned.tuning.own == 1 and tuned.tuning.new_trials >= 24
+    calls, real = [], tuning_guard.measure
+    monkeypatch.setattr(tuning_guard, "measure", lambda mods, *a, **k: (
+        calls.append(len(mods)), real(mods, *a, **k))[1])
+    model, example = conv_relu(12, 32), torch.randn(1, 12, 12, 12)
+    cfg = compiler.CompilerConfig(tuner="metaschedule", trials=0, database=db)
+    built = compiler.compile(model, example, plan, cfg, target)
+    report = built.tuning
+    assert calls == [1 + transfer.TOP_K] and report.new_trials == 0  # 24 distinct records
+    (row,) = report.task_table
+    assert row["source"] == "conv2d_nchw(1,16,12,12,8,3,3)" and row["default_us"] > 0
+    assert row["kept"] == "transferred", f"the transferred schedule lost: {row}"
+    assert row["tuned_us"] < row["default_us"]
+    assert report.transferred == [row["task"]] and built.metrics["tuning_tasks_transferred"] == 1
+    with torch.no_grad():
+        reference = model(example).numpy()
+    ours = hardware.run_tvm(built.executable, example)
+    assert compiler.max_relative_error(ours, reference) < 1e-4
+    outcomes = report.database / transfer.FOLDER / transfer.OUTCOMES_FILE
+    stored = outcomes.read_bytes()
+    again = compiler.compile(model, example, plan, cfg, target)
+    assert calls == [1 + transfer.TOP_K] and again.tuning.transferred == report.transferred
+    assert outcomes.read_bytes() == stored
+    off = compiler.compile(model, example, plan,
+                           compiler.CompilerConfig(tuner="metaschedule", trials=0, database=db,
+                                                   transfer=False), target)
+    assert off.tuning.transferred == [] and off.tuning.untuned == [row["task"]]
+
+
+def test_a_trial_names_its_transferred_tasks_and_can_turn_transfer_off(
+        tiny_space, cache_dir, monkeypatch):
+    """compiler.transfer (unset: true) reaches the tuning; the trial's metrics count the
+    tasks by the schedule they run and its tag names the transferred ones."""
+    from dlas_search import pipeline, space
+    from dlas_search.cache import StageCache
+    calls = []
+
+    def tune(mod, target, trials, database, **kwargs):  # a stand-in: one task transferred
+        calls.append(kwargs["transfer"])
+        return tuning.fuse(mod), tuning.TuningReport(
+            tasks=3, hand_scheduled=0, reused=1, tuned=0, scheduled=2, own=1,
+            transferred=["fused_conv2d1_add1_relu1"], database=Path(database))
+
+    monkeypatch.setattr(tuning, "tune", tune)
+    pins = {"compress.method": "none", "compiler.tuner": "metaschedule", "compiler.trials": 1}
+    config = space.load_space(tiny_space).pin(pins).defaults()
+    result = pipeline.run(config, StageCache(cache_dir))
+    assert calls == [True]
+    assert result.info["transferred_tasks"] == "fused_conv2d1_add1_relu1"
+    assert [result.metrics[f"tuning_tasks_{k}"] for k in ("own", "transferred", "default")] \
+        == [1, 1, 1]
+    off = compiler.CompilerConfig(tuner="metaschedule", trials=1, transfer=False)
+    compiler.compile(conv_relu(3, 4), torch.randn(1, 3, 8, 8),
+                     algorithms.plan(algorithms.AlgoConfig()), off, hardware.local_target(1))
+    assert calls == [True, False]
