@@ -56,7 +56,7 @@ BACKENDS.register("torch", "PyTorch eager, timed under the same protocol (layers
                   label="eager", infeasible=_eager_runs_locally, reads=("hw.target",))
 TUNERS.register("none", "TVM's default lowering (plain loops)", label="untuned")
 TUNERS.register("metaschedule", "MetaSchedule-tuned schedules (records kept in a database)",
-                label="tuned", settings=("trials", "database", "cold_weights"))
+                label="tuned", settings=("trials", "database", "cold_weights", "transfer"))
 
 
 @dataclass(frozen=True)
@@ -75,6 +75,11 @@ class CompilerConfig:
     # model whose weights exceed the last-level cache); records kept apart. Unset: false.
     cold_weights: bool | None = field(default=None, metadata={
         "when": {"compiler.tuner": ("metaschedule",)}, "unset": False})
+    # Tasks left without a record try the schedules of similar tuned tasks (other shapes of
+    # the same operators), kept where faster than the default lowering (tuning's `transfer`).
+    # Unset: true.
+    transfer: bool | None = field(default=None, metadata={
+        "when": {"compiler.tuner": ("metaschedule",)}, "unset": True})
 
 
 @dataclass
@@ -199,7 +204,8 @@ def compile(module: torch.nn.Module, example: torch.Tensor, algo: Plan | Primiti
     `measure_on` (tracker host, port, device key) has MetaSchedule measure on that device;
     `model_key` (a hash of the model's weights and structure) lets a later compile of the same
     model, with other algorithms or for another target, reuse its import; `extend_tuning`
-    spends `cfg.trials` on tasks already in the database too."""
+    spends `cfg.trials` on tasks already in the database too. `cfg.trials` 0 (possible here,
+    not in a space) tunes nothing: the tasks without a record only get transferred schedules."""
     start = time.perf_counter()
     algo = algo if isinstance(algo, Plan) else Plan(algo)  # a bare primitive: a one-off plan
     mod, batchnorms = imported(module, example, precision, model_key)
@@ -217,11 +223,11 @@ def compile(module: torch.nn.Module, example: torch.Tensor, algo: Plan | Primiti
     if cfg.tuner == "metaschedule":
         threads = int(target.attrs.get("num-cores", 1))
         with layer("tune"):
-            mod, report = tuning.tune(mod, target, trials,
-                                      cfg.database or DEFAULT_DATABASE, threads=threads,
-                                      export_to=records_to, rpc=measure_on,
+            mod, report = tuning.tune(mod, target, trials, cfg.database or DEFAULT_DATABASE,
+                                      threads=threads, export_to=records_to, rpc=measure_on,
                                       extend=extend_tuning,
-                                      cold_weights=bool(cfg.cold_weights))
+                                      cold_weights=bool(cfg.cold_weights),
+                                      transfer=cfg.transfer is not False)
     elif target.kind.name == "cuda":  # a GPU kernel needs a thread binding even untuned
         from tvm.s_tir import dlight
         with target:

@@ -212,6 +212,9 @@ class Stages:
                 kept_default = getattr(built.tuning, "kept_default", [])  # an older entry: []
                 if kept_default:
                     result.info["default_kept_tasks"] = ", ".join(kept_default)[:5000]
+                transferred = getattr(built.tuning, "transferred", [])  # an older entry: []
+                if transferred:
+                    result.info["transferred_tasks"] = ", ".join(transferred)[:5000]
         result.cache = dict(self.hits)
         result.compressed, result.built, result.dataset = compressed, built, self.dataset
         if self.hits["finetune"] == "hit":  # nothing was fine-tuned or quantised in this trial

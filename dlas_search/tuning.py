@@ -10,7 +10,9 @@ target under `database_dir`, so its records are keyed by workload (MetaSchedule'
 hash) and target: a task with a record there is reused and spends no new trials. Functions
 that carry their own schedule (our sparse kernels, `tirx.is_scheduled`) are not tasks. A
 task's best record is applied only where it measures faster than the task's default lowering
-(`tuning_guard`); the others keep the default and are reported in `kept_default`.
+(`tuning_guard`); the others keep the default and are reported in `kept_default`. A task left
+without a record gets the schedule of a similar tuned task where that measures faster than its
+default (`transfer`; reported in `transferred`).
 
 Kept free of torch so the builder and runner worker processes start quickly.
 """
@@ -24,7 +26,6 @@ import shutil
 import sys
 import tempfile
 import time
-import types
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -34,10 +35,10 @@ from tvm import relax
 from tvm.ir.utils import derived_object
 from tvm.s_tir.analysis import estimate_tir_flops
 from tvm.s_tir import meta_schedule as ms
-from tvm.s_tir.meta_schedule.builder import local_builder
-from tvm.support.popen_pool import PopenPoolExecutor, StatusKind
 
-from . import tuning_guard
+from . import transfer as _transfer
+from . import tuning_guard, tuning_measure
+from .tuning_measure import KeptPoolBuilder, runner, stub_foreign_intrinsics, used_intrinsics
 
 __all__ = ["SCHEDULED", "TuningReport", "target_folder", "open_database", "fuse",
            "task_functions", "best_record", "KeptPoolBuilder", "SEARCH_RETRIES",
@@ -47,32 +48,6 @@ __all__ = ["SCHEDULED", "TuningReport", "target_folder", "open_database", "fuse"
 log = logging.getLogger(__name__)
 
 SCHEDULED = "tirx.is_scheduled"
-# Tensor-intrinsic tables the builder workers import but an x86 build never uses; the CUDA one
-# alone took 20-50 s to import here, past the builder's time-out.
-_FOREIGN_INTRINSICS = ("cuda", "rocm", "hexagon", "arm_cpu", "riscv_cpu", "metal")
-
-
-def _stub_foreign_intrinsics(keep: tuple[str, ...] = ()) -> None:
-    """Empty modules in place of the intrinsic tables the target does not use: in the builder
-    workers (their initializer) and in this process before a CPU tuning run (the schedule
-    rules import the tables: 38 s here, nearly all of it CUDA's). An aarch64 target keeps
-    arm_cpu (its int8 dot-product rules need the real table)."""
-    for name in _FOREIGN_INTRINSICS:
-        if name not in keep:
-            sys.modules.setdefault(f"tvm.s_tir.tensor_intrin.{name}",
-                                   types.ModuleType(f"tvm.s_tir.tensor_intrin.{name}"))
-
-
-def _used_intrinsics(target: tvm.target.Target) -> tuple[str, ...]:
-    triple = str(target.attrs.get("mtriple", ""))
-    return ("arm_cpu",) if triple.startswith(("aarch64", "arm")) else ()
-
-
-def _set_threads(threads: int) -> None:
-    """Runner worker initializer: measure with the trial's thread count."""
-    tvm.get_global_func("runtime.config_threadpool")(1, threads)
-
-
 @dataclass
 class TuningReport:
     """What tuning did, for the trial's metrics and for the user who asks "was it tuned?"."""
@@ -85,18 +60,29 @@ class TuningReport:
     # tasks with a record whose tuned schedule measured slower than their default lowering
     # (tuning_guard): the default is applied; the record stays in the database
     kept_default: list[str] = field(default_factory=list)
+    # tasks without a record that run a similar task's schedule (`transfer`): it measured
+    # faster than their default lowering
+    transferred: list[str] = field(default_factory=list)
+    own: int = 0                # tasks that run their own record (the guard kept it)
     new_trials: int = 0         # measurements added to the database by this call
     tune_s: float = 0.0
     database: Path | None = None
     # per task: name, count in the model, FLOPs of one call, best measured us (None: no
     # record), and the guard's choice: default_us, tuned_us (measured side by side), kept
+    # (tuned, default, none, transferred) and source (where a transferred schedule came from)
     task_table: list[dict] = field(default_factory=list)
+
+    def counts(self) -> dict[str, int]:
+        """Tasks by the schedule they run: their own record, a transferred one, the default."""
+        moved = len(getattr(self, "transferred", []))  # a report stored before: none
+        return {"own": self.own, "transferred": moved, "default": self.tasks - self.own - moved}
 
     def metrics(self) -> dict[str, float]:
         return {"tuning_tasks": float(self.tasks), "tuning_tasks_scheduled": float(self.scheduled),
                 "tuning_tasks_untuned": float(len(self.untuned)),
                 "tuning_tasks_reused": float(self.reused),
                 "tuning_tasks_kept_default": float(len(self.kept_default)),
+                **{f"tuning_tasks_{k}": float(v) for k, v in self.counts().items()},
                 "tuning_new_trials": float(self.new_trials), "tune_s": self.tune_s,
                 "hand_scheduled_kernels": float(self.hand_scheduled)}
 
@@ -174,44 +160,6 @@ class _Progress(ms.measure_callback.PyMeasureCallback):
               file=sys.stderr, flush=True)
 
 
-@derived_object
-class KeptPoolBuilder(ms.builder.PyBuilder):
-    """MetaSchedule's LocalBuilder with its worker processes kept between batches. The
-    LocalBuilder starts a fresh pool for every batch of candidates (3.4 s here: a process
-    importing TVM); a small budget measures one candidate per batch, so that start-up was
-    most of a tuning run. A worker is replaced after `renew_after` builds (TVM renews them for
-    a memory leak in long-lived workers) and after a time-out."""
-
-    def __init__(self, max_workers: int, timeout_sec: float, initializer=None,
-                 renew_after: int = 64) -> None:
-        super().__init__()
-        self.timeout_sec = timeout_sec
-        self.pool: PopenPoolExecutor | None = PopenPoolExecutor(
-            max_workers=max_workers, timeout=timeout_sec, initializer=initializer,
-            maximum_process_uses=renew_after)
-
-    def build(self, build_inputs: list) -> list:
-        jobs = [(None, None, b.mod, b.target, local_builder._serialize_params(b.params))
-                for b in build_inputs]
-        results = []
-        for outcome in self.pool.map_with_error_catching(
-                lambda job: local_builder._worker_func(*job), jobs):
-            if outcome.status == StatusKind.COMPLETE:
-                results.append(ms.builder.BuilderResult(outcome.value, None))
-            elif outcome.status == StatusKind.TIMEOUT:
-                results.append(ms.builder.BuilderResult(
-                    None, f"LocalBuilder: Timeout, killed after {self.timeout_sec} seconds"))
-            else:
-                results.append(ms.builder.BuilderResult(
-                    None, f"LocalBuilder: An exception occurred\n{outcome.value}"))
-        return results
-
-    def close(self) -> None:
-        if self.pool is not None:
-            self.pool.shutdown()
-        self.pool = None
-
-
 SEARCH_RETRIES = 2  # further MetaSchedule runs after one stops on an internal error
 
 
@@ -229,7 +177,8 @@ def search_strategy(trials: int, tasks: int) -> ms.search_strategy.EvolutionaryS
 def tune(mod: tvm.IRModule, target: tvm.target.Target, trials: int,
          database_dir: str | Path, threads: int = 1, seed: int = 0, progress: bool = True,
          export_to: Path | None = None, rpc: tuple[str, int, str] | None = None,
-         extend: bool = False, cold_weights: bool = False) -> tuple[tvm.IRModule, TuningReport]:
+         extend: bool = False, cold_weights: bool = False,
+         transfer: bool = True) -> tuple[tvm.IRModule, TuningReport]:
     """Tune the tasks of `mod` not yet in the database (a global budget of `trials`
     measurements) and return the fused module with every recorded schedule applied;
     `export_to` receives the best record of each task as a database of its own; `rpc`
@@ -238,11 +187,12 @@ def tune(mod: tvm.IRModule, target: tvm.target.Target, trials: int,
     best records), to add trials to an earlier run; `cold_weights` measures every candidate
     with its weights (every argument but the input) evicted from the caches, as they are in a
     whole model whose weights exceed the last-level cache, so the search prefers schedules
-    that stream them well."""
+    that stream them well; `transfer` gives the tasks still without a record the schedule of
+    a similar tuned task where it measures faster than their default (`trials` 0: only that)."""
     start = time.perf_counter()
-    keep = _used_intrinsics(target)
+    keep = used_intrinsics(target)
     if target.kind.name == "llvm":
-        _stub_foreign_intrinsics(keep)
+        stub_foreign_intrinsics(keep)
     mod = fuse(mod)
     tunable, hand = task_functions(mod)
     folder = target_folder(database_dir, target, rpc[2] if rpc else None, cold_weights)
@@ -280,31 +230,46 @@ def tune(mod: tvm.IRModule, target: tvm.target.Target, trials: int,
     # the guard: a task's best record is applied only if it measures faster than the task's
     # default lowering (tuning_guard); the database keeps every record
     records = [best_record(db, task) for task in tasks]
-    choices = _choose(tasks, records, folder, target, threads, rpc, keep, cold_weights)
-    applied = _apply(mod, target, tuning_guard.kept_database(tasks, records, choices))
+    timer = tuning_measure.timer(target, threads, rpc, keep, cold_weights)
+    choices = tuning_guard.choose(tasks, records, folder, target, timer)
+    if transfer:  # the tasks without a record: a similar task's schedule, where it is faster
+        for i, move in _transfer.transfer(tasks, records, db, folder, target, timer).items():
+            records[i], choices[i] = move.record, move.choice
+    kept = tuning_guard.kept_database(tasks, records, choices)
+    applied = _apply(mod, target, kept)
     unscheduled, _ = task_functions(applied)
     kept_default = [c.task for c in choices if c.kept == "default"]
-    untuned = task_functions(_apply(mod, target, db))[0] if kept_default else unscheduled
     report = TuningReport(
         tasks=len(tasks), hand_scheduled=len(hand),
         reused=len(tasks) - len(todo), tuned=len(todo) if trials > 0 else 0,
-        scheduled=len(tunable) - len(unscheduled), untuned=untuned, kept_default=kept_default,
+        scheduled=len(tunable) - len(unscheduled), kept_default=kept_default,
+        untuned=[name for name in unscheduled if name not in kept_default],
+        transferred=[c.task for c in choices if c.kept == "transferred"],
+        own=sum(1 for c in choices if c.kept == "tuned"),
         new_trials=len(db.get_all_tuning_records()) - before,
         tune_s=time.perf_counter() - start, database=folder)
     report.task_table = [{**_task_row(db, task), **choice.row()}
                          for task, choice in zip(tasks, choices)]
-    if export_to is not None:
-        export_records(db, [t for t, c in zip(tasks, choices) if c.kept == "tuned"], export_to)
+    if export_to is not None:  # the records applied: own and transferred
+        export_records(kept, [t for t, c in zip(tasks, choices)
+                              if c.kept in ("tuned", "transferred")], export_to)
         tuning_guard.write_choices(choices, export_to)
     if report.untuned:
         log.warning("%d of %d task functions have no tuned schedule: %s", len(report.untuned),
                     len(tunable), ", ".join(report.untuned))
-    compared = sum(1 for c in choices if c.kept != "none")
+    compared = sum(1 for c in choices if c.kept in ("tuned", "default"))
     if compared:
         log.log(logging.WARNING if kept_default else logging.INFO,
                 "%d of %d tuned tasks kept the default schedule (their tuned one measured "
                 "slower)%s", len(kept_default), compared,
                 ": " + ", ".join(kept_default) if kept_default else "")
+    counts = report.counts()
+    line = (f"tuning: {counts['own']} of {len(tasks)} tasks run their own schedule, "
+            f"{counts['transferred']} a transferred one, {counts['default']} the default")
+    if progress:  # as the progress lines: the user's view of a tuning compile
+        print(line, file=sys.stderr, flush=True)
+    else:
+        log.info(line)
     return applied, report
 
 
@@ -312,21 +277,6 @@ def _apply(mod: tvm.IRModule, target: tvm.target.Target,
            db: ms.database.Database) -> tvm.IRModule:
     with target, db, tvm.transform.PassContext(opt_level=3):
         return relax.transform.MetaScheduleApplyDatabase(enable_warning=False)(mod)
-
-
-def _choose(tasks: list, records: list, folder: Path, target: tvm.target.Target,
-            threads: int, rpc: tuple[str, int, str] | None, keep: tuple[str, ...],
-            cold_weights: bool) -> list[tuning_guard.Choice]:
-    """The guard's choices, timed with the tuning's builder and runner."""
-    def timer(mods: list[tvm.IRModule]) -> list[float | None]:
-        builder = KeptPoolBuilder(max_workers=1, timeout_sec=120,
-                                  initializer=partial(_stub_foreign_intrinsics, keep))
-        try:
-            return tuning_guard.measure(mods, target, builder,
-                                        _runner(threads, rpc, cold_weights))
-        finally:
-            builder.close()
-    return tuning_guard.choose(tasks, records, folder, target, timer)
 
 
 def _run_metaschedule(todo: list, db: ms.database.Database, target: tvm.target.Target,
@@ -348,36 +298,17 @@ def _run_metaschedule(todo: list, db: ms.database.Database, target: tvm.target.T
         if progress:
             callbacks = [*callbacks, _Progress(trials, [t.task_name for t in todo])]
         builder = KeptPoolBuilder(max_workers=max(1, threads), timeout_sec=120,
-                                  initializer=partial(_stub_foreign_intrinsics, keep))
+                                  initializer=partial(stub_foreign_intrinsics, keep))
         try:
             ms.tune.tune_tasks(
                 tasks=contexts, task_weights=weights, work_dir=work_dir,
                 # batches small enough that the budget reaches every task at least once
                 max_trials_global=trials,
                 num_trials_per_iter=max(1, min(64, trials // len(todo))),
-                builder=builder, runner=_runner(threads, rpc, cold_weights), database=db,
+                builder=builder, runner=runner(threads, rpc, cold_weights), database=db,
                 measure_callbacks=callbacks)
         finally:
             builder.close()
-
-
-def _runner(threads: int, rpc: tuple[str, int, str] | None,
-            cold_weights: bool = False) -> ms.runner.Runner:
-    """Where candidates are measured: the device the trial targets. A remote server runs with
-    the thread count it was started with (TVM_NUM_THREADS in its environment). Cold weights:
-    TVM flushes every argument but the first from the caches before each single run."""
-    evaluator = (ms.runner.EvaluatorConfig(number=1, repeat=5, min_repeat_ms=0,
-                                           enable_cpu_cache_flush=True) if cold_weights else
-                 ms.runner.EvaluatorConfig(number=3, repeat=1, min_repeat_ms=50,
-                                           enable_cpu_cache_flush=False))
-    if rpc is None:
-        return ms.runner.LocalRunner(timeout_sec=60, initializer=partial(_set_threads, threads),
-                                     evaluator_config=evaluator)
-    host, port, key = rpc
-    return ms.runner.RPCRunner(
-        rpc_config=ms.runner.RPCConfig(tracker_host=host, tracker_port=port, tracker_key=key,
-                                       session_priority=1, session_timeout_sec=120),
-        evaluator_config=evaluator, max_workers=1)
 
 
 def export_records(source: ms.database.Database, tasks: list[ms.ExtractedTask],

@@ -59,7 +59,11 @@ class Choice:
     task: str
     default_us: float | None
     tuned_us: float | None
-    kept: str  # "tuned", "default", or "none" (no record: the default, nothing to choose)
+    # "tuned", "default", "none" (no record: the default) or "transferred" (a similar task's
+    # schedule, `transfer`): tuned_us is then the best transferred one's time, as it is for
+    # "none" where one was tried and lost
+    kept: str
+    source: str | None = None  # transferred: the workload it came from (`transfer.Shape`)
 
     def row(self) -> dict:
         return asdict(self)
@@ -202,11 +206,11 @@ def choose(tasks: list[ms.ExtractedTask], records: list, folder: Path,
 
 def kept_database(tasks: list[ms.ExtractedTask], records: list,
                   choices: list[Choice]) -> ms.database.Database:
-    """An in-memory database with the best record of each task whose tuned schedule was
-    kept: applying it leaves the other tasks with their default lowering."""
+    """An in-memory database with the record of each task whose tuned (or transferred)
+    schedule was kept: applying it leaves the other tasks with their default lowering."""
     kept = ms.database.MemoryDatabase(module_equality="structural")
     for task, record, choice in zip(tasks, records, choices):
-        if choice.kept == "tuned":
+        if choice.kept in ("tuned", "transferred"):
             kept.commit_tuning_record(ms.database.TuningRecord(
                 record.trace, kept.commit_workload(task.mod), record.run_secs,
                 record.target, record.args_info))

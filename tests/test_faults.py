@@ -166,7 +166,7 @@ def test_a_full_disk_fails_the_trial_naming_the_path(workdir, monkeypatch):
 
 
 def _records_only(mod, target, trials, database, threads=1, export_to=None, rpc=None,
-                  extend=False, cold_weights=False):
+                  extend=False, cold_weights=False, transfer=True):
     """Tuning stand-in: writes a records file (the artifact) without tuning."""
     export_to.mkdir(parents=True)
     (export_to / "records.json").write_text("{}")

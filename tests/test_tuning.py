@@ -14,7 +14,7 @@ import torch
 import tvm
 from tvm.s_tir import meta_schedule as ms
 
-from dlas_search import algorithms, compiler, hardware, space, tuning
+from dlas_search import algorithms, compiler, hardware, space, tuning, tuning_measure
 from dlas_search.errors import BadInput
 
 TRIALS = 16
@@ -104,10 +104,10 @@ def test_cold_weight_tuning_measures_with_flushed_caches_and_keeps_its_records_a
     the caches, one run per repeat; its records go to a folder of their own, so the warm
     records of the same target are neither reused for it nor mixed with its times."""
     model, example, cfg, warm, root = tuned
-    runner = tuning._runner(1, None, cold_weights=True)
+    runner = tuning_measure.runner(1, None, cold_weights=True)
     assert runner.evaluator_config.enable_cpu_cache_flush
     assert runner.evaluator_config.number == 1
-    assert not tuning._runner(1, None).evaluator_config.enable_cpu_cache_flush
+    assert not tuning_measure.runner(1, None).evaluator_config.enable_cpu_cache_flush
     cold_cfg = dataclasses.replace(cfg, cold_weights=True, trials=4)
     cold = compiler.compile(model, example, algorithms.plan(algorithms.AlgoConfig()), cold_cfg,
                             hardware.local_target(1))
@@ -208,8 +208,9 @@ def test_the_builder_keeps_its_worker_between_batches_and_renews_it():
     from tvm import te
     a = te.placeholder((64,), name="a")
     mod = tvm.IRModule({"main": te.create_prim_func([a, te.compute((64,), lambda i: a[i] + 1)])})
+    stub = partial(tuning_measure.stub_foreign_intrinsics, ())
     builder = tuning.KeptPoolBuilder(max_workers=1, timeout_sec=60, renew_after=2,
-                                     initializer=partial(tuning._stub_foreign_intrinsics, ()))
+                                     initializer=stub)
     pool, target, pids, results = builder.pool, tvm.target.Target("llvm"), [], []
     for _ in range(3):
         results += builder.build([ms.builder.BuilderInput(mod, target)])
