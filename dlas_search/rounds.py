@@ -7,8 +7,10 @@ Tuning is most of a tuned trial's cost, and most configurations never reach the 
 `tuning_rounds`, every tuned configuration is first tuned with `start` trials (the space's
 `compiler.trials` is set to `start`). When the study's trials have run, the tuned
 configurations that could still be on the front are tuned further, to `factor` times the
-trials, and timed again; then the front is read again, and so on, until `max` trials or the
-study's time budget. "Could still be on the front": no feasible trial certainly dominates it
+trials, and timed again; then the front is read again, and so on, until `max` trials, the
+study's time budget or its tuning budget (`budget.tuning_trials`: an extension with no trial
+left could only time its configuration again). "Could still be on the front": no feasible
+trial certainly dominates it
 (confidence.certainly_dominated: the latency intervals read at their least favourable bounds)
 once its latency's lower bound is lowered by `margin` (a share: 0.1 gives every configuration
 within about 10% of the front another round).
@@ -33,7 +35,7 @@ import optuna
 from . import confidence, pareto
 from .errors import BadInput, allowed
 
-__all__ = ["Rounds", "parse", "to_extend", "run_rounds"]
+__all__ = ["Rounds", "parse", "to_extend", "run_rounds", "spent"]
 
 
 @dataclass(frozen=True)
@@ -121,15 +123,26 @@ def run_rounds(study: optuna.Study, objective: Callable, rounds: Rounds, trackin
             "tuning trials: " + ", ".join(f"trial {row['trial']} -> {budget}"
                                           for row, budget in picks))
         for row, budget in picks:
+            if spent(objective, study, say) or (deadline is not None and
+                                           time.monotonic() >= deadline):
+                return ran
             earlier = study.trials[row["trial"]]
             study.enqueue_trial(earlier.params, user_attrs={
                 "extends": earlier.number, "extends_run": row["run_id"],
                 "tuning_trials": budget}, skip_if_exists=False)
-        left = None if deadline is None else max(1.0, deadline - time.monotonic())
-        before = len(study.trials)
-        study.optimize(objective, n_trials=len(picks), timeout=left, catch=(Exception,),
-                       gc_after_trial=True)
-        ran += len(study.trials) - before
-        if getattr(objective, "tracking_lost", None):  # MLflow went away: stop here
-            break
+            left = None if deadline is None else max(1.0, deadline - time.monotonic())
+            study.optimize(objective, n_trials=1, timeout=left, catch=(Exception,),
+                           gc_after_trial=True)
+            ran += 1
+            if getattr(objective, "tracking_lost", None):  # MLflow went away: stop here
+                return ran
     return ran
+
+
+def spent(objective, study: optuna.Study, say: Callable[[str], None]) -> bool:
+    """Whether the study's tuning budget (`budget.tuning_trials`) is spent: an extension
+    could only time its configuration again, so the rounds stop (and say so)."""
+    if objective.tuning_left(study) != 0:
+        return False
+    say("tuning rounds stop: the study's budget.tuning_trials is spent")
+    return True

@@ -46,11 +46,12 @@ from typing import Callable
 import tvm
 import tvm_ffi
 from tvm.s_tir import Schedule
+from tvm.s_tir.analysis import estimate_tir_flops
 from tvm.s_tir import meta_schedule as ms
 
 from . import tuning_guard
 
-__all__ = ["TOP_K", "FOLDER", "OUTCOMES_FILE", "Shape", "shape_of", "distance", "Source",
+__all__ = ["TOP_K", "MIN_SHARE", "FOLDER", "OUTCOMES_FILE", "Shape", "shape_of", "distance", "Source",
            "Candidate", "sources", "nearest", "replay", "Move", "transfer", "open_transferred"]
 
 log = logging.getLogger(__name__)
@@ -59,6 +60,10 @@ TOP_K = 3                        # candidates (distinct traces) tried per task
 FOLDER = "transferred"           # in a target's database folder: a JSON database of its own
 OUTCOMES_FILE = "outcomes.json"  # in FOLDER, JSON lines
 _SEED = 1                        # the replay's random state (split factors re-derived): fixed
+# a task doing less than this share of the model's FLOPs keeps its default lowering untried:
+# timing candidates (about 2 s a task) costs more than such a task can win (an int8 model has
+# dozens of requantising element-wise tasks beside its convs)
+MIN_SHARE = 0.01
 # expression fields walked for the kinds of arithmetic in a block (indices are not: a stride
 # is a shape, not another operator)
 _CHILDREN = ("a", "b", "value", "condition", "true_value", "false_value", "body", "seq", "args")
@@ -265,12 +270,16 @@ def transfer(tasks: list[ms.ExtractedTask], records: list, db: ms.database.Datab
              folder: Path, target: tvm.target.Target,
              timer: Callable[[list[tvm.IRModule]], list[float | None]],
              k: int = TOP_K) -> dict[int, Move]:
-    """For each task without a record (`records[i]` None), up to `k` schedules of the tuned
+    """For each task without a record (`records[i]` None) that does at least `MIN_SHARE` of
+    the model's FLOPs (count times FLOPs of a call), up to `k` schedules of the tuned
     workloads of `db` nearest to it (`nearest`) timed against its default lowering (`timer`,
     as the guard's) and the fastest kept when it beats the default. Outcomes are read from
     `folder`'s `FOLDER` when stored, else measured and stored. Returns a Move per task that
     had candidates."""
     orphans = [i for i, record in enumerate(records) if record is None]
+    if orphans:  # only the tasks that weigh in the model's work are worth timing
+        work = [task.weight * estimate_tir_flops(task.dispatched[0]) for task in tasks]
+        orphans = [i for i in orphans if work[i] >= MIN_SHARE * sum(work)]
     pool = sources(db, k) if orphans else []
     stored, moves, todo = _stored(folder), {}, []
     kept = open_transferred(folder) if stored else None
