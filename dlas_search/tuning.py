@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
+import os
 import re
 import shutil
 import sys
@@ -289,8 +290,9 @@ def _run_metaschedule(todo: list, db: ms.database.Database, target: tvm.target.T
     # unnamed one (left by an earlier run in this process) breaks it (None.format)
     ms_log = logging.getLogger("tvm.s_tir.meta_schedule")
     ms_log.handlers = [h for h in ms_log.handlers if h.get_name()]
-    if ms_log.level == logging.NOTSET:  # its per-task tables (hundreds of lines) only on
-        ms_log.setLevel(logging.WARNING)  # request: our own progress line says how it goes
+    # its per-task tables (hundreds of lines per run) only on request: our progress line says
+    # how tuning goes (its console handler takes this level; each run's config sets DEBUG)
+    ms_log.setLevel(os.environ.get("DLAS_TUNING_LOG", "WARNING").upper())
     with tempfile.TemporaryDirectory(prefix="dlas-tune-") as work_dir, \
             contextlib.redirect_stdout(sys.stderr):
         contexts, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(

@@ -341,3 +341,17 @@ def test_winograd_convs_tune_with_our_transform_rules_and_stay_correct(conv, rul
         reference = model(example).numpy()
     ours = hardware.run_tvm(built.executable, example)
     assert compiler.max_relative_error(ours, reference) <= 1e-4
+
+
+def test_metaschedule_logs_only_warnings_unless_asked(tmp_path, capfd, monkeypatch):
+    """Two tuning runs in one process: MetaSchedule's INFO lines (its task tables) stay out of
+    the console both times (its second run used to print them), and DLAS_TUNING_LOG=info
+    brings them back."""
+    mod = legalised(conv_relu(4, 8), torch.randn(1, 4, 6, 6))
+    target = hardware.local_target(1)
+    for n in range(2):
+        tuning.tune(mod, target, 2, tmp_path / f"db{n}", progress=False, transfer=False)
+    assert "[task_scheduler.cc" not in capfd.readouterr().err
+    monkeypatch.setenv("DLAS_TUNING_LOG", "info")
+    tuning.tune(mod, target, 2, tmp_path / "db-loud", progress=False, transfer=False)
+    assert "[task_scheduler.cc" in capfd.readouterr().err
