@@ -33,6 +33,7 @@ import contextlib
 import datetime
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -272,6 +273,8 @@ def main(argv=None) -> int:
             if tree != ROOT:
                 subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force",
                                 str(tree)], capture_output=True)
+        if not args.out:  # the builds' stores and libraries (5 GB for a run with --against)
+            shutil.rmtree(out, ignore_errors=True)
     rows = summarise(built, samples)
     machine = f"{cpu_model()}, LLVM target {local_target(1)}, {os.cpu_count()} CPUs, 1 thread"
     command = "python bench/ledger.py" + (f" --against {args.against}" if args.against else "")

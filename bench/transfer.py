@@ -56,6 +56,7 @@ def build(space, pins: dict, cache, gates=None) -> dict:
     from dlas_search import pipeline
     start = time.perf_counter()
     result = pipeline.run(space.pin(pins).defaults(), cache, gates)
+    result.discard_artifacts()  # the model folder a trial's run would have kept
     m = result.metrics
     return {"latency_ms": m["latency_ms"], "ci": [m["latency_ci_low_ms"], m["latency_ci_high_ms"]],
             "torch_ms": m.get("torch_latency_ms"), "tune_s": m.get("tune_s", 0.0),
