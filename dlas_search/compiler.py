@@ -77,9 +77,9 @@ class CompilerConfig:
         "when": {"compiler.tuner": ("metaschedule",)}, "unset": False})
     # Tasks left without a record try the schedules of similar tuned tasks (other shapes of
     # the same operators), kept where faster than the default lowering (tuning's `transfer`).
-    # Unset: true.
+    # Unset: true. Added after stores existed: keys a stage only when set ("keyed_if_set").
     transfer: bool | None = field(default=None, metadata={
-        "when": {"compiler.tuner": ("metaschedule",)}, "unset": True})
+        "when": {"compiler.tuner": ("metaschedule",)}, "unset": True, "keyed_if_set": True})
 
 
 @dataclass

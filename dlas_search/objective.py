@@ -24,12 +24,25 @@ from .console import say
 from .space import Space, TrialConfig
 from .trial import Failure, run_and_log
 
-__all__ = ["Objective", "config_key", "suggest_new"]
+__all__ = ["Objective", "config_key", "same_config", "suggest_new"]
 
 
 def config_key(config: TrialConfig) -> str:
     """What identifies a configuration among a study's trials (user attribute `config`)."""
     return json.dumps(config.params(), sort_keys=True, default=str)
+
+
+def same_config(key: str | None) -> str | None:
+    """A `config` user attribute in the form two configurations are compared in: the
+    parameters that do not apply (None) left out, so a setting added to a layer later (unset
+    in every earlier trial) does not make an earlier study's configurations look new."""
+    if key is None:
+        return None
+    try:
+        return json.dumps({k: v for k, v in json.loads(key).items() if v is not None},
+                          sort_keys=True)
+    except (ValueError, AttributeError):
+        return key
 
 
 def suggest_new(space: Space, trial: optuna.Trial) -> TrialConfig:
@@ -45,6 +58,7 @@ def suggest_new(space: Space, trial: optuna.Trial) -> TrialConfig:
         trial.set_user_attr("infeasible", reason)
         raise optuna.TrialPruned(reason)
     key = config_key(config)
+    same = same_config(key)
     done_or_running = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.RUNNING,
                        optuna.trial.TrialState.PRUNED)
     for earlier in trial.study.get_trials(deepcopy=False, states=done_or_running):
@@ -53,7 +67,8 @@ def suggest_new(space: Space, trial: optuna.Trial) -> TrialConfig:
         if earlier.state == optuna.trial.TrialState.PRUNED and \
                 "stopped_at" not in earlier.user_attrs:
             continue
-        if earlier.user_attrs.get("config") == key and earlier.number != trial.number:
+        if same_config(earlier.user_attrs.get("config")) == same and \
+                earlier.number != trial.number:
             trial.set_user_attr("duplicate_of", earlier.number)
             raise optuna.TrialPruned(f"same configuration as trial {earlier.number}")
     trial.set_user_attr("config", key)

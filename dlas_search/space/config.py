@@ -62,8 +62,17 @@ class TrialConfig:
                 for k, v in dataclasses.asdict(getattr(self, layer)).items()}
 
     def key(self, *layers: str) -> str:
-        """A stable text of the given layers' settings and the seed (for cache keys)."""
-        chosen = {k: v for k, v in self.params().items() if k.split(".")[0] in layers}
+        """A stable text of the given layers' settings and the seed (for cache keys). A
+        setting added after stores existed (`keyed_if_set` in its field's metadata) is left
+        out where it does not apply, so the stages stored before it was added are still found
+        (where it applies, it joins the key: the stage's work changed)."""
+        params = self.params()
+
+        def applies(name: str) -> bool:
+            meta = _field_info(name).metadata
+            return not meta.get("keyed_if_set") or params[name] is not None or all(
+                params.get(parent) in values for parent, values in meta.get("when", {}).items())
+        chosen = {k: v for k, v in params.items() if k.split(".")[0] in layers and applies(k)}
         return json.dumps({"seed": self.seed, **chosen}, sort_keys=True)
 
     def resolved(self, group: str):
