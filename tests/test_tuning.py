@@ -343,6 +343,7 @@ def test_winograd_convs_tune_with_our_transform_rules_and_stay_correct(conv, rul
     assert compiler.max_relative_error(ours, reference) <= 1e-4
 
 
+@pytest.mark.slow  # three small MetaSchedule runs: what tunes is slow
 def test_metaschedule_logs_only_warnings_unless_asked(tmp_path, capfd, monkeypatch):
     """Two tuning runs in one process: MetaSchedule's INFO lines (its task tables) stay out of
     the console both times (its second run used to print them), and DLAS_TUNING_LOG=info
