@@ -35,10 +35,8 @@ task is measured again only when the database offers it other candidates. Kept f
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import math
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -229,31 +227,6 @@ def _key(task: ms.ExtractedTask, chosen: list[Candidate], target: tvm.target.Tar
     return hashlib.sha256(text.encode()).hexdigest()[:32]
 
 
-def _stored(folder: Path) -> dict[str, dict]:
-    """The outcomes measured before, by key (the first line for a key wins)."""
-    path, outcomes = folder / FOLDER / OUTCOMES_FILE, {}
-    if path.is_file():
-        for line in path.read_text().splitlines():
-            try:
-                entry = json.loads(line)
-                outcomes.setdefault(entry["key"], entry)
-            except (ValueError, KeyError, TypeError):
-                continue  # a line cut short by a crash: measured again
-    return outcomes
-
-
-def _append(folder: Path, entries: list[dict]) -> None:
-    """One short write per line in append mode, as the guard's file."""
-    if entries:
-        fd = os.open(folder / FOLDER / OUTCOMES_FILE, os.O_WRONLY | os.O_APPEND | os.O_CREAT,
-                     0o644)
-        try:
-            for entry in entries:
-                os.write(fd, (json.dumps(entry, sort_keys=True) + "\n").encode())
-        finally:
-            os.close(fd)
-
-
 def _stored_record(db: ms.database.Database, task: ms.ExtractedTask,
                    trace_key: str) -> ms.database.TuningRecord | None:
     if not db.has_workload(task.mod):
@@ -281,7 +254,8 @@ def transfer(tasks: list[ms.ExtractedTask], records: list, db: ms.database.Datab
         work = [task.weight * estimate_tir_flops(task.dispatched[0]) for task in tasks]
         orphans = [i for i in orphans if work[i] >= MIN_SHARE * sum(work)]
     pool = sources(db, k) if orphans else []
-    stored, moves, todo = _stored(folder), {}, []
+    stored = tuning_guard.read_entries(folder / FOLDER / OUTCOMES_FILE)
+    moves, todo = {}, []
     kept = open_transferred(folder) if stored else None
     for i in orphans:
         shape = shape_of(tasks[i].dispatched[0])
@@ -350,5 +324,5 @@ def _measure(tasks: list, todo: list, folder: Path, target: tvm.target.Target,
         moves[i] = Move(tuning_guard.Choice(
             tasks[i].task_name, _us(entry["default_s"]), _us(entry["tuned_s"]),
             "transferred" if record is not None else "none", entry["source"]), record)
-    _append(folder, fresh)
+    tuning_guard.append_entries(folder / FOLDER / OUTCOMES_FILE, fresh)
     return moves

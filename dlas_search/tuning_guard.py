@@ -40,7 +40,8 @@ from tvm.s_tir import Schedule
 from tvm.s_tir import meta_schedule as ms
 
 __all__ = ["RULE", "ROUNDS", "DEFAULTS_FILE", "CHOICES_FILE", "Choice", "keep_tuned", "mean_s",
-           "record_key", "default_lowering", "measure", "choose", "kept_database", "write_choices"]
+           "record_key", "read_entries", "append_entries", "default_lowering", "measure",
+           "choose", "kept_database", "write_choices"]
 
 log = logging.getLogger(__name__)
 
@@ -93,25 +94,25 @@ def record_key(task: ms.ExtractedTask, record: ms.database.TuningRecord) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:32]
 
 
-def _stored(folder: Path) -> dict[str, dict]:
-    """The pairs measured before, by key (the first line for a key wins: lines are only
-    appended, by concurrent workers too)."""
-    path, pairs = folder / DEFAULTS_FILE, {}
+def read_entries(path: Path) -> dict[str, dict]:
+    """A JSON-lines file of measurements, by each line's `key` (the first line for a key
+    wins: lines are only appended, by concurrent workers too)."""
+    entries = {}
     if path.is_file():
         for line in path.read_text().splitlines():
             try:
                 entry = json.loads(line)
-                pairs.setdefault(entry["key"], entry)
+                entries.setdefault(entry["key"], entry)
             except (ValueError, KeyError, TypeError):
                 continue  # a line cut short by a crash: measured again
-    return pairs
+    return entries
 
 
-def _append(folder: Path, entries: list[dict]) -> None:
+def append_entries(path: Path, entries: list[dict]) -> None:
     """One short write per line in append mode: workers sharing the folder do not interleave."""
     if not entries:
         return
-    fd = os.open(folder / DEFAULTS_FILE, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
     try:
         for entry in entries:
             os.write(fd, (json.dumps(entry, sort_keys=True) + "\n").encode())
@@ -172,7 +173,7 @@ def choose(tasks: list[ms.ExtractedTask], records: list, folder: Path,
     lowering. The pairs not yet in `folder`'s `DEFAULTS_FILE` are timed, default then tuned
     for each task, by `timer` (modules in, mean seconds or None out: `measure` with the
     tuning's builder and runner) and added to it."""
-    stored = _stored(folder)
+    stored = read_entries(folder / DEFAULTS_FILE)
     keys = [record_key(t, r) if r is not None else None for t, r in zip(tasks, records)]
     todo = [i for i, key in enumerate(keys) if key is not None and key not in stored]
     if todo:
@@ -190,7 +191,7 @@ def choose(tasks: list[ms.ExtractedTask], records: list, folder: Path,
             stored[keys[i]] = entry
             if default_s is not None and tuned_s is not None:  # a failure is tried again
                 fresh.append(entry)
-        _append(folder, fresh)
+        append_entries(folder / DEFAULTS_FILE, fresh)
     choices = []
     for task, key in zip(tasks, keys):
         if key is None:
