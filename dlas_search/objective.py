@@ -116,6 +116,22 @@ class Objective:
                 "transfer them, measuring no new candidates")
         return left
 
+    def seen(self, study: optuna.Study) -> dict:
+        """What the untuned-build gate judges by (gates.py): the study's feasible completed
+        trials' objective values and the tuning speed-ups its tuned trials measured; empty
+        when the space does not turn that gate on."""
+        if not self.space.gates.get("untuned_build"):
+            return {}
+        front, speedups = [], []
+        for t in study.get_trials(deepcopy=False,
+                                  states=(optuna.trial.TrialState.COMPLETE,)):
+            if all(c <= 0 for c in t.user_attrs.get("constraints", [])) and t.values:
+                front.append((t.number, tuple(t.values)))
+            if "tuning_speedup" in t.user_attrs:
+                conv = json.loads(t.user_attrs.get("config", "{}")).get("algo.conv")
+                speedups.append((t.number, conv, float(t.user_attrs["tuning_speedup"])))
+        return {"front": tuple(front), "speedups": tuple(speedups)}
+
     def run(self, config: TrialConfig, gates: Gates | None = None) -> pipeline.TrialResult:
         """The pipeline, in this process; with the space's time or memory limit, in a child
         process that is killed when it passes one."""
@@ -148,7 +164,8 @@ class Objective:
             say(f"[trial {trial.number}] {config.summary()} FAILED in {failure.layer}: "
                  f"{failure.reason}")
 
-        gates = Gates.from_space(self.space, self.tuning_left(trial.study))
+        gates = Gates.from_space(self.space, self.tuning_left(trial.study),
+                                 **self.seen(trial.study))
         if extends:  # tune on from the earlier round's records, with what it did not spend
             earlier = trial.study.trials[trial.user_attrs["extends"]]
             gates = dataclasses.replace(gates, extend_from=int(
@@ -162,7 +179,7 @@ class Objective:
         if extends:  # this run takes the configuration's row; the earlier round goes under it
             self.tracker.supersede(extends, run_id)
         if result.stopped:  # a gate: pruned, with the reason and what it measured
-            for key in ("accuracy", "size_mb", "trial_s"):
+            for key in ("accuracy", "size_mb", "trial_s", "untuned_latency_ms"):
                 if key in result.metrics:
                     trial.set_user_attr(key, result.metrics[key])
             trial.set_user_attr("stopped_at", result.stopped["at"])
@@ -172,7 +189,8 @@ class Objective:
             raise optuna.TrialPruned(result.stopped["reason"])
         values = [result.metrics[m] for m in self.space.objectives]
         for key in ("accuracy", "latency_ms", "size_mb", "speedup_vs_torch", "sparsity",
-                    "trial_s", "tuning_new_trials"):  # the last two: the study's budget
+                    "trial_s", "tuning_new_trials",  # the study's budget
+                    "tuning_speedup"):  # the untuned-build gate's evidence
             if key in result.metrics:  # no PyTorch baseline on a remote device
                 trial.set_user_attr(key, result.metrics[key])
         shown = ", ".join(f"{m} {result.metrics[m]:.4g}" for m in self.space.objectives)

@@ -51,6 +51,8 @@ class Stages:
         self.device: hardware.Device | None = None
         self.records: Path | None = None
         self.provenance: dict[str, str] = {}
+        self.untuned: dict[str, float] = {}  # the untuned-build gate's measurements
+        self.gate_rule: str | None = None    # and its rule, with its numbers
 
     # --- the layers, in the order pipeline.run calls them ----------------------------------------
 
@@ -94,6 +96,39 @@ class Stages:
         with layer("compile"):
             return self._compile(compressed, plan)
 
+    def tunes(self) -> bool:
+        """Whether layer 5 tunes this trial (MetaSchedule, on TVM)."""
+        settings = self.cfg.resolved("compiler")
+        return settings.backend == "tvm" and settings.tuner == "metaschedule"
+
+    def untuned_gate(self, compressed: compression.Compressed,
+                     plan: algorithms.Plan) -> str | None:
+        """The untuned-build gate (gates.py): build the trial untuned (the stage cache
+        shares it with the untuned trial of this configuration), time it briefly and ask the
+        gate; why it stops, or None. The rule and its numbers go to the run either way."""
+        plain = dataclasses.replace(self.cfg, compiler=dataclasses.replace(
+            self.cfg.compiler, tuner="none", trials=None, database=None, cold_weights=None,
+            transfer=None))
+        start = time.perf_counter()
+        with layer("compile"):
+            untuned = Stages(plain, self.cache)
+            untuned.device, untuned.dataset, untuned.provenance = \
+                self.device, self.dataset, self.provenance
+            built = untuned._compile(compressed, plan)
+        brief = dataclasses.replace(self.cfg.hw, repeat=min(self.cfg.hw.repeat, 5))
+        with layer("measure"):
+            timings, _ = hardware.exclusively(
+                self.device.name, lambda: {"tvm": self.device.measure(
+                    built.executable, self.dataset.example(), brief)[1]},
+                _judge("tvm"), local=not self.device.remote, say=say)
+        untuned_ms = timings["tvm"].median_ms
+        self.untuned = {"untuned_latency_ms": untuned_ms,
+                        "untuned_gate_s": time.perf_counter() - start}
+        why, self.gate_rule = self.gates.after_untuned(compressed.metrics, untuned_ms,
+                                                       self.cfg.algo.conv)
+        say(f"  untuned-build gate: {self.gate_rule if why is None else why}")
+        return why
+
     def measured(self, compressed: compression.Compressed,
                  built: compiler.Compiled | None) -> TrialResult:
         """Layer 6: check and time the build (or PyTorch eager), then gather the trial's
@@ -108,7 +143,8 @@ class Stages:
     def stopped(self, stage: str, reason: str,
                 compressed: compression.Compressed) -> TrialResult:
         """The result of a trial a gate stopped after `stage`: what was measured so far."""
-        result = TrialResult(dict(compressed.metrics), stopped={"at": stage, "reason": reason},
+        result = TrialResult({**compressed.metrics, **self.untuned},
+                             stopped={"at": stage, "reason": reason},
                              info={"precision": compressed.precision, **self.provenance})
         if self.hits["finetune"] == "hit":
             result.metrics["finetune_s"] = result.metrics["convert_s"] = 0.0
@@ -215,6 +251,11 @@ class Stages:
                 transferred = getattr(built.tuning, "transferred", [])  # an older entry: []
                 if transferred:
                     result.info["transferred_tasks"] = ", ".join(transferred)[:5000]
+        if self.untuned:  # the untuned-build gate let it through: what tuning gave
+            result.metrics.update(self.untuned)
+            result.metrics["tuning_speedup"] = (self.untuned["untuned_latency_ms"] /
+                                                result.metrics["latency_ms"])
+            result.info["untuned_gate"] = self.gate_rule
         result.cache = dict(self.hits)
         result.compressed, result.built, result.dataset = compressed, built, self.dataset
         if self.hits["finetune"] == "hit":  # nothing was fine-tuned or quantised in this trial

@@ -7,9 +7,11 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from conftest import TINY_SPACE, write_space
-from dlas_search import stages, tracking
+from dlas_search import pipeline, stages, tracking
+from dlas_search.cache import StageCache
 from dlas_search.errors import BadInput
 from dlas_search.gates import Gates
+from dlas_search.objective import Objective
 from dlas_search.search import run_search
 from dlas_search.space import load_space
 
@@ -84,3 +86,79 @@ def test_a_stopped_configuration_is_not_run_again(workdir, cache_dir):
     assert trials[0].user_attrs["stopped_at"] == "finetune"
     assert all(t.user_attrs.get("duplicate_of") == 0 for t in trials[1:]) and len(trials) > 1
     assert outcome.front == []
+
+
+UNTUNED = dict(untuned_build=True,
+               objectives={"accuracy": "maximize", "latency_ms": "minimize", "size_mb": "minimize"},
+               front=((3, (0.9, 1.0, 2.0)),),
+               speedups=((1, "direct", 2.5), (2, "direct", 4.0), (5, "direct_nhwc", 9.0)))
+
+
+def test_the_untuned_gate_stops_what_even_the_best_tuning_seen_cannot_lift():
+    gates = Gates({}, **UNTUNED)
+    early = {"accuracy": 0.8, "size_mb": 3.0}
+    why, rule = gates.after_untuned(early, 8.0, "direct")  # 8 / 4.0 = 2 ms at best
+    assert "untuned 8 ms / the best tuning speed-up on algo.conv direct so far (4.00x, " \
+           "trial 2, of 2) = at best 2 ms tuned" in why
+    assert "dominated by trial 3 (accuracy 0.9, latency_ms 1, size_mb 2)" in why
+    assert rule in why
+    why, rule = gates.after_untuned(early, 8.0, "direct_nhwc")  # 8 / 9.0 < 1 ms: might win
+    assert why is None and "not dominated" in rule and "at best 0.8889 ms" in rule
+    why, rule = gates.after_untuned(early, 8.0, "im2col")  # no evidence: tuned
+    assert why is None and "no trial with algo.conv im2col has been tuned yet" in rule
+    better = {"accuracy": 0.95, "size_mb": 3.0}  # more accurate than the front: never stopped
+    assert gates.after_untuned(better, 80.0, "direct")[0] is None
+
+
+def test_the_untuned_gate_reads_the_study_so_far(workdir):
+    space = load_space(write_space(workdir, TINY_SPACE + "gates: {untuned_build: true}\n"))
+    study = optuna.create_study(directions=["maximize", "minimize", "minimize"])
+    for values, attrs in [((0.9, 1.0, 2.0), {"constraints": [-0.1]}),
+                          ((0.99, 0.5, 1.0), {"constraints": [0.2]}),  # infeasible
+                          ((0.8, 2.0, 2.0), {"tuning_speedup": 3.0,
+                                             "config": json.dumps({"algo.conv": "direct"})})]:
+        study.add_trial(optuna.trial.create_trial(values=list(values), params={},
+                                                  distributions={}, user_attrs=attrs))
+    seen = Objective(space, None, None).seen(study)
+    assert seen == {"front": ((0, (0.9, 1.0, 2.0)), (2, (0.8, 2.0, 2.0))),
+                    "speedups": ((2, "direct", 3.0),)}
+    assert Objective(load_space(write_space(workdir)), None, None).seen(study) == {}
+
+
+@pytest.mark.parametrize("text, words", [
+    ("gates: {untuned_build: yes please}", ["gates.untuned_build", "true or false"]),
+    ("gates: {untuned_build: true}\nobjectives: {accuracy: maximize, size_mb: minimize}",
+     ["gates.untuned_build", "needs latency_ms among the objectives", "accuracy, size_mb"]),
+])
+def test_the_untuned_gate_needs_latency(workdir, text, words):
+    with pytest.raises(BadInput) as error:
+        load_space(write_space(workdir, TINY_SPACE.replace(
+            "objectives: {accuracy: maximize, latency_ms: minimize, size_mb: minimize}\n", "")
+            + text + "\n"))
+    for word in words:
+        assert word in str(error.value), (word, str(error.value))
+
+
+def test_a_tuned_trial_the_untuned_gate_stops_is_never_tuned(tiny_space, cache_dir, tmp_path,
+                                                             monkeypatch):
+    """Stopped: an untuned build was timed, layer 5's tuned build never ran. Let through:
+    the trial logs its untuned latency and the speed-up tuning gave it (with no tuning
+    trials left, the database's and transferred schedules only: cheap)."""
+    compiled = []
+    real = stages.Stages.compiled
+    monkeypatch.setattr(stages.Stages, "compiled",
+                        lambda self, *a: compiled.append(self.cfg) or real(self, *a))
+    config = load_space(tiny_space).pin({
+        "compress.method": "none", "algo.conv": "direct", "compiler.tuner": "metaschedule",
+        "compiler.trials": 64, "compiler.database": str(tmp_path / "db")}).defaults()
+    hopeless = Gates({}, tuning_left=0, **{**UNTUNED, "front": ((0, (1.0, 1e-9, 1e-9)),)})
+    result = pipeline.run(config, StageCache(cache_dir), hopeless)
+    assert result.stopped["at"] == "untuned_build" and compiled == []
+    assert "dominated by trial 0" in result.stopped["reason"]
+    assert result.metrics["untuned_latency_ms"] > 0 and "latency_ms" not in result.metrics
+    hopeful = Gates({}, tuning_left=0, **{**UNTUNED, "front": ()})
+    result = pipeline.run(config, StageCache(cache_dir), hopeful)
+    assert not result.stopped and len(compiled) == 1
+    assert result.metrics["tuning_speedup"] == pytest.approx(
+        result.metrics["untuned_latency_ms"] / result.metrics["latency_ms"])
+    assert "not dominated by the study's trials so far: tuned" in result.info["untuned_gate"]

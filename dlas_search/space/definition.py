@@ -33,13 +33,15 @@ class Space:
     artifacts: Mapping[str, bool] = field(default_factory=lambda: dict(ARTIFACTS))
     # budget.trial_timeout_s / trial_memory_mb: a trial past either is stopped and fails alone
     limits: faults.Limits = field(default_factory=faults.Limits)
-    # the `gates:` section (gates.GATES -> on/off; unset: on)
+    # the `gates:` section (gates.GATES -> on/off; unset: gates.DEFAULTS)
     gates: Mapping[str, bool] = field(default_factory=dict)
     # budget.tuning_trials: MetaSchedule measurements the whole study may spend (None: no cap)
     tuning_trials: int | None = None
     # budget.tuning_rounds (rounds.Rounds): tuned configurations start small, the promising
     # ones are tuned further
     rounds: Any = None
+    # the space's `description:` (the study run's description in MLflow opens with it)
+    description: str = ""
 
     def violations(self, metrics: Mapping[str, float]) -> list[float]:
         """One number per threshold, <= 0 when met (Optuna's constraint convention); a metric

@@ -190,6 +190,9 @@ def load_space(path: str | Path) -> Space:
     targets = load_targets(doc.get("targets"), path, where)
     artifacts = load_artifacts(doc.get("artifacts"), where)
     gates = parse_gates(doc.get("gates"), where)
+    if gates.get("untuned_build") and "latency_ms" not in objectives:
+        raise BadInput(f"{where}gates.untuned_build judges a trial by its latency: it needs "
+                       f"latency_ms among the objectives (given: {', '.join(objectives)})")
 
     layers = doc.get("space") or {}
     if not isinstance(layers, dict):
@@ -215,7 +218,7 @@ def load_space(path: str | Path) -> Space:
                            "continuous range; give it a step or a list of choices")
     space = Space(str(path), study, seed, dict(objectives), sampler, trials, timeout_s,
                   ordered, text, targets, thresholds, artifacts, limits, gates, tuning_trials,
-                  rounds)
+                  rounds, " ".join(str(doc.get("description") or "").split()))
     _check_conditions(space, where)
     if rounds is not None:  # the first round's budget is compiler.trials
         given = space.params.get("compiler.trials")
