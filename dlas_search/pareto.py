@@ -24,6 +24,7 @@ from mlflow.tracking import MlflowClient
 from . import confidence
 from .dominance import hypervolume, non_dominated, normalised_hypervolume
 from .errors import BadInput
+from .glance import MARK  # a front run's name starts with it: not part of the name
 from .tracking import ROLE, STUDY, SUPERSEDED, TRIAL
 
 __all__ = ["non_dominated", "hypervolume", "normalised_hypervolume", "Trials",
@@ -40,6 +41,12 @@ class Trials:
     thresholds: dict[str, dict[str, float]] = field(default_factory=dict)
     # trials whose latency is the confirmed one (dlas confirm), not the search's
     confirmed: int = 0
+    # the front's normalised hypervolume (set by `write`)
+    hypervolume: float | None = None
+    # where they were read from: the experiment, the study's run, the space's description
+    experiment_id: str = ""
+    parent_id: str = ""
+    description: str = ""
 
     def values(self) -> np.ndarray:
         return np.array([[row["metrics"][m] for m in self.objectives] for row in self.rows])
@@ -123,7 +130,8 @@ def load_trials(tracking_uri: str, experiment: str) -> Trials:
                 continue
             if all(m in metrics and math.isfinite(metrics[m]) for m in objectives):
                 rows.append({"trial": int(run.data.tags.get(TRIAL, -1)), "run_id": run.info.run_id,
-                             "name": run.info.run_name, "params": dict(run.data.params),
+                             "name": (run.info.run_name or "").removeprefix(MARK),
+                             "params": dict(run.data.params),
                              "metrics": dict(metrics)})
         token = page.token
         if not token:
@@ -131,7 +139,9 @@ def load_trials(tracking_uri: str, experiment: str) -> Trials:
     rows.sort(key=lambda r: r["trial"])
     thresholds = json.loads(parents[0].data.tags.get("dlas.thresholds") or "{}")
     return Trials(parents[0].data.tags.get(STUDY, experiment), objectives, rows, thresholds,
-                  sum("latency_search_ms" in row["metrics"] for row in rows))
+                  sum("latency_search_ms" in row["metrics"] for row in rows),
+                  experiment_id=found.experiment_id, parent_id=parents[0].info.run_id,
+                  description=parents[0].data.tags.get("dlas.description", ""))
 
 
 def _confirmed(metrics: dict[str, float]) -> dict[str, float]:
@@ -195,6 +205,7 @@ def write(trials: Trials, out_dir: str | Path, running: int = 0) -> dict[str, Pa
     volume = normalised_hypervolume(
         trials.values(), np.array([[r["metrics"][m] for m in trials.objectives] for r in front]),
         directions) if front else 0.0
+    trials.hypervolume = volume
     paths["importance.csv"] = out / "importance.csv"
     importance = layer_importance(trials)
     with open(paths["importance.csv"], "w", newline="") as f:
@@ -250,6 +261,10 @@ def layer_importance(trials: Trials) -> dict[tuple[str, str], dict[str, float]]:
 
 def export_from_mlflow(tracking_uri: str, experiment: str, out_dir: str | Path,
                        running: int = 0) -> Trials:
+    """Read the study from MLflow, write the export, and show the front in MLflow itself
+    (glance.py: the runs' `dlas.pareto` tags and names, the study run's description)."""
+    from . import glance
     trials = load_trials(tracking_uri, experiment)
     write(trials, out_dir, running)
+    glance.show_front(MlflowClient(tracking_uri=tracking_uri), trials)
     return trials

@@ -189,6 +189,7 @@ def run_search(space: Space, *, study_name: str | None = None, trials: int | Non
     tracker = tracking.Tracker(tracking_uri, name)
     parent = tracker.open_study(space.objectives, space.path, space.text,
                                 {"dlas.storage": storage, "dlas.sampler": space.sampler["name"],
+                                 "dlas.description": space.description[:5000],
                                  "dlas.thresholds": json.dumps(dict(space.thresholds))})
     cache = str(cache_dir if cache_dir is not None else tracking.TRACKING_DIR / "cache")
     job = _Job(space, name, storage, tracking_uri, tracker.experiment_id, parent, cache,

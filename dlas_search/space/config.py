@@ -90,9 +90,25 @@ class TrialConfig:
         return dataclasses.replace(settings, **fill) if fill else settings
 
     def summary(self) -> str:
-        """A few words for run names and progress lines."""
-        return " ".join([self.model.arch, compression.summary(self.compress), self.algo.conv,
-                         self.algo.format, self.compiler.tuner, self.hw.target])
+        """A short, unambiguous name for run names and progress lines: the model, the
+        compression (`fp32` for none), the conv algorithm (with the sparse block where sparse),
+        untuned or tuned with its trials, and the target where not the local CPU, e.g.
+        `resnet18 int8 direct_nhwc untuned`, `mobilenet_v2 unstructured0.7 direct sparse1x1
+        tuned64`, `resnet18 fp32 eager`."""
+        words = [self.model.arch, "fp32" if self.compress.method == "none" else
+                 compression.summary(self.compress)]
+        if self.compiler.backend == "torch":
+            words.append(compiler.BACKENDS.label("torch"))
+        else:
+            words.append(self.algo.conv)
+            if self.algo.format != "dense":
+                words.append(self.algo.format + (self.resolved("algo").block or ""))
+            settings = self.resolved("compiler")
+            words.append(compiler.TUNERS.label(settings.tuner) +
+                         (str(settings.trials) if settings.tuner != "none" else ""))
+        if self.hw.target != "local":
+            words.append(self.hw.target)
+        return " ".join(words)
 
 
 def _field_info(name: str) -> dataclasses.Field:

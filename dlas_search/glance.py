@@ -1,0 +1,103 @@
+"""The front at a glance in MLflow: what the experiment page shows once a study's front is
+exported, so that a user deciding what to deploy sees it without opening the export.
+
+    show_front(client, trials)      # trials: pareto.Trials, as the export read and wrote it
+
+- Every trial run is tagged `dlas.pareto` (`true` on the front, `false` otherwise, stopped,
+  failed and superseded runs included) and `dlas.feasible`; a front run's name starts with
+  `MARK`, and a run that left the front (a continued study) loses it.
+- The study's run gets a description (MLflow's `mlflow.note.content`, shown on its page): the
+  space's `description:`, the key figures, and the front as a table linking to its runs; and
+  the metrics `hypervolume` and `best_<objective>` (over the feasible trials).
+
+The front is `pareto.Trials.front()`, the one the export writes: one rule.
+"""
+from __future__ import annotations
+
+import time
+
+from mlflow.entities import Metric, RunTag
+from mlflow.tracking import MlflowClient
+
+from .tracking import ROLE, STUDY
+
+__all__ = ["MARK", "PARETO", "FEASIBLE", "NOTE", "show_front", "describe", "best"]
+
+MARK = "\u2605 "  # a star: sorts and reads apart from "#"
+PARETO, FEASIBLE, NOTE = "dlas.pareto", "dlas.feasible", "mlflow.note.content"
+
+
+def _link(experiment_id: str, row: dict) -> str:
+    return f"[{row['name']}](#/experiments/{experiment_id}/runs/{row['run_id']})"
+
+
+def best(trials) -> dict[str, tuple[float, dict]]:
+    """objective -> (its best value over the feasible trials, the row with it)."""
+    rows = [r for r in trials.rows if trials.feasible(r)]
+    out = {}
+    for metric, direction in trials.objectives.items():
+        if rows:
+            pick = (max if direction == "maximize" else min)(
+                rows, key=lambda r: r["metrics"][metric])
+            out[metric] = (pick["metrics"][metric], pick)
+    return out
+
+
+def describe(trials, experiment_id: str, description: str = "") -> str:
+    """The study run's description (Markdown): the space's description, the key figures, the
+    front as a table of links to its runs."""
+    front = trials.front()
+    feasible = sum(trials.feasible(r) for r in trials.rows)
+    lines = [description, ""] if description else []
+    volume = "" if trials.hypervolume is None else f", hypervolume {trials.hypervolume:.4f}"
+    lines.append(f"**Front: {len(front)} of {feasible} feasible trials** "
+                 f"({len(trials.rows)} finished{volume}).")
+    tops = best(trials)
+    if tops:
+        lines.append("Best " + "; ".join(
+            f"{m} {v:.4g} ({_link(experiment_id, row)})" for m, (v, row) in tops.items()) + ".")
+    if front:
+        names = list(trials.objectives)
+        lines += ["", "| run | " + " | ".join(names) + " |",
+                  "| --- |" + " --- |" * len(names)]
+        for row in sorted(front, key=lambda r: r["metrics"][names[0]],
+                          reverse=trials.objectives[names[0]] == "maximize"):
+            lines.append(f"| {_link(experiment_id, row)} | " + " | ".join(
+                f"{row['metrics'][m]:.4g}" for m in names) + " |")
+    lines += ["", f"Every trial run is tagged `{PARETO}` (`true` on the front; search "
+              f"`tags.{PARETO} = 'true'`). The export (CSV, JSON, plots) is this run's "
+              "`pareto/` artifact folder."]
+    return "\n".join(lines)
+
+
+def show_front(client: MlflowClient, trials) -> None:
+    """Tag, name and describe the study's runs after its front was exported (`trials`: the
+    export's `pareto.Trials`, with its hypervolume, experiment, study run and description)."""
+    experiment_id, parent_id = trials.experiment_id, trials.parent_id
+    on_front = {row["run_id"] for row in trials.front()}
+    feasible = {row["run_id"]: trials.feasible(row) for row in trials.rows}
+    token = None
+    while True:
+        page = client.search_runs([experiment_id], f"tags.`{ROLE}` = 'trial' and "
+                                  f"tags.`{STUDY}` = '{trials.study}'",
+                                  max_results=1000, page_token=token)
+        for run in page:
+            run_id, name = run.info.run_id, run.info.run_name or ""
+            tags = {PARETO: str(run_id in on_front).lower()}
+            if run_id in feasible:
+                tags[FEASIBLE] = str(feasible[run_id]).lower()
+            client.log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items()
+                                           if run.data.tags.get(k) != v])
+            plain = name[len(MARK):] if name.startswith(MARK) else name
+            wanted = MARK + plain if run_id in on_front else plain
+            if wanted != name:
+                client.update_run(run_id, name=wanted)
+        token = page.token
+        if not token:
+            break
+    metrics = {f"best_{m}": v for m, (v, _) in best(trials).items()}
+    if trials.hypervolume is not None:
+        metrics["hypervolume"] = trials.hypervolume
+    now = int(time.time() * 1000)
+    client.log_batch(parent_id, metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()],
+                     tags=[RunTag(NOTE, describe(trials, experiment_id, trials.description))])
