@@ -159,7 +159,14 @@ def main() -> None:
         stages = spent(arm)
         entry = {"name": arm["name"], "wall_s": arm["wall_s"], "runs": len(arm["trials"]),
                  "stopped": sum(t["stopped"] for t in arm["trials"]), **stages,
-                 "hypervolume": curve[-1][1] if curve else 0.0, "curve": curve}
+                 "hypervolume": curve[-1][1] if curve else 0.0, "curve": curve,
+                 "trials": [{**{k: t[k] for k in ("name", "status", "end_s", "stopped",
+                                                   "superseded_by", "feasible", "run_id")},
+                             "metrics": {m: v for m, v in t["metrics"].items() if m in (
+                                 *objectives, *STAGES, "tuning_new_trials", "trial_s",
+                                 "tuning_tasks_own", "tuning_tasks_transferred",
+                                 "tuning_tasks_default", "untuned_latency_ms")}}
+                            for t in arm["trials"]]}
         result["arms"].append(entry)
         print(f"| {arm['name']} | {arm['wall_s']:.0f} s | {entry['runs']} | {entry['stopped']} "
               f"| {stages['compile_s']:.0f} | {stages['tune_s']:.0f} | "
