@@ -35,6 +35,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from dlas_search import pareto, search  # noqa: E402
+from dlas_search.objective import config_of  # noqa: E402
 from dlas_search.space import Space, load_space  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
@@ -73,9 +74,9 @@ def collect(space: Space, wall_s: float | None = None) -> dict:
     study = optuna.load_study(study_name=space.study, storage=grid_stores()["storage"])
     rows = []
     for t in study.trials:
-        if "config" not in t.user_attrs:  # pruned before any work (infeasible or a repeat)
+        if config_of(t) is None:  # pruned before any work (infeasible or a repeat)
             continue
-        row = {"trial": t.number, "config": t.user_attrs["config"], "state": t.state.name,
+        row = {"trial": t.number, "config": config_of(t), "state": t.state.name,
                "trial_s": (t.datetime_complete - t.datetime_start).total_seconds()
                if t.datetime_complete else None}
         if t.state == optuna.trial.TrialState.COMPLETE:
@@ -171,7 +172,7 @@ def replay(space: Space, cached: dict[str, list[float] | None], sampler: str, se
         warnings.simplefilter("ignore")
         study.optimize(_Replay(seeded, cached), catch=(RuntimeError,),
                        callbacks=[_Counted(trials)])
-    counted = [t for t in study.trials if "config" in t.user_attrs]
+    counted = [t for t in study.trials if config_of(t) is not None]
     return [list(t.values) if t.state == optuna.trial.TrialState.COMPLETE else None
             for t in counted]
 

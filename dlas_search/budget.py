@@ -29,8 +29,8 @@ def grid_left(space, study: optuna.Study, trials: int) -> int:
     size = space.size()
     if size is None:
         return trials
-    from .objective import same_config
-    done = {same_config(t.user_attrs.get("config")) for t in study.get_trials(
+    from .objective import config_of, same_config
+    done = {same_config(config_of(t)) for t in study.get_trials(
         deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))}
     return max(0, min(trials, size - len(done - {None})))
 

@@ -24,12 +24,39 @@ from .console import say
 from .space import Space, TrialConfig
 from .trial import Failure, run_and_log
 
-__all__ = ["Objective", "config_key", "same_config", "suggest_new"]
+__all__ = ["Objective", "CONFIG", "config_key", "config_of", "same_config", "suggest_new",
+           "set_config", "pruned_as"]
+
+# The trial's whole configuration (about 1,000 characters of JSON) is a system attribute, not
+# a user attribute: optuna-dashboard shows user attributes as table columns, so those stay
+# short (`name`, `pruned`, the measurements that are not objectives). Studies made before
+# keep it as the user attribute `config`; config_of reads either.
+CONFIG = "dlas:config"
 
 
 def config_key(config: TrialConfig) -> str:
-    """What identifies a configuration among a study's trials (user attribute `config`)."""
+    """What identifies a configuration among a study's trials (config_of)."""
     return json.dumps(config.params(), sort_keys=True, default=str)
+
+
+def config_of(trial) -> str | None:
+    """The configuration a trial (Trial or FrozenTrial) ran, as config_key wrote it; None
+    for a trial pruned before any work."""
+    attrs = trial.system_attrs if hasattr(trial, "system_attrs") else \
+        trial.storage.get_trial_system_attrs(trial._trial_id)
+    return attrs.get(CONFIG) or trial.user_attrs.get("config")
+
+
+def set_config(trial: optuna.Trial, key: str) -> None:
+    """Record the configuration on the trial (a system attribute: see CONFIG)."""
+    trial.storage.set_trial_system_attr(trial._trial_id, CONFIG, key)
+
+
+def pruned_as(trial: optuna.Trial, reason: str) -> optuna.TrialPruned:
+    """The exception that prunes `trial`, after its short reason (user attribute `pruned`,
+    one line a dashboard column can hold) is recorded."""
+    trial.set_user_attr("pruned", reason if len(reason) <= 80 else reason[:77] + "...")
+    return optuna.TrialPruned(reason)
 
 
 def same_config(key: str | None) -> str | None:
@@ -56,7 +83,7 @@ def suggest_new(space: Space, trial: optuna.Trial) -> TrialConfig:
     reason = config.ruled_out
     if reason:
         trial.set_user_attr("infeasible", reason)
-        raise optuna.TrialPruned(reason)
+        raise pruned_as(trial, f"infeasible: {reason}")
     key = config_key(config)
     same = same_config(key)
     done_or_running = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.RUNNING,
@@ -67,11 +94,11 @@ def suggest_new(space: Space, trial: optuna.Trial) -> TrialConfig:
         if earlier.state == optuna.trial.TrialState.PRUNED and \
                 "stopped_at" not in earlier.user_attrs:
             continue
-        if same_config(earlier.user_attrs.get("config")) == same and \
-                earlier.number != trial.number:
+        if same_config(config_of(earlier)) == same and earlier.number != trial.number:
             trial.set_user_attr("duplicate_of", earlier.number)
-            raise optuna.TrialPruned(f"same configuration as trial {earlier.number}")
-    trial.set_user_attr("config", key)
+            raise pruned_as(trial, f"same configuration as trial {earlier.number}")
+    set_config(trial, key)
+    trial.set_user_attr("name", config.summary())
     return config
 
 
@@ -128,7 +155,7 @@ class Objective:
             if all(c <= 0 for c in t.user_attrs.get("constraints", [])) and t.values:
                 front.append((t.number, tuple(t.values)))
             if "tuning_speedup" in t.user_attrs:
-                conv = json.loads(t.user_attrs.get("config", "{}")).get("algo.conv")
+                conv = json.loads(config_of(t) or "{}").get("algo.conv")
                 speedups.append((t.number, conv, float(t.user_attrs["tuning_speedup"])))
         return {"front": tuple(front), "speedups": tuple(speedups)}
 
@@ -183,15 +210,17 @@ class Objective:
                 if key in result.metrics:
                     trial.set_user_attr(key, result.metrics[key])
             trial.set_user_attr("stopped_at", result.stopped["at"])
-            trial.set_user_attr("stopped_reason", result.stopped["reason"][:1000])
+            trial.set_user_attr("stopped_reason", result.stopped["reason"][:300])
             say(f"[trial {trial.number}] {config.summary()}: {result.stopped['reason']} "
                 f"({result.metrics['trial_s']:.0f} s)")
-            raise optuna.TrialPruned(result.stopped["reason"])
+            raise pruned_as(trial, f"stopped at {result.stopped['at']}: "
+                                   f"{result.stopped['reason']}")
         values = [result.metrics[m] for m in self.space.objectives]
         for key in ("accuracy", "latency_ms", "size_mb", "speedup_vs_torch", "sparsity",
                     "trial_s", "tuning_new_trials",  # the study's budget
                     "tuning_speedup"):  # the untuned-build gate's evidence
-            if key in result.metrics:  # no PyTorch baseline on a remote device
+            # no PyTorch baseline on a remote device; objectives are the trial's values
+            if key in result.metrics and key not in self.space.objectives:
                 trial.set_user_attr(key, result.metrics[key])
         shown = ", ".join(f"{m} {result.metrics[m]:.4g}" for m in self.space.objectives)
         speedup = result.metrics.get("speedup_vs_torch")

@@ -14,6 +14,7 @@ import optuna
 from mlflow.entities import RunTag
 
 from . import tracking
+from .objective import config_of
 
 __all__ = ["FINISHED", "METRIC_ATTRS", "find_missing", "backfill", "open_tracker"]
 
@@ -35,7 +36,7 @@ def find_missing(study: optuna.Study, tracker: tracking.Tracker) -> list[tuple]:
     missing = []
     for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,
                                                           optuna.trial.TrialState.FAIL)):
-        if "config" not in trial.user_attrs:  # ruled out or a repeat: never had a run
+        if config_of(trial) is None:  # ruled out or a repeat: never had a run
             continue
         run = by_id.get(trial.user_attrs.get("mlflow_run_id"))
         candidates = [run] if run else by_number.get(str(trial.number), [])
@@ -50,7 +51,7 @@ def backfill(study: optuna.Study, tracker: tracking.Tracker, missing: list[tuple
     names = study.metric_names or []
     done = []
     for trial, run in missing:
-        params = json.loads(trial.user_attrs["config"])
+        params = json.loads(config_of(trial))
         if run is None:
             run_id = tracker.start_trial(trial.number, f"trial {trial.number}", params)
         else:

@@ -14,6 +14,7 @@ import io
 import optuna
 import pytest
 from mlflow.tracking import MlflowClient
+from dlas_search.objective import config_of
 
 from conftest import ROOT, write_space
 
@@ -70,7 +71,7 @@ def test_a_study_of_the_release_before_continues_and_its_cache_is_hit(workdir, t
     trials = optuna.load_study(study_name="continued", storage=storage).trials
     complete = [t for t in trials if t.state.name == "COMPLETE"]
     assert len(complete) == 2, [(t.state.name, t.user_attrs) for t in trials]  # no repeat
-    assert complete[0].user_attrs["config"] != complete[1].user_attrs["config"]
+    assert config_of(complete[0]) != config_of(complete[1])
     assert complete[0].params["compress.method"] != complete[1].params["compress.method"]
 
     client = MlflowClient(f"sqlite:///{workdir / 'tracking' / 'mlflow.db'}")

@@ -10,6 +10,7 @@ from conftest import TINY_SPACE, write_space
 from dlas_search import compiler, pipeline, tracking
 from dlas_search.cli import main
 from dlas_search.errors import BadInput
+from dlas_search.objective import config_of
 from dlas_search.search import default_storage, run_search
 from dlas_search.space import load_space
 
@@ -38,7 +39,7 @@ def test_study_persists_and_continues(tiny_space, cache_dir):
     assert second.study.study_name == "tiny"
     complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
     assert len(complete) == 4  # both runs' trials
-    assert len({t.user_attrs["config"] for t in complete}) == 4  # no configuration twice
+    assert len({config_of(t) for t in complete}) == 4  # no configuration twice
     for t in study.trials:
         if t.state == optuna.trial.TrialState.PRUNED:  # a repeat, skipped before any work
             assert t.user_attrs["duplicate_of"] in {c.number for c in complete}
@@ -344,7 +345,7 @@ def test_killed_worker_trial_is_failed_everywhere_and_run_again(workdir, cache_d
     complete = [t for t in trials if t.state.name == "COMPLETE"]
     assert len(complete) == 3  # 1 before the kill + 2 asked again
     assert any(t.params == killed.params for t in complete)  # the killed one ran again
-    assert len({t.user_attrs["config"] for t in complete}) == 3  # no configuration twice
+    assert len({config_of(t) for t in complete}) == 3  # no configuration twice
     client, _, children = child_runs("tiny")
     status = {r.info.run_id: r.info.status for r in children}
     assert status[killed.user_attrs["mlflow_run_id"]] == "FAILED"
@@ -391,6 +392,6 @@ def test_grid_study_finishes_the_grid_despite_long_runs_of_repeats(workdir, monk
     outcome = run_search(space, heartbeat_s=0)
     complete = [t for t in outcome.study.trials if t.state.name == "COMPLETE"]
     assert len(outcome.study.trials) == 160  # every grid point proposed once
-    assert len(complete) == len({t.user_attrs["config"] for t in complete}) == 4
+    assert len(complete) == len({config_of(t) for t in complete}) == 4
     bar = capsys.readouterr().err
     assert "4/4 [" in bar and "/50 [" not in bar

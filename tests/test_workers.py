@@ -16,7 +16,7 @@ import pytest
 from conftest import ROOT, write_space
 from dlas_search import pipeline, workers
 from dlas_search.cli import main
-from dlas_search.objective import config_key
+from dlas_search.objective import config_key, set_config
 from dlas_search.search import default_storage
 from dlas_search.space import load_space
 
@@ -123,7 +123,7 @@ def test_search_settles_the_trials_of_lost_and_live_workers(workdir, monkeypatch
                                     "compress.amount": 0.8, "algo.conv": "direct"}}.items():
         study.enqueue_trial(params)
         trial = study.ask()
-        trial.set_user_attr("config", config_key(space.suggest(trial)))
+        set_config(trial, config_key(space.suggest(trial)))
         trials[name] = trial
     dead = worker_of(storage, trials["dead"]._trial_id)
     dead_pid = dead.pid
