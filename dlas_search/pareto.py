@@ -7,6 +7,12 @@ objective are marked `tied_with` each other (confidence.py). A trial outside the
 thresholds (below its accuracy floor, say) is never on the front: the plots draw it greyed,
 trials.csv says why (`feasible`, `violates`).
 
+The CSVs list each trial's name and objectives first, then the parameters that varied in the
+stack's order; parameters with one value in every trial go to pareto.json (`constants`), and
+parameters another one fully determines (`model.stem` by `model.arch`, say) are left out of
+the plots and the importance (`informative`). Importance from fewer than RELIABLE_TRIALS
+trials is marked unreliable in importance.csv and pareto.json.
+
     front = non_dominated(values, ["maximize", "minimize"])   # boolean mask
     export_from_mlflow("sqlite:///tracking/mlflow.db", "quickstart", "out/")
 """
@@ -25,10 +31,16 @@ from . import confidence
 from .dominance import hypervolume, non_dominated, normalised_hypervolume
 from .errors import BadInput
 from .glance import MARK  # a front run's name starts with it: not part of the name
+from .stack import group_order
 from .tracking import ROLE, STUDY, SUPERSEDED, TRIAL
 
 __all__ = ["non_dominated", "hypervolume", "normalised_hypervolume", "Trials",
-           "load_trials", "write", "layer_importance", "export_from_mlflow"]
+           "load_trials", "write", "layer_importance", "export_from_mlflow", "varied",
+           "constants", "derived", "informative", "RELIABLE_TRIALS"]
+
+# fANOVA's importance over fewer trials than this is marked unreliable: with a handful of
+# trials its forest attributes chance differences to whichever parameter it split on first
+RELIABLE_TRIALS = 30
 
 
 @dataclass
@@ -155,13 +167,60 @@ def _confirmed(metrics: dict[str, float]) -> dict[str, float]:
     return metrics
 
 
-def _flat(row: dict, trials: Trials) -> dict:
-    first = {"trial": row["trial"], **{m: row["metrics"][m] for m in trials.objectives},
+def varied(trials: Trials) -> list[str]:
+    """The parameters with more than one value among the trials, in the stack's order."""
+    names = {k for row in trials.rows for k in row["params"]}
+    return sorted((k for k in names if len({r["params"].get(k) for r in trials.rows}) > 1),
+                  key=lambda k: (group_order(k), k))
+
+
+def constants(trials: Trials) -> dict[str, str]:
+    """The parameters with one value in every trial (the study's fixed settings)."""
+    names = {k for row in trials.rows for k in row["params"]}
+    return {k: trials.rows[0]["params"].get(k) for k in sorted(names, key=lambda k: (
+        group_order(k), k)) if len({r["params"].get(k) for r in trials.rows}) == 1}
+
+
+def derived(trials: Trials) -> dict[str, str]:
+    """Varied parameter -> the varied parameter that fully determines it among the trials
+    (`model.stem` -> `model.arch` where each architecture has its own stem). Evidence is
+    required: some value of the determining parameter must occur in two trials or more. Of
+    two parameters that determine each other, the later in the stack's order is derived."""
+    names = varied(trials)
+    out: dict[str, str] = {}
+
+    def determines(q: str, p: str) -> bool:
+        seen: dict = {}
+        for row in trials.rows:
+            value = seen.setdefault(row["params"].get(q), row["params"].get(p))
+            if value != row["params"].get(p):
+                return False
+        return len(seen) < len(trials.rows)  # some value of q repeated: evidence
+    for p in names:
+        for q in names:
+            if q == p or q in out:
+                continue
+            if determines(q, p) and not (determines(p, q) and names.index(p) < names.index(q)):
+                out[p] = q
+                break
+    return out
+
+
+def informative(trials: Trials) -> list[str]:
+    """The parameters the plots and the importance show: varied and not derived."""
+    gone = derived(trials)
+    return [k for k in varied(trials) if k not in gone]
+
+
+def _flat(row: dict, trials: Trials, params: list[str]) -> dict:
+    first = {"trial": row["trial"], "name": row["name"],
+             **{m: row["metrics"][m] for m in trials.objectives},
              "feasible": trials.feasible(row), "violates": trials.violates(row),
              **({"tied_with": row["tied_with"]} if "tied_with" in row else {}),
              "confirmed": "latency_search_ms" in row["metrics"]}
     rest = {k: v for k, v in sorted(row["metrics"].items()) if k not in trials.objectives}
-    return {**first, **dict(sorted(row["params"].items())), **rest, "run_id": row["run_id"]}
+    return {**first, **{k: row["params"].get(k) for k in params}, **rest,
+            "run_id": row["run_id"]}
 
 
 def _optuna_study(trials: Trials):
@@ -194,8 +253,9 @@ def write(trials: Trials, out_dir: str | Path, running: int = 0) -> dict[str, Pa
     tied = confidence.ties(front, trials.objectives)
     for row in front:  # the front points it cannot be told apart from (95% intervals)
         row["tied_with"] = " ".join(map(str, tied.get(row["trial"], [])))
+    shown = varied(trials) if len(trials.rows) > 1 else list(constants(trials))
     for rows, path in ((front, paths["pareto.csv"]), (trials.rows, paths["trials.csv"])):
-        flat = [_flat(r, trials) for r in rows]
+        flat = [_flat(r, trials, shown) for r in rows]
         columns = list(dict.fromkeys(k for r in flat for k in r))
         with open(path, "w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=columns)
@@ -210,9 +270,11 @@ def write(trials: Trials, out_dir: str | Path, running: int = 0) -> dict[str, Pa
     importance = layer_importance(trials)
     with open(paths["importance.csv"], "w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(["layer", "parameter", *trials.objectives])
+        reliable = len(trials.rows) >= RELIABLE_TRIALS
+        writer.writerow(["layer", "parameter", *trials.objectives, "trials", "reliable"])
         for (layer, param), scores in importance.items():
-            writer.writerow([layer, param, *(f"{scores[m]:.4f}" for m in trials.objectives)])
+            writer.writerow([layer, param, *(f"{scores[m]:.4f}" for m in trials.objectives),
+                             len(trials.rows), reliable])
     paths["pareto.json"].write_text(json.dumps({
         "study": trials.study, "objectives": trials.objectives,
         "thresholds": trials.thresholds, "trials": len(trials.rows),
@@ -220,7 +282,14 @@ def write(trials: Trials, out_dir: str | Path, running: int = 0) -> dict[str, Pa
         "feasible": sum(trials.feasible(r) for r in trials.rows),
         "infeasible": [{"trial": r["trial"], "name": r["name"], "violates": trials.violates(r)}
                        for r in trials.rows if not trials.feasible(r)],
-        "hypervolume": volume, "front": front,
+        "hypervolume": volume,
+        "constants": constants(trials) if len(trials.rows) > 1 else {},
+        "derived": derived(trials),
+        "importance": {"trials": len(trials.rows),
+                       "reliable": len(trials.rows) >= RELIABLE_TRIALS,
+                       "note": f"fANOVA over fewer than {RELIABLE_TRIALS} trials is not "
+                               "reliable" if len(trials.rows) < RELIABLE_TRIALS else ""},
+        "front": front,
         **({"trials_running": running, "note": f"made with {running} trial(s) still running"}
            if running else {})}, indent=2))
     from . import plots  # plotly and matplotlib load only to draw
@@ -236,9 +305,8 @@ def layer_importance(trials: Trials) -> dict[tuple[str, str], dict[str, float]]:
     import optuna
 
     study = _optuna_study(trials)
-    varied = [k for k in sorted({k for r in trials.rows for k in r["params"]})
-              if len({r["params"].get(k, "-") for r in trials.rows}) > 1]
-    if len(trials.rows) < 2 or not varied:
+    shown = informative(trials)
+    if len(trials.rows) < 2 or not shown:
         return {}
     scores: dict[tuple[str, str], dict[str, float]] = {}
     for i, metric in enumerate(trials.objectives):
@@ -246,7 +314,7 @@ def layer_importance(trials: Trials) -> dict[tuple[str, str], dict[str, float]]:
             continue  # the objective did not vary: nothing to attribute (fANOVA refuses)
         try:
             found = optuna.importance.get_param_importances(
-                study, params=varied, target=lambda t, i=i: t.values[i],
+                study, params=shown, target=lambda t, i=i: t.values[i],
                 evaluator=optuna.importance.FanovaImportanceEvaluator(seed=0), normalize=True)
         except (RuntimeError, ValueError) as e:  # e.g. no variance left in any tree
             print(f"warning: no importance for {metric}: {e}", file=sys.stderr)

@@ -265,12 +265,15 @@ class Tracker:
 
 def link_launcher_run(study: str, uri: str, parent_id: str, artifacts: Path | None) -> None:
     """Under `mlflow run`, point the launcher's own run at the study's parent run and copy the
-    Pareto export to it, so the run `mlflow run` prints leads to the results."""
+    Pareto export (but its HTML page, which the study's run holds) to it, so the run `mlflow
+    run` prints leads to the results."""
     launcher = os.environ.get("MLFLOW_RUN_ID")
     if not launcher or launcher == parent_id:
         return
     client = MlflowClient(tracking_uri=os.environ.get("MLFLOW_TRACKING_URI"))
     client.log_batch(launcher, tags=[RunTag(STUDY, study), RunTag("dlas.tracking_uri", uri),
                                      RunTag("dlas.study_run_id", parent_id)])
-    if artifacts is not None and artifacts.exists():
-        client.log_artifacts(launcher, str(artifacts), "pareto")
+    if artifacts is not None and artifacts.exists():  # the plot page (plotly inlined, about
+        for path in sorted(artifacts.iterdir()):  # 5 MB) stays on the study's run alone
+            if path.is_file() and path.suffix != ".html":
+                client.log_artifact(launcher, str(path), "pareto")

@@ -62,7 +62,9 @@ def test_exports_parse(tmp_path):
     data = json.loads(paths["pareto.json"].read_text())
     assert [r["trial"] for r in data["front"]] == [0, 1, 2, 4, 6]
     lines = paths["pareto.csv"].read_text().splitlines()
-    assert lines[0].startswith("trial,accuracy,latency_ms,size_mb") and len(lines) == 6
+    assert lines[0].startswith("trial,name,accuracy,latency_ms,size_mb") and len(lines) == 6
+    assert "model.arch" not in lines[0]  # one value in every trial: a constant, in the JSON
+    assert data["constants"] == {"model.arch": "a"}
     assert "plotly" in paths["pareto.html"].read_text()[:200000].lower()
     assert paths["pareto.png"].read_bytes()[:4] == b"\x89PNG"
 
@@ -81,13 +83,18 @@ def test_html_has_every_pair_and_all_trials_by_layer(tmp_path):
     for x, y in (("accuracy", "latency_ms"), ("accuracy", "size_mb"),
                  ("latency_ms", "size_mb")):
         assert f"{x} vs {y}" in html
-    pair_fronts = re.findall(r'"name":"front of the pair","showlegend":\w+,"text":\[([^\]]*)\]',
-                             html)
-    assert len(pair_fronts) == 3
-    assert "#4" in pair_fronts[0] and "#6" not in pair_fronts[0]
+    from dlas_search import plots
+    figure = plots.pairs_figure(Trials("hand", objectives, rows))
+    fronts = [t for t in figure.data if t.name == plots.FRONT_LEGEND]
+    assert len(fronts) == 3  # the real front, the same five trials in every panel
+    assert all(sorted(t.text) == ["#0", "#1", "#2", "#4", "#6"] for t in fronts)
+    pairs = [t for t in figure.data if t.name == plots.PAIR_LEGEND]
+    assert len(pairs) == 3 and all(t.line.dash == "dash" and t.mode == "lines" for t in pairs)
+    # the accuracy-latency pair's own front: 4, 0 (=1), 2; trial 6 is on the real front only
+    assert sorted(set(zip(pairs[0].x, pairs[0].y))) == [(0.8, 5.0), (0.9, 10.0), (0.95, 20.0)]
     assert '"type":"parcoords"' in html
     menu = re.findall(r'"label":"colour by ([a-z._]+)"', html)
-    assert menu == ["model.arch", "compress.amount"]  # varied only, in the stack's order
+    assert menu == ["model.arch", "compress.amount", *objectives]  # stack order, objectives
     assert html.count("<script") >= 2 and html.lower().count("plotly.js") >= 1
 
 
@@ -124,8 +131,10 @@ def test_export_reports_hypervolume_and_layer_importance(tmp_path):
     data = json.loads(paths["pareto.json"].read_text())
     assert 0 < data["hypervolume"] <= 1.1 ** 2
     lines = paths["importance.csv"].read_text().splitlines()
-    assert lines[0] == "layer,parameter,accuracy,latency_ms"
-    table = {tuple(line.split(",")[:2]): list(map(float, line.split(",")[2:]))
+    assert lines[0] == "layer,parameter,accuracy,latency_ms,trials,reliable"
+    assert all(line.endswith(",40,True") for line in lines[1:])  # 40 trials: reliable
+    assert data["importance"]["reliable"] is True
+    table = {tuple(line.split(",")[:2]): list(map(float, line.split(",")[2:4]))
              for line in lines[1:]}
     assert table[("compress", "compress.method")][0] > 0.9  # accuracy
     assert table[("algo", "algo.conv")][1] > 0.9            # latency
@@ -195,7 +204,7 @@ def test_a_trial_below_the_floor_is_listed_greyed_never_on_the_front(tmp_path):
     assert "accuracy 0.1 < min 0.5" in greyed[0].text[0]
     for trace in figure.data:  # no other trace holds trial 2
         if trace.name != label:
-            assert not any("#2 " in text for text in trace.text)
+            assert not any("#2 " in text for text in (trace.text or ()))
     assert label in paths["pareto.html"].read_text()
     assert paths["pareto.png"].read_bytes()[:4] == b"\x89PNG"
     parallel = plots.parallel_figure(trials)
@@ -254,3 +263,58 @@ def test_every_shipped_space_has_an_accuracy_floor_well_above_chance(path):
         assert classes, f"the dataset registry does not know {name}'s class count"
         assert floor >= 2 / classes, f"{path.name}: floor {floor} is near chance (1/{classes})"
     assert "accuracy floor" in path.read_text() and "chance" in path.read_text()
+
+
+def test_derived_parameters_leave_the_plots_and_the_importance(tmp_path):
+    """model.stem follows model.arch and compress.calibration_images follows compress.method:
+    neither gets an axis, a colour or an importance; the CSV still lists them, in the stack's
+    order after the objectives; 12 trials are too few for a reliable importance."""
+    import csv
+
+    from dlas_search import pareto, plots
+    objectives = {"accuracy": "maximize", "latency_ms": "minimize"}
+    rows = []
+    for i in range(12):
+        arch, method = ("resnet18", "mobilenet_v2")[i % 2], ("none", "int8", "channel")[i % 3]
+        rows.append({"trial": i, "run_id": f"r{i}", "name": f"{arch} {method}",
+                     "params": {"model.arch": arch, "model.stem": {"resnet18": "standard"}.get(
+                                    arch, "cifar"),
+                                "compress.method": method, "compress.calibration_images":
+                                    "128" if method == "int8" else "-",
+                                "algo.conv": ("direct", "winograd")[i // 6],
+                                "hw.threads": "1", "data.name": "digits"},
+                     "metrics": {"accuracy": 0.5 + 0.03 * i, "latency_ms": 10.0 - 0.5 * (i % 5)}})
+    trials = Trials("derived", objectives, rows)
+    assert pareto.derived(trials) == {"model.stem": "model.arch",
+                                      "compress.calibration_images": "compress.method"}
+    assert pareto.informative(trials) == ["model.arch", "compress.method", "algo.conv"]
+    paths = write(trials, tmp_path)
+    labels = [d.label for d in plots.parallel_figure(trials).data[0].dimensions]
+    assert labels == ["model.arch", "compress.method", "algo.conv", *objectives]
+    parameters = [line.split(",")[1] for line in
+                  paths["importance.csv"].read_text().splitlines()[1:]]
+    assert "model.stem" not in parameters and "compress.calibration_images" not in parameters
+    assert {"model.arch", "compress.method", "algo.conv"} & set(parameters)
+    assert all(line.endswith(",12,False") for line in
+               paths["importance.csv"].read_text().splitlines()[1:])
+    data = json.loads(paths["pareto.json"].read_text())
+    assert data["importance"]["reliable"] is False and "30" in data["importance"]["note"]
+    assert data["constants"] == {"data.name": "digits", "hw.threads": "1"}
+    header = next(csv.reader(paths["trials.csv"].open()))
+    assert header[:4] == ["trial", "name", "accuracy", "latency_ms"]
+    params = [h for h in header if "." in h]
+    assert params == ["model.arch", "model.stem", "compress.calibration_images",
+                      "compress.method", "algo.conv"]  # layers in the stack's order
+    # the colour bar names the categories of what it colours by
+    bar = plots.parallel_figure(trials).data[0].line.colorbar
+    assert list(bar.ticktext) == ["mobilenet_v2", "resnet18"]
+
+
+def test_a_one_off_coincidence_is_not_a_derivation():
+    """Two parameters whose values never repeat determine each other only by chance."""
+    from dlas_search import pareto
+    rows = [{"trial": i, "run_id": f"r{i}", "name": f"#{i}",
+             "params": {"compress.amount": str(0.1 * i), "finetune.lr": str(0.01 * i)},
+             "metrics": {"accuracy": 0.1 * i}} for i in range(4)]
+    trials = Trials("coincidence", {"accuracy": "maximize"}, rows)
+    assert pareto.derived(trials) == {}
