@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 from .cli_results import (cache_dir_arg, cmd_confirm, cmd_pareto, cmd_reconcile, cmd_report,
-                          front_lines)
+                          front_lines, export_lines)
 from .errors import BadInput
 
 __all__ = ["DEFAULT_SPACE", "PAPER_SPACE", "REDUCED_SPACE", "build_parser",
@@ -197,7 +197,8 @@ def cmd_search(args) -> int:
           f"{failed} failed" + (f", {running} still running" if running else "") +
           f"); Pareto front: {len(outcome.front)} trials -> {outcome.pareto_dir}" +
           (f" (made with {running} trial(s) still running)" if running else ""))
-    for line in front_lines(outcome.trials) if outcome.trials else ():
+    for line in (front_lines(outcome.trials) + export_lines(outcome.trials, outcome.pareto_dir)
+                 if outcome.trials else ()):
         print(line)
     for line in outcome.running:
         print(f"  {line}")

@@ -9,7 +9,7 @@ from pathlib import Path
 from .errors import BadInput
 
 __all__ = ["cache_dir_arg", "cmd_pareto", "cmd_confirm", "cmd_report", "cmd_reconcile", "print_front",
-           "front_lines", "front_line"]
+           "front_lines", "front_line", "export_lines"]
 
 
 def cache_dir_arg(value: str | None):
@@ -35,8 +35,21 @@ def print_front(experiment: str, trials, out: Path) -> None:
     front = trials.front()
     print(f"{experiment}: {len(front)} of {len(trials.rows)} finished trials on the "
           f"Pareto front ({', '.join(f'{k} {v}' for k, v in trials.objectives.items())}) -> {out}")
-    for line in front_lines(trials):
+    for line in front_lines(trials) + export_lines(trials, out):
         print(line)
+
+
+def export_lines(trials, out: Path) -> list[str]:
+    """The front's hypervolume and the files the export wrote (`out`), for the terminal."""
+    lines = []
+    if trials.hypervolume is not None:
+        lines.append(f"  hypervolume {trials.hypervolume:.4f} (of the trials' normalised "
+                     "objective box; higher is better)")
+    written = sorted(p.name for p in Path(out).iterdir() if p.is_file()) \
+        if Path(out).is_dir() else []
+    if written:
+        lines.append(f"  wrote {', '.join(written)} in {out}")
+    return lines
 
 
 def front_lines(trials) -> list[str]:

@@ -318,3 +318,13 @@ def test_a_one_off_coincidence_is_not_a_derivation():
              "metrics": {"accuracy": 0.1 * i}} for i in range(4)]
     trials = Trials("coincidence", {"accuracy": "maximize"}, rows)
     assert pareto.derived(trials) == {}
+
+
+def test_the_terminal_summary_names_the_hypervolume_and_the_files(tmp_path):
+    from dlas_search.cli_results import export_lines
+    trials = floored_trials()
+    write(trials, tmp_path)
+    lines = export_lines(trials, tmp_path)
+    assert lines[0].startswith(f"  hypervolume {trials.hypervolume:.4f}")
+    assert lines[1] == ("  wrote importance.csv, pareto.csv, pareto.html, pareto.json, "
+                        f"pareto.png, trials.csv in {tmp_path}")
