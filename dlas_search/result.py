@@ -34,6 +34,9 @@ class TrialResult:
     # a gate stopped the trial (gates.py): {"at": stage, "reason": why}; its metrics are the
     # stages' before it
     stopped: dict[str, str] = field(default_factory=dict)
+    # what logging its MLflow Model needs (mlmodel.py), for a library built for the local CPU:
+    # input_shape, classes, precision, target, preprocessing, example, dataset (plain data)
+    deploy: dict = field(default_factory=dict)
 
     def discard_artifacts(self) -> None:
         """Remove the artifact folders once they are logged (they live in temporary space)."""

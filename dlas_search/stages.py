@@ -267,9 +267,20 @@ class Stages:
             result.info["arithmetic"] = "; ".join(  # what the compiled convs and matmuls multiply
                 f"{op} {', '.join(sorted(kinds))}" for op, kinds in built.arithmetic.items()
                 if kinds)
-        if any(self.cfg.artifacts.values()):
+        if self.cfg.artifacts.get("weights", True) or self.cfg.artifacts.get("library", True):
             result.artifacts["model"] = keep_model(compressed, built, self.device,
                                                    self.cfg.artifacts)
+        if built is not None and self.device is not None and self.device.spec.device == \
+                "local" and self.cfg.artifacts.get("library", True) and \
+                self.cfg.artifacts.get("model", True):  # what its MLflow Model needs
+            example = self.dataset.example()
+            result.deploy = {
+                "input_shape": list(example.shape), "classes": self.dataset.num_classes,
+                "precision": compressed.precision, "target": str(self.device.target),
+                "preprocessing": f"the validation transform of data.name {self.cfg.data.name} "
+                                 f"at {self.cfg.data.image_size}px (float32 NCHW)",
+                "example": example.numpy().tolist(),
+                "dataset": data.describe(self.cfg.data, self.dataset)}
         return result
 
 

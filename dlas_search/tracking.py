@@ -218,14 +218,26 @@ class Tracker:
         return run.info.run_id
 
     def finish_trial(self, run_id: str, metrics: dict[str, float], tags: dict[str, str],
-                     artifacts: dict[str, Path] | None = None) -> None:
+                     artifacts: dict[str, Path] | None = None,
+                     deploy: dict | None = None) -> str | None:
         """Log the trial's results and keep its artifact folders (e.g. `tuning`: the records
-        its compiled schedules came from), then end the run."""
+        its compiled schedules came from), then end the run. With `deploy` (a library built
+        for the local CPU), its `model/model.so` becomes the run's MLflow Model (mlmodel.py)
+        and is stored there alone; the model's id (None: no model)."""
         self.client.log_batch(run_id, metrics=_metrics(metrics),
                               tags=[RunTag(k, v) for k, v in tags.items()])
+        model_id = None
+        library = (artifacts or {}).get("model", Path("-")) / "model.so"
+        if deploy and library.is_file():
+            from .mlmodel import log_compiled
+            model_id = log_compiled(self.uri, run_id, library, deploy, metrics)
+            library.unlink()  # stored once: in the model
         for name, folder in (artifacts or {}).items():
+            if not any(folder.iterdir()):
+                continue
             self.client.log_artifacts(run_id, str(folder), name)
         self.client.set_terminated(run_id, "FINISHED")
+        return model_id
 
     def supersede(self, earlier: str, later: str) -> None:
         """A later tuning round's run `later` takes the configuration's row: the earlier

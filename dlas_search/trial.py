@@ -65,7 +65,8 @@ def run_and_log(config, tracker, run_id: str, runner: Callable[..., TrialResult]
                                 "stopped_reason": result.stopped["reason"][:5000]})
         result.metrics["trial_s"] = time.perf_counter() - start
         with faults.layer("artifacts"):  # e.g. disk full: the run must not look complete
-            tracker.finish_trial(run_id, result.metrics, result.tags(), result.artifacts)
+            tracker.finish_trial(run_id, result.metrics, result.tags(), result.artifacts,
+                                 result.deploy)
         return result
     except BaseException as e:
         if faults.failed_layer(e) == "artifacts" and isinstance(e, Exception) and \

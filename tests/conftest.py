@@ -141,3 +141,35 @@ def compiled_error(model: torch.nn.Module, example: torch.Tensor, conv: str = "d
         reference = model(example).numpy()
     assert ours.shape == reference.shape
     return built, compiler.max_relative_error(ours, reference)
+
+
+COMPILED_SPACE = """\
+study: compiled
+seed: 0
+objectives: {accuracy: maximize, latency_ms: minimize, size_mb: minimize}
+sampler: {name: grid}
+budget: {trials: 2}
+space:
+  data: {name: digits, image_size: 16, val_fraction: 0.3}
+  model: {arch: resnet18, epochs: 2}
+  compress: {method: [none, int8]}
+  finetune: {epochs: 0}
+  algo: {conv: direct_nhwc}
+  hw: {threads: 1, warmup: 1, repeat: 3, min_repeat_ms: 1}
+"""
+
+
+@pytest.fixture(scope="session")
+def compiled_study(tmp_path_factory, cache_dir) -> dict:
+    """A finished two-trial study (resnet18 fp32 and int8, compiled for this CPU) in its own
+    stores: the MLflow Models and exports of test_mlmodel.py and test_export.py read it
+    (their modules share the xdist group `compiled_study`, so it is made once)."""
+    from dlas_search.search import run_search
+    from dlas_search.space import load_space
+    folder = tmp_path_factory.mktemp("compiled-study")
+    space = load_space(write_space(folder, COMPILED_SPACE, "compiled.yaml"))
+    uri = f"sqlite:///{folder}/mlflow.db"
+    outcome = run_search(space, trials=2, storage=f"sqlite:///{folder}/optuna.db",
+                         tracking_uri=uri, out_dir=folder / "pareto", cache_dir=cache_dir)
+    assert sum(t.state.name == "COMPLETE" for t in outcome.study.trials) == 2
+    return {"folder": folder, "uri": uri, "space": space, "outcome": outcome}

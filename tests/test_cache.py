@@ -13,7 +13,7 @@ from mlflow.tracking import MlflowClient
 from torch import nn
 
 from conftest import write_space
-from dlas_search import compiler, data, hardware, models, pipeline
+from dlas_search import compiler, data, hardware, mlmodel, models, pipeline
 from dlas_search.cache import StageCache, fingerprint
 from dlas_search.cli import main
 from dlas_search.errors import BadInput
@@ -117,8 +117,10 @@ def test_trial_run_keeps_weights_and_library_that_load_back(workdir, capsys):
     run = client.get_run(outcome["run_id"])
     assert run.data.tags["cache.compile"] == "miss"
     names = {a.path for a in client.list_artifacts(outcome["run_id"], "model")}
-    assert names == {"model/weights.pt", "model/model.so"}
+    assert names == {"model/weights.pt"}  # the library is stored once: in the MLflow Model
+    assert run.data.tags[mlmodel.MODEL_ID].startswith("m-")
     folder = Path(client.download_artifacts(outcome["run_id"], "model", str(workdir / "dl")))
+    assert mlmodel.library_of(client, run, folder) == folder / "model.so"
 
     config = load_space(path).defaults()
     example = data.load(config.data, config.seed).example()
@@ -149,8 +151,9 @@ def test_model_artifacts_can_be_switched_off(workdir, artifacts, kept):
 
 @pytest.mark.parametrize("text,message", [
     ("artifacts: {weights: maybe}", "artifacts.weights: 'maybe' must be true or false"),
-    ("artifacts: {model: true}", "artifacts: 'model' is not allowed; allowed: weights, library"),
-    ("artifacts: [weights]", "artifacts: a mapping of weights / library -> true or false")])
+    ("artifacts: {onnx: true}",
+     "artifacts: 'onnx' is not allowed; allowed: weights, library, model"),
+    ("artifacts: [weights]", "artifacts: a mapping of weights / library / model -> true or")])
 def test_bad_artifacts_option_is_refused(workdir, text, message, capsys):
     path = write_space(workdir, SMALL_SPACE.format(artifacts=text), "small.yaml")
     with pytest.raises(BadInput, match=message.replace("[", r"\[")):

@@ -28,7 +28,9 @@ DIRECTIONS = ("maximize", "minimize")
 TOP_LEVEL = ("study", "description", "seed", "objectives", "thresholds", "gates", "sampler",
              "budget", "targets", "artifacts", "space")
 # what each finished trial's run keeps under `model/` (tens of MB each: can be switched off)
-ARTIFACTS = {"weights": True, "library": True}
+# weights: the PyTorch state_dict (model/weights.pt); library: the compiled model.so; model:
+# the library as an MLflow Model (mlmodel.py; local CPU targets), which then holds it alone
+ARTIFACTS = {"weights": True, "library": True, "model": True}
 
 
 @dataclass(frozen=True)
