@@ -11,12 +11,13 @@ import os
 import sys
 from pathlib import Path
 
-from .cli_results import (cache_dir_arg, cmd_confirm, cmd_pareto, cmd_reconcile, cmd_report,
-                          front_lines, export_lines)
+from .cli_results import (cache_dir_arg, cmd_confirm, cmd_export, cmd_pareto, cmd_reconcile,
+                          cmd_report, front_lines, export_lines)
 from .errors import BadInput
 
 __all__ = ["DEFAULT_SPACE", "PAPER_SPACE", "REDUCED_SPACE", "build_parser",
-           "cmd_search", "cmd_trial", "cmd_pareto", "cmd_confirm", "cmd_perturb", "cmd_report",
+           "cmd_search", "cmd_trial", "cmd_pareto", "cmd_confirm", "cmd_export", "cmd_perturb",
+           "cmd_report",
            "cmd_reconcile", "cmd_targets", "cmd_space", "main"]
 
 
@@ -107,6 +108,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache-dir", default=None,
                    help="stage cache folder with the trials' models (default: tracking/cache)")
     p.add_argument("--out", default=None, help="folder (default: tracking/pareto/<experiment>)")
+
+    p = sub.add_parser("export", help="a trial's deployable folder (library, weights, config, "
+                       "tuning records, predict script)",
+                       description="Write one trial's deployable folder: the compiled library, "
+                       "its MLflow Model, the PyTorch weights, the configuration, the tuning "
+                       "records and a runnable predict.py. Name the run, or pick from an "
+                       "experiment's Pareto front with rules.")
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--run", default=None, metavar="RUN_ID", help="the trial's MLflow run id")
+    which.add_argument("--pick", default=None, metavar="RULES",
+                       help="rules applied to --experiment's front, e.g. "
+                            "'accuracy>=0.9, min latency_ms'")
+    p.add_argument("--experiment", default=None, help="MLflow experiment (= study name), "
+                   "for --pick")
+    _tracking_arg(p)
+    p.add_argument("--out", required=True, help="the folder to write (new or empty)")
+    p.add_argument("--register", default=None, metavar="NAME",
+                   help="also register the model in the MLflow Model Registry under NAME")
 
     p = sub.add_parser("perturb", help="run the DLAS perturbation study's grid, then its report",
                        description="Run (or continue) every configuration of the study's grid "
@@ -311,7 +330,7 @@ def cmd_space(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     handler = {"search": cmd_search, "trial": cmd_trial, "pareto": cmd_pareto,
-               "confirm": cmd_confirm,
+               "confirm": cmd_confirm, "export": cmd_export,
                "perturb": cmd_perturb, "report": cmd_report, "reconcile": cmd_reconcile,
                "targets": cmd_targets, "space": cmd_space}[args.command]
     try:

@@ -1,5 +1,5 @@
 """The `dlas` commands that read a finished study back from MLflow (and Optuna): `pareto`,
-`confirm`, `report`, `reconcile`; and the lines that show a front, which `dlas search` prints
+`confirm`, `export`, `report`, `reconcile`; and the lines that show a front, which `dlas search` prints
 too. Part of the command line contract (cli.py)."""
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 
 from .errors import BadInput
 
-__all__ = ["cache_dir_arg", "cmd_pareto", "cmd_confirm", "cmd_report", "cmd_reconcile", "print_front",
+__all__ = ["cache_dir_arg", "cmd_pareto", "cmd_confirm", "cmd_export", "cmd_report", "cmd_reconcile", "print_front",
            "front_lines", "front_line", "export_lines"]
 
 
@@ -96,6 +96,26 @@ def cmd_confirm(args) -> int:
           f"rounds ({result.seconds:.0f} s); {len(result.skipped)} kept their search numbers")
     out = Path(args.out) if args.out else tracking.TRACKING_DIR / "pareto" / args.experiment
     print_front(args.experiment, pareto.export_from_mlflow(uri, args.experiment, out), out)
+    return 0
+
+
+def cmd_export(args) -> int:
+    from . import export, pareto
+    uri = _store(args)
+    run_id = args.run
+    if args.pick is not None:
+        if not args.experiment:
+            raise BadInput("--pick needs --experiment (the study whose front it picks from)")
+        rule = export.parse_pick(args.pick)
+        row = export.pick(pareto.load_trials(uri, args.experiment), rule)
+        run_id = row["run_id"]
+        print(f"picked {row['name']} (run {run_id}) by {rule}")
+    done = export.export_run(uri, run_id, Path(args.out), args.register)
+    print(f"exported run {run_id} -> {done['folder']}: {', '.join(done['files'])}")
+    if done["registered"]:
+        print(f"registered in the MLflow Model Registry as {done['registered']}")
+    print(f"run it: python {done['folder']}/predict.py   (or: mlflow models serve -m "
+          f"{done['folder']}/mlflow_model --env-manager local)")
     return 0
 
 

@@ -21,7 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["MODEL_ID", "NAME", "REQUIREMENTS", "log_compiled", "library_of", "model_uri"]
+__all__ = ["MODEL_ID", "NAME", "REQUIREMENTS", "log_compiled", "library_of", "model_uri",
+           "using"]
 
 MODEL_ID = "dlas.model_id"  # the run's tag: its logged model
 NAME = "compiled"  # not `model`: the run's artifact folder of that name (weights.pt)
@@ -32,6 +33,13 @@ PYFUNC = Path(__file__).with_name("tvm_pyfunc.py")
 
 def model_uri(model_id: str) -> str:
     return f"models:/{model_id}"
+
+
+def using(tracking_uri: str):
+    """MLflow's fluent API (which LoggedModels and the registry need) pointed at
+    `tracking_uri` for a `with` block; what was set before is restored after."""
+    from mlflow.tracking._tracking_service.utils import _use_tracking_uri
+    return _use_tracking_uri(tracking_uri)
 
 
 def _dataset(deploy: dict):
@@ -59,11 +67,9 @@ def log_compiled(tracking_uri: str, run_id: str, library: Path, deploy: dict,
                                                       "target", "preprocessing")}, indent=1))
     example = np.asarray(deploy["example"], dtype=np.float32)
     signature = infer_signature(example, np.zeros((1, deploy["classes"]), np.float32))
-    previous = mlflow.get_tracking_uri()
-    mlflow.set_tracking_uri(tracking_uri)
     launcher = os.environ.pop("MLFLOW_RUN_ID", None)  # under `mlflow run`: not that run
     try:
-        with mlflow.start_run(run_id=run_id):
+        with using(tracking_uri), mlflow.start_run(run_id=run_id):
             info = mlflow.pyfunc.log_model(
                 name=NAME, python_model=str(PYFUNC),
                 artifacts={"library": str(library), "meta": str(meta)},
@@ -79,7 +85,6 @@ def log_compiled(tracking_uri: str, run_id: str, library: Path, deploy: dict,
             mlflow.set_tag(MODEL_ID, info.model_id)
         return info.model_id
     finally:
-        mlflow.set_tracking_uri(previous)
         if launcher is not None:
             os.environ["MLFLOW_RUN_ID"] = launcher
         for path in folder.iterdir():
