@@ -203,8 +203,16 @@ class Objective:
                              self._tracking_lost(trial, why, ran))
         if self.space.thresholds:
             trial.set_user_attr("constraints", result.constraints)
-        if extends:  # this run takes the configuration's row; the earlier round goes under it
-            self.tracker.supersede(extends, run_id)
+        if extends:  # the faster build holds the configuration's row; the other goes under it
+            from .rounds import keeps_row
+            earlier = self.tracker.client.get_run(extends).data.metrics
+            if keeps_row(earlier, result.metrics):
+                self.tracker.supersede(extends, run_id)
+            else:
+                self.tracker.supersede(run_id, extends)
+                say(f"[trial {trial.number}] the extension timed {result.metrics['latency_ms']:.4g}"
+                    f" ms, slower than its earlier round's {earlier['latency_ms']:.4g} ms: that "
+                    "round keeps the configuration's row")
         if result.stopped:  # a gate: pruned, with the reason and what it measured
             for key in ("accuracy", "size_mb", "trial_s", "untuned_latency_ms"):
                 if key in result.metrics:

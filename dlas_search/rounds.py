@@ -22,7 +22,10 @@ grows; MetaSchedule's search starts where the last round stopped) with the trial
 earlier round did not spend. In MLflow its run takes the configuration's row: the earlier
 round's run is moved under it (`mlflow.parentRunId`) and tagged `dlas.superseded_by`, so the
 comparison and the front show one row per configuration, with its final numbers, and the
-rounds before it one click down.
+rounds before it one click down. Unless the extension's build timed slower than the earlier
+round's (`keeps_row`: more trials found no faster schedule, or the machine was slower then):
+the earlier round keeps the row, its build being the one to deploy, and the extension goes
+under it; a study's confirmation times the front again in any case.
 """
 from __future__ import annotations
 
@@ -35,7 +38,7 @@ import optuna
 from . import confidence, pareto
 from .errors import BadInput, allowed
 
-__all__ = ["Rounds", "parse", "to_extend", "run_rounds", "spent"]
+__all__ = ["Rounds", "parse", "to_extend", "run_rounds", "spent", "keeps_row"]
 
 
 @dataclass(frozen=True)
@@ -146,3 +149,11 @@ def spent(objective, study: optuna.Study, say: Callable[[str], None]) -> bool:
         return False
     say("tuning rounds stop: the study's budget.tuning_trials is spent")
     return True
+
+
+def keeps_row(earlier: dict[str, float], later: dict[str, float]) -> bool:
+    """Whether an extension (metrics `later`) takes the configuration's row from the earlier
+    round (`earlier`): unless its latency is higher. The same model and schedules tuned
+    longer change nothing else."""
+    before, after = earlier.get("latency_ms"), later.get("latency_ms")
+    return before is None or after is None or after <= before
