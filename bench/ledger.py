@@ -12,7 +12,8 @@ path a trial can take at a small size, in a few minutes:
 - each revision builds the matrix through its own `dlas search` (a grid study; the command
   line is the contract every revision keeps), in its own process, both at once, except the
   tuned rows, which one revision tunes after the other (tuning times candidates); the
-  libraries come from the runs' `model/model.so` artifacts;
+  libraries come from the runs' MLflow Models (or, from older revisions, their `model/model.so`
+  artifacts);
 - then one process times every library of every revision and each row's PyTorch eager
   baseline, interleaved in `--rounds` rounds under the timing lock, so drift hits all alike;
 - each row's ratio TVM / PyTorch is compared with bench/results/ledger.md (committed, with
@@ -97,6 +98,8 @@ def build(label: str, tree: Path, out: Path, trials: int, convs: list[str] | Non
 def libraries(uri: str, folder: Path) -> dict[str, dict]:
     from mlflow.tracking import MlflowClient
 
+    from dlas_search.mlmodel import library_of
+
     client, found = MlflowClient(uri), {}
     for experiment in client.search_experiments():
         for run in client.search_runs([experiment.experiment_id],
@@ -106,8 +109,9 @@ def libraries(uri: str, folder: Path) -> dict[str, dict]:
                 found[key] = {"error": (run.data.tags.get("dlas.error") or run.info.status)[:200]}
                 continue
             target = folder / "libraries" / key.replace(" ", "-")
-            path = client.download_artifacts(run.info.run_id, "model/model.so", str(target))
-            found[key] = {"library": path, "params": dict(run.data.params)}
+            target.mkdir(parents=True, exist_ok=True)
+            path = library_of(client, run, target)
+            found[key] = {"library": str(path), "params": dict(run.data.params)}
     return found
 
 

@@ -7,9 +7,11 @@
 The folder: `model.so` (the compiled library the trial timed), `meta.json` (input shape,
 classes, precision, target, preprocessing), `example.npy` (one input), `predict.py` (runs
 the library with TVM's runtime and numpy alone), `config.json` (the trial's whole
-configuration, by layer), `metrics.json`, `weights.pt` (the PyTorch weights, where the run
-kept them), `tuning/` (the MetaSchedule records its schedules came from, for a tuned trial)
-and `mlflow_model/` (the MLflow Model, for `mlflow models serve -m mlflow_model`).
+configuration, by layer), `metrics.json`, `tuning/` (the MetaSchedule records its schedules
+came from, for a tuned trial), `mlflow_model/` (the compiled MLflow Model, for `mlflow models
+serve -m mlflow_model`) and `pytorch_model/` (the PyTorch model as an MLflow Model;
+`torch.export.load("pytorch_model/data/model.pt2").module()` without MLflow), or
+`weights.pt` for a run that kept a state_dict instead.
 
 A pick is a comma-separated list of conditions on metrics (`accuracy>=0.9`, `size_mb<20`) and
 at most one goal (`min latency_ms` or `max accuracy`; default: the first objective's
@@ -172,6 +174,13 @@ def export_run(tracking_uri: str, run_id: str, out: Path, register: str | None =
              "layers": by_layer}, indent=2))
         (staging / "metrics.json").write_text(json.dumps(run.data.metrics, indent=2,
                                                          sort_keys=True))
+        pytorch = run.data.tags.get(mlmodel.PYTORCH_MODEL_ID)
+        if pytorch:  # the PyTorch model (torch.export's model.pt2 inside)
+            got = Path(mlflow.artifacts.download_artifacts(
+                artifact_uri=client.get_logged_model(pytorch).artifact_location,
+                dst_path=str(staging / "download")))
+            shutil.move(got, staging / "pytorch_model")
+            shutil.rmtree(staging / "download", ignore_errors=True)
         kept = {a.path for a in client.list_artifacts(run_id)}
         if "model" in kept and "model/weights.pt" in {
                 a.path for a in client.list_artifacts(run_id, "model")}:

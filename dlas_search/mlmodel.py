@@ -1,16 +1,22 @@
-"""Every finished trial as an MLflow Model: what a user deploys, loads or registers.
+"""Every finished trial as MLflow Models: what a user deploys, loads or registers.
 
-A trial compiled for the local CPU logs an MLflow 3 LoggedModel `compiled` linked to its run: a
-pyfunc (tvm_pyfunc.py, copied into the model) whose `predict` runs the compiled library the
-trial timed, with its input and output signature and an input example; the validation split
-as the run's and the model's dataset input (name, digest, source); the trial's metrics linked
-to the model and that dataset. The library is stored once, in the model (the run's `model/`
-folder keeps the PyTorch weights); the run's tag `dlas.model_id` names the model.
+Each finished trial logs MLflow 3 LoggedModels linked to its run, with the trial's metrics
+(linked to the model and the dataset) and the validation split as dataset input (name,
+digest, source; also the run's input):
+
+- `compiled` (trials compiled for the local CPU; tag `dlas.model_id`): a pyfunc
+  (tvm_pyfunc.py, copied into the model) whose `predict` runs the compiled library the trial
+  timed, with its input and output signature and an input example. The library is stored
+  once, here.
+- `pytorch` (tag `dlas.pytorch_model_id`): the compressed PyTorch model (fp32, pruned, fp16,
+  or int8's quantised graph) saved with torch.export, its weights once, at the precision it
+  computes in; `mlflow.pytorch.load_model` gives it back without the code that built it.
 
     model_id = log_compiled(tracking_uri, run_id, Path("model/model.so"), deploy, metrics)
     mlflow.pyfunc.load_model(f"models:/{model_id}").predict(images)
 
-`artifacts: {model: false}` in the space turns it off (the library then stays in `model/`).
+`artifacts: {model: false}` in the space turns both off (the library then stays in `model/`,
+the weights in `model/weights.pt`).
 """
 from __future__ import annotations
 
@@ -21,11 +27,13 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["MODEL_ID", "NAME", "REQUIREMENTS", "log_compiled", "library_of", "model_uri",
-           "using"]
+__all__ = ["MODEL_ID", "PYTORCH_MODEL_ID", "NAME", "PYTORCH", "REQUIREMENTS", "log_compiled",
+           "save_pytorch", "log_saved", "library_of", "model_uri", "using"]
 
-MODEL_ID = "dlas.model_id"  # the run's tag: its logged model
-NAME = "compiled"  # not `model`: the run's artifact folder of that name (weights.pt)
+MODEL_ID = "dlas.model_id"  # the run's tag: its compiled model
+PYTORCH_MODEL_ID = "dlas.pytorch_model_id"  # the run's tag: its PyTorch model
+NAME = "compiled"  # not `model`: the run's artifact folder of that name
+PYTORCH = "pytorch"
 # what loading the model needs: TVM's runtime (as the library was built with), numpy, MLflow
 REQUIREMENTS = ["apache-tvm==0.27.0.post1", "apache-tvm-ffi==0.1.14.post0", "numpy>=1.26"]
 PYFUNC = Path(__file__).with_name("tvm_pyfunc.py")
@@ -79,9 +87,7 @@ def log_compiled(tracking_uri: str, run_id: str, library: Path, deploy: dict,
             dataset = _dataset(deploy)
             mlflow.log_input(dataset, context="validation",
                              model=LoggedModelInput(info.model_id))
-            mlflow.log_metrics({k: float(v) for k, v in metrics.items()
-                                if v is not None and np.isfinite(v)},
-                               model_id=info.model_id, dataset=dataset)
+            mlflow.log_metrics(_finite(metrics), model_id=info.model_id, dataset=dataset)
             mlflow.set_tag(MODEL_ID, info.model_id)
         return info.model_id
     finally:
@@ -90,6 +96,56 @@ def log_compiled(tracking_uri: str, run_id: str, library: Path, deploy: dict,
         for path in folder.iterdir():
             path.unlink()
         folder.rmdir()
+
+
+def save_pytorch(module, example, folder: Path) -> Path:
+    """Save the compressed PyTorch model as an MLflow Model in `folder` (torch.export's pt2:
+    the graph and its weights, no pickled code); int8's quantised module gives its exported
+    graph. Done where the module is (a trial's child process, say); log_saved logs it."""
+    import mlflow
+    import torch
+    program = getattr(module, "program", None)  # compression.Quantized: the exported graph
+    # two images: MLflow exports a batch of one with the batch size fixed at 1
+    mlflow.pytorch.save_model(program.module() if program is not None else module.eval(),
+                              str(folder), input_example=torch.cat([example, example]).numpy(),
+                              serialization_format="pt2",
+                              pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"])
+    return folder
+
+
+def log_saved(tracking_uri: str, run_id: str, folder: Path, deploy: dict,
+              metrics: dict[str, float], name: str = PYTORCH) -> str:
+    """Log the MLflow Model saved in `folder` as run `run_id`'s LoggedModel `name`, with the
+    run's metrics and dataset; its id (also the run's tag PYTORCH_MODEL_ID)."""
+    import mlflow
+    from mlflow.entities import LoggedModelInput, LoggedModelOutput
+    from mlflow.tracking import MlflowClient
+    launcher = os.environ.pop("MLFLOW_RUN_ID", None)  # under `mlflow run`: not that run
+    try:
+        with using(tracking_uri), mlflow.start_run(run_id=run_id):
+            model = mlflow.initialize_logged_model(
+                name=name, source_run_id=run_id, model_type=name,
+                tags={"dlas.precision": deploy.get("precision", "")})
+            client = MlflowClient(tracking_uri)
+            client.log_model_artifacts(model.model_id, str(folder))
+            mlflow.finalize_logged_model(model.model_id, "READY")
+            client.log_outputs(run_id, [LoggedModelOutput(model.model_id, 0)])
+            if "dataset" in deploy:
+                dataset = _dataset(deploy)
+                mlflow.log_input(dataset, context="validation",
+                                 model=LoggedModelInput(model.model_id))
+            else:
+                dataset = None
+            mlflow.log_metrics(_finite(metrics), model_id=model.model_id, dataset=dataset)
+            mlflow.set_tag(PYTORCH_MODEL_ID, model.model_id)
+        return model.model_id
+    finally:
+        if launcher is not None:
+            os.environ["MLFLOW_RUN_ID"] = launcher
+
+
+def _finite(metrics: dict[str, float]) -> dict[str, float]:
+    return {k: float(v) for k, v in metrics.items() if v is not None and np.isfinite(v)}
 
 
 def library_of(client, run, folder: Path) -> Path | None:

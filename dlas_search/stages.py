@@ -267,37 +267,55 @@ class Stages:
             result.info["arithmetic"] = "; ".join(  # what the compiled convs and matmuls multiply
                 f"{op} {', '.join(sorted(kinds))}" for op, kinds in built.arithmetic.items()
                 if kinds)
-        if self.cfg.artifacts.get("weights", True) or self.cfg.artifacts.get("library", True):
-            result.artifacts["model"] = keep_model(compressed, built, self.device,
-                                                   self.cfg.artifacts)
+        which = self.cfg.artifacts
+        if which.get("model", True):  # what the run's MLflow Models need (mlmodel.py)
+            result.deploy = {"dataset": data.describe(self.cfg.data, self.dataset),
+                             "precision": compressed.precision}
         if built is not None and self.device is not None and self.device.spec.device == \
-                "local" and self.cfg.artifacts.get("library", True) and \
-                self.cfg.artifacts.get("model", True):  # what its MLflow Model needs
-            example = self.dataset.example()
-            result.deploy = {
+                "local" and which.get("library", True) and which.get("model", True):
+            example = self.dataset.example()  # the compiled library runs on this CPU
+            result.deploy.update({
                 "input_shape": list(example.shape), "classes": self.dataset.num_classes,
-                "precision": compressed.precision, "target": str(self.device.target),
+                "target": str(self.device.target),
                 "preprocessing": f"the validation transform of data.name {self.cfg.data.name} "
                                  f"at {self.cfg.data.image_size}px (float32 NCHW)",
-                "example": example.numpy().tolist(),
-                "dataset": data.describe(self.cfg.data, self.dataset)}
+                "example": example.numpy().tolist()})
+        result.artifacts.update(keep_model(compressed, built, self.device, which,
+                                           self.dataset.example()))
         return result
 
 
 def keep_model(compressed: compression.Compressed, built: compiler.Compiled | None,
-               device: hardware.Device, which: dict[str, bool]) -> Path:
-    """The run artifact `model/`: `weights.pt`, the compressed model's state_dict, and
-    `model.so`, the compiled library (the cached one, or exported for the device)."""
-    folder = Path(tempfile.mkdtemp(prefix="dlas-model-")) / "model"
+               device: hardware.Device, which: dict[str, bool],
+               example: torch.Tensor) -> dict[str, Path]:
+    """The run's model files by artifact folder (the space's `artifacts:` says which):
+    `pytorch/`, the compressed PyTorch model as an MLflow Model saved with torch.export (its
+    weights at the precision it computes in; logged as the run's LoggedModel `pytorch`), or,
+    with `artifacts: {model: false}`, its state_dict `model/weights.pt`; and `model/model.so`,
+    the compiled library (the cached one, or exported for the device)."""
+    from . import mlmodel
+    root = Path(tempfile.mkdtemp(prefix="dlas-model-"))
+    folder, out = root / "model", {}
     folder.mkdir()
-    if which.get("weights", True):
+    if which.get("weights", True) and which.get("model", True):
+        try:
+            out["pytorch"] = mlmodel.save_pytorch(compressed.module, example, root / "pytorch")
+        except Exception as e:  # torch.export refuses this model: keep its weights as before
+            say(f"the PyTorch model is kept as model/weights.pt, not as an MLflow Model: "
+                f"torch.export could not save it ({type(e).__name__}: {str(e)[:200]})")
+            shutil.rmtree(root / "pytorch", ignore_errors=True)
+    if which.get("weights", True) and "pytorch" not in out:
         torch.save(compressed.module.state_dict(), folder / "weights.pt")
     if which.get("library", True) and built is not None:
         if built.library is not None and built.library.is_file():
             shutil.copyfile(built.library, folder / "model.so")
         else:
             hardware.export_library(built.executable, device, folder)
-    return folder
+    if any(folder.iterdir()):
+        out["model"] = folder
+    if not out:
+        shutil.rmtree(root)
+    return out
 
 
 def latency_metrics(prefix: str, timing: hardware.Timing,

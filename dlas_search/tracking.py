@@ -221,18 +221,22 @@ class Tracker:
                      artifacts: dict[str, Path] | None = None,
                      deploy: dict | None = None) -> str | None:
         """Log the trial's results and keep its artifact folders (e.g. `tuning`: the records
-        its compiled schedules came from), then end the run. With `deploy` (a library built
-        for the local CPU), its `model/model.so` becomes the run's MLflow Model (mlmodel.py)
-        and is stored there alone; the model's id (None: no model)."""
+        its compiled schedules came from), then end the run. With `deploy` for a library built
+        for the local CPU, its `model/model.so` becomes the run's MLflow Model `compiled`
+        (mlmodel.py) and is stored there alone; the folder `pytorch` (an MLflow Model saved by
+        the trial) becomes the LoggedModel `pytorch`. The compiled model's id (or None)."""
         self.client.log_batch(run_id, metrics=_metrics(metrics),
                               tags=[RunTag(k, v) for k, v in tags.items()])
-        model_id = None
-        library = (artifacts or {}).get("model", Path("-")) / "model.so"
-        if deploy and library.is_file():
+        model_id, artifacts = None, dict(artifacts or {})
+        library = artifacts.get("model", Path("-")) / "model.so"
+        if deploy and "input_shape" in deploy and library.is_file():
             from .mlmodel import log_compiled
             model_id = log_compiled(self.uri, run_id, library, deploy, metrics)
             library.unlink()  # stored once: in the model
-        for name, folder in (artifacts or {}).items():
+        if "pytorch" in artifacts:  # an MLflow Model already saved: logged as one
+            from .mlmodel import log_saved
+            log_saved(self.uri, run_id, artifacts.pop("pytorch"), deploy or {}, metrics)
+        for name, folder in artifacts.items():
             if not any(folder.iterdir()):
                 continue
             self.client.log_artifacts(run_id, str(folder), name)

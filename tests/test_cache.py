@@ -5,6 +5,7 @@ import copy
 import json
 from pathlib import Path
 
+import mlflow
 import numpy as np
 import pytest
 import torch
@@ -108,43 +109,54 @@ def test_the_cache_key_sees_the_weights_not_the_object():
 
 
 def test_trial_run_keeps_weights_and_library_that_load_back(workdir, capsys):
+    """The run's two MLflow Models: the compiled library (a pyfunc) and the PyTorch model
+    (torch.export), each holding its weights once; both give the trained model's outputs,
+    which a fresh, untrained model does not."""
     path = write_space(workdir, SMALL_SPACE.format(artifacts=""), "small.yaml")
     code = main(["trial", "--space", str(path), "--cache-dir", str(workdir / "cache"),
                  "--json"])
     outcome = json.loads(capsys.readouterr().out)
     assert code == 0 and outcome["status"] == "FINISHED", outcome
-    client = MlflowClient(f"sqlite:///{workdir}/tracking/mlflow.db")
+    uri = f"sqlite:///{workdir}/tracking/mlflow.db"
+    client = MlflowClient(uri)
     run = client.get_run(outcome["run_id"])
     assert run.data.tags["cache.compile"] == "miss"
-    names = {a.path for a in client.list_artifacts(outcome["run_id"], "model")}
-    assert names == {"model/weights.pt"}  # the library is stored once: in the MLflow Model
-    assert run.data.tags[mlmodel.MODEL_ID].startswith("m-")
-    folder = Path(client.download_artifacts(outcome["run_id"], "model", str(workdir / "dl")))
-    assert mlmodel.library_of(client, run, folder) == folder / "model.so"
+    assert {a.path for a in client.list_artifacts(outcome["run_id"])} <= {"tuning"}
+    folder = workdir / "dl"
+    folder.mkdir()
+    library = mlmodel.library_of(client, run, folder)
+    with mlmodel.using(uri):
+        pytorch = mlflow.pytorch.load_model(
+            mlmodel.model_uri(run.data.tags[mlmodel.PYTORCH_MODEL_ID]))
+        logged = mlflow.get_logged_model(run.data.tags[mlmodel.PYTORCH_MODEL_ID])
+    assert logged.name == "pytorch" and logged.source_run_id == outcome["run_id"]
 
     config = load_space(path).defaults()
     example = data.load(config.data, config.seed).example()
     model = models.create(config.model, 10).eval()   # a fresh, untrained model
-    vm = tvm.relax.VMExecutable(tvm.runtime.load_module(str(folder / "model.so")))
+    vm = tvm.relax.VMExecutable(tvm.runtime.load_module(str(library)))
     library_out = hardware.run_tvm(vm, example)
     with torch.no_grad():
         assert compiler.max_relative_error(model(example).numpy(), library_out) > 1e-2
-        model.load_state_dict(torch.load(folder / "weights.pt"))
-        assert compiler.max_relative_error(library_out, model(example).numpy()) < 1e-4
+        assert compiler.max_relative_error(library_out, pytorch(example).numpy()) < 1e-4
 
 
 @pytest.mark.parametrize("artifacts,kept", [
-    ("artifacts: {weights: false, library: false}", None),
-    ("artifacts: {library: false}", {"weights.pt"}),
-    ("artifacts: {weights: false}", {"model.so"})])
+    ("artifacts: {weights: false, library: false}", {}),
+    ("artifacts: {library: false}", {"pytorch": {"MLmodel"}}),
+    ("artifacts: {weights: false}", {"model": {"model.so"}}),
+    ("artifacts: {model: false}", {"model": {"weights.pt", "model.so"}})])
 def test_model_artifacts_can_be_switched_off(workdir, artifacts, kept):
     space = small_space(workdir, artifacts)
     result = pipeline.run(space.defaults(), StageCache(workdir / "cache"))
     try:
-        if kept is None:
-            assert "model" not in result.artifacts
-        else:
-            assert {p.name for p in result.artifacts["model"].iterdir()} == kept
+        folders = {name: {p.name for p in folder.iterdir()}
+                   for name, folder in result.artifacts.items() if name != "tuning"}
+        assert set(folders) == set(kept)
+        for name, files in kept.items():
+            assert files <= folders[name]
+        assert ("input_shape" in result.deploy) == ("model: false" not in artifacts and
+                                                    "library: false" not in artifacts)
     finally:
         result.discard_artifacts()
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from mlflow.tracking import MlflowClient
 
-from dlas_search import export, mlmodel, tracking
+from dlas_search import data, export, mlmodel, tracking
 from dlas_search.cli import main
 from dlas_search.errors import BadInput
 from dlas_search.pareto import Trials
@@ -86,7 +86,9 @@ def test_the_exported_folder_runs_and_is_registered(compiled_study, tmp_path, ca
     assert "picked " in said and "registered in the MLflow Model Registry as compiled-best " \
         "version 1" in said
     assert {"model.so", "meta.json", "example.npy", "predict.py", "config.json",
-            "metrics.json", "weights.pt", "mlflow_model"} <= {p.name for p in out.iterdir()}
+            "metrics.json", "mlflow_model", "pytorch_model"} <= {p.name for p in out.iterdir()}
+    import torch
+    module = torch.export.load(str(out / "pytorch_model" / "data" / "model.pt2")).module()
     config = json.loads((out / "config.json").read_text())
     assert config["layers"]["model"]["arch"] == "resnet18"
     metrics = json.loads((out / "metrics.json").read_text())
@@ -94,7 +96,8 @@ def test_the_exported_folder_runs_and_is_registered(compiled_study, tmp_path, ca
     assert metrics["accuracy"] == run.data.metrics["accuracy"]
     assert config["model_id"] == run.data.tags[mlmodel.MODEL_ID]
 
-    images = np.random.default_rng(0).normal(size=(3, 3, 16, 16)).astype(np.float32)
+    defaults = compiled_study["space"].defaults()
+    images = next(iter(data.load(defaults.data, defaults.seed).val))[0][:3].numpy()
     np.save(tmp_path / "images.npy", images)
     ran = subprocess.run([sys.executable, str(out / "predict.py"), str(tmp_path / "images.npy")],
                          capture_output=True, text=True, cwd=tmp_path, timeout=120)
@@ -103,6 +106,9 @@ def test_the_exported_folder_runs_and_is_registered(compiled_study, tmp_path, ca
         expected = mlflow.pyfunc.load_model(str(out / "mlflow_model")).predict(images)
         version = MlflowClient(uri).get_model_version("compiled-best", "1")
     assert [int(line) for line in ran.stdout.split()] == list(expected.argmax(1))
+    with torch.no_grad():  # the PyTorch model agrees on these inputs' classes too
+        agree = (module(torch.from_numpy(images)).argmax(1).numpy() == expected.argmax(1))
+    assert agree.all()
     assert version.run_id == config["run_id"] or version.model_id == config["model_id"]
     # the same folder again: refused, the first export untouched
     assert main(["export", "--run", config["run_id"], "--out", str(out),

@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from pathlib import Path
 
 import mlflow
 import numpy as np
@@ -60,15 +61,38 @@ def test_the_pyfunc_reproduces_the_trials_accuracy(compiled_study, method):
     assert json.loads(signature.inputs.to_json())[0]["tensor-spec"]["shape"] == [-1, 3, 16, 16]
     assert model.metadata.metadata["dlas.precision"] == method.replace("none", "fp32")
     # the library is stored once: in the model, not again in the run's model/ folder
-    kept = {a.path for a in MlflowClient(compiled_study["uri"]).list_artifacts(
-        run.info.run_id, "model")}
-    assert kept == {"model/weights.pt"}
+    assert "model" not in {a.path for a in MlflowClient(compiled_study["uri"]).list_artifacts(
+        run.info.run_id)}
     # the run's dataset input: the validation split, named, with a digest and a source
     inputs = MlflowClient(compiled_study["uri"]).get_run(run.info.run_id).inputs
     dataset = inputs.dataset_inputs[0].dataset
     assert dataset.name == "digits 16px validation" and len(dataset.digest) == 16
     assert "sklearn.datasets.load_digits" in dataset.source
-    assert [m.model_id for m in inputs.model_inputs] == [model_id]
+    assert model_id in [m.model_id for m in inputs.model_inputs]  # and the PyTorch model
+
+
+@pytest.mark.parametrize("method", ["none", "int8"])
+def test_the_pytorch_model_reproduces_the_accuracy_with_its_weights_once(compiled_study,
+                                                                          method):
+    """The LoggedModel `pytorch` (torch.export): loaded without dlas-search's code, it gives
+    the trial's accuracy; its weights are stored once, at the precision it computes in (int8:
+    about size_mb, not the fp32 and int8 copies the quantiser leaves)."""
+    run = trial_runs(compiled_study)[method]
+    model_id = run.data.tags[mlmodel.PYTORCH_MODEL_ID]
+    with mlmodel.using(compiled_study["uri"]):
+        module = mlflow.pytorch.load_model(mlmodel.model_uri(model_id))
+        logged = mlflow.get_logged_model(model_id)
+        folder = mlflow.artifacts.download_artifacts(logged.artifact_location)
+    images, labels = validation(compiled_study)
+    with torch.no_grad():
+        predicted = torch.cat([module(torch.from_numpy(images[i:i + 64])).argmax(1)
+                               for i in range(0, len(images), 64)]).numpy()
+    assert float((predicted == labels).mean()) == pytest.approx(run.data.metrics["accuracy"],
+                                                                abs=0.005)
+    assert logged.name == "pytorch" and logged.source_run_id == run.info.run_id
+    assert {m.key for m in logged.metrics} >= {"accuracy", "latency_ms", "size_mb"}
+    stored_mb = sum(p.stat().st_size for p in Path(folder).rglob("*.pt2")) / 2 ** 20
+    assert stored_mb == pytest.approx(run.data.metrics["size_mb"], rel=0.1)
 
 
 def test_one_image_and_a_wrong_shape(compiled_study):

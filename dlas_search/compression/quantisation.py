@@ -54,6 +54,20 @@ def _load_quantized(blob: bytes) -> Quantized:
     return Quantized(torch.export.load(io.BytesIO(blob)))
 
 
+def _without_dead_weights(graph: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """convert_pt2e folds each weight's quantisation into an int8 constant and leaves the fp32
+    weight behind, read by nothing: drop it, so the model holds its weights once, in int8
+    (resnet18: 11 MB, not 56 MB of fp32 and int8 in the stage cache and the run's model)."""
+    graph.graph.eliminate_dead_code()
+    used = {node.target for node in graph.graph.nodes if node.op == "get_attr"}
+    for name, _ in [*graph.named_parameters(), *graph.named_buffers()]:
+        if name not in used:
+            owner, _, attribute = name.rpartition(".")
+            delattr(graph.get_submodule(owner) if owner else graph, attribute)
+    graph.recompile()
+    return graph
+
+
 def _any_batch():
     """dynamic_shapes for torch.export: the batch size is free (calibration, evaluation)."""
     return ({0: torch.export.Dim("batch", min=1, max=65536)},)
@@ -106,7 +120,7 @@ class Int8(Method):
                 seen += min(len(images), wanted - seen)
                 if seen >= wanted:
                     break
-        quantized = convert_pt2e(prepared)
+        quantized = _without_dead_weights(convert_pt2e(prepared))
         return Quantized(torch.export.export(quantized, (batch,),
                                              dynamic_shapes=_any_batch()))
 
