@@ -288,7 +288,8 @@ def main(argv=None) -> int:
     table = markdown(rows, args.against, machine, command)
     print(table)
     print(summary)
-    (out / "ledger.md").write_text(table)
+    if args.out:  # a temporary work folder is gone by now
+        (out / "ledger.md").write_text(table)
     if args.write:
         TABLE.write_text("# Performance ledger\n\n" + (
             "Each row: resnet18 at 32x32 (bench/ledger.yaml), batch 1, one thread; medians of "

@@ -21,10 +21,11 @@ from mlflow.tracking import MlflowClient
 
 from .tracking import ROLE, STUDY
 
-__all__ = ["MARK", "PARETO", "FEASIBLE", "NOTE", "show_front", "describe", "best"]
+__all__ = ["MARK", "PARETO", "FEASIBLE", "NOTE", "UNRUN", "show_front", "describe", "best"]
 
 MARK = "\u2605 "  # a star: sorts and reads apart from "#"
 PARETO, FEASIBLE, NOTE = "dlas.pareto", "dlas.feasible", "mlflow.note.content"
+UNRUN = "dlas.samples_unrun"  # the study run's tag: samples pruned before any work (no run)
 
 
 def _link(experiment_id: str, row: dict) -> str:
@@ -64,8 +65,13 @@ def describe(trials, experiment_id: str, description: str = "") -> str:
                           reverse=trials.objectives[names[0]] == "maximize"):
             lines.append(f"| {_link(experiment_id, row)} | " + " | ".join(
                 f"{row['metrics'][m]:.4g}" for m in names) + " |")
+    if trials.unrun:
+        lines += ["", f"Trial numbers are Optuna's: {trials.unrun} sampled configuration(s) "
+                  "were pruned before any work (a repeat of one that ran, or ruled out by "
+                  "the space's constraints) and have no run here; optuna-dashboard lists "
+                  "them with the reason (`pruned`)."]
     lines += ["", f"Every trial run is tagged `{PARETO}` (`true` on the front; search "
-              f"`tags.{PARETO} = 'true'`). The export (CSV, JSON, plots) is this run's "
+              f"``tags.`{PARETO}` = 'true'``). The export (CSV, JSON, plots) is this run's "
               "`pareto/` artifact folder."]
     return "\n".join(lines)
 

@@ -59,6 +59,8 @@ class Trials:
     experiment_id: str = ""
     parent_id: str = ""
     description: str = ""
+    # samples Optuna pruned before any work (repeats, ruled out): trial numbers with no run
+    unrun: int = 0
 
     def values(self) -> np.ndarray:
         return np.array([[row["metrics"][m] for m in self.objectives] for row in self.rows])
@@ -153,7 +155,8 @@ def load_trials(tracking_uri: str, experiment: str) -> Trials:
     return Trials(parents[0].data.tags.get(STUDY, experiment), objectives, rows, thresholds,
                   sum("latency_search_ms" in row["metrics"] for row in rows),
                   experiment_id=found.experiment_id, parent_id=parents[0].info.run_id,
-                  description=parents[0].data.tags.get("dlas.description", ""))
+                  description=parents[0].data.tags.get("dlas.description", ""),
+                  unrun=int(parents[0].data.tags.get("dlas.samples_unrun", "0")))
 
 
 def _confirmed(metrics: dict[str, float]) -> dict[str, float]:

@@ -14,7 +14,7 @@ import optuna
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
 
-from . import compiler, console, data, hardware, models, pareto, samplers, tracking
+from . import compiler, console, data, glance, hardware, models, pareto, samplers, tracking
 from .budget import Budget, estimate, grid_left
 from .rounds import run_rounds
 from .cache import StageCache
@@ -223,6 +223,9 @@ def run_search(space: Space, *, study_name: str | None = None, trials: int | Non
         try:
             fail_gone(study, lost_worker)  # a worker on this host died meanwhile
             running = still_running(study)
+            unrun = sum(t.state == optuna.trial.TrialState.PRUNED and "stopped_at" not in
+                        t.user_attrs for t in study.trials)  # a number with no run
+            tracker.client.set_tag(parent, glance.UNRUN, str(unrun))
             exported = pareto.export_from_mlflow(tracking_uri, name, out, len(running))
             front = exported.front()
             counts = {s.name.lower(): sum(t.state == s for t in study.trials)

@@ -47,6 +47,13 @@ def test_the_front_is_tagged_named_and_described(tmp_path):
     assert "Best accuracy 0.95 ([" in note and "latency_ms 1 ([" in note  # not broken's 0.5
     assert study.metrics["best_accuracy"] == 0.95 and study.metrics["best_latency_ms"] == 1.0
     assert study.metrics["hypervolume"] == trials.hypervolume > 0
+    assert "pruned before any work" not in note  # none were
+
+    # a study whose sampler repeated itself: the trial numbers it skipped are explained
+    client.set_tag(parent, glance.UNRUN, "3")
+    pareto.export_from_mlflow(uri, "glance", tmp_path / "out")
+    note = client.get_run(parent).data.tags[glance.NOTE]
+    assert "3 sampled configuration(s) were pruned before any work" in note
 
     # the study goes on: "dominated" becomes the best of all, the others leave the front
     client.log_batch(runs["dominated"], metrics=[

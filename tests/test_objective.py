@@ -9,7 +9,9 @@ import optuna
 import pytest
 
 from conftest import TINY_SPACE, write_space
-from dlas_search import pipeline
+from mlflow.tracking import MlflowClient
+
+from dlas_search import glance, pipeline, tracking
 from dlas_search.objective import CONFIG, config_of
 from dlas_search.search import run_search
 from dlas_search.space import load_space
@@ -63,6 +65,13 @@ def test_user_attributes_are_short_and_say_why_a_trial_was_pruned(study):
     assert repeat.user_attrs["pruned"] == "same configuration as trial 0"
     assert ruled_out.user_attrs["pruned"].startswith("infeasible: algo.format sparse needs")
     assert config_of(repeat) is None and config_of(ruled_out) is None  # never ran
+    # and MLflow says why its trial numbers skip those two (the study run's description)
+    client = MlflowClient(tracking.default_tracking_uri())
+    parent = client.search_runs([client.get_experiment_by_name("tiny").experiment_id],
+                                f"tags.`{tracking.ROLE}` = 'study'")[0]
+    assert parent.data.tags[glance.UNRUN] == "2"
+    assert "2 sampled configuration(s) were pruned before any work" in \
+        parent.data.tags[glance.NOTE]
 
 
 def test_optuna_dashboard_renders_the_study(study):
