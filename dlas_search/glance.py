@@ -6,6 +6,8 @@ exported, so that a user deciding what to deploy sees it without opening the exp
 - Every trial run is tagged `dlas.pareto` (`true` on the front, `false` otherwise, stopped,
   failed and superseded runs included) and `dlas.feasible`; a front run's name starts with
   `MARK`, and a run that left the front (a continued study) loses it.
+- optuna-dashboard's note on the study (`dashboard_note`): the front, the hypervolume, and
+  how far to trust the importance it draws.
 - The study's run gets a description (MLflow's `mlflow.note.content`, shown on its page): the
   space's `description:`, the key figures, and the front as a table linking to its runs; and
   the metrics `hypervolume` and `best_<objective>` (over the feasible trials).
@@ -21,7 +23,8 @@ from mlflow.tracking import MlflowClient
 
 from .tracking import ROLE, STUDY
 
-__all__ = ["MARK", "PARETO", "FEASIBLE", "NOTE", "UNRUN", "show_front", "describe", "best"]
+__all__ = ["MARK", "PARETO", "FEASIBLE", "NOTE", "UNRUN", "show_front", "describe", "best",
+           "dashboard_note"]
 
 MARK = "\u2605 "  # a star: sorts and reads apart from "#"
 PARETO, FEASIBLE, NOTE = "dlas.pareto", "dlas.feasible", "mlflow.note.content"
@@ -107,3 +110,28 @@ def show_front(client: MlflowClient, trials) -> None:
     now = int(time.time() * 1000)
     client.log_batch(parent_id, metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()],
                      tags=[RunTag(NOTE, describe(trials, experiment_id, trials.description))])
+
+
+def dashboard_note(trials) -> str:
+    """The study's note in optuna-dashboard (Markdown): the front by name (the dashboard
+    shows numbers), its hypervolume, and how far to trust the importance the dashboard draws."""
+    from .pareto import RELIABLE_TRIALS, derived
+    names = list(trials.objectives)
+    lines = [f"## {trials.study}: {len(trials.front())} trial(s) on the front", ""]
+    if trials.hypervolume is not None:
+        lines += [f"Hypervolume {trials.hypervolume:.4f} (dlas pareto; the MLflow run "
+                  "`study " + trials.study + "` has the export).", ""]
+    lines += ["| trial | " + " | ".join(names) + " |", "| --- |" + " --- |" * len(names)]
+    lines += [f"| {row['name']} | " + " | ".join(
+        f"{row['metrics'][m]:.4g}" for m in names) + " |" for row in trials.front()]
+    lines.append("")
+    if len(trials.rows) < RELIABLE_TRIALS:
+        lines.append(f"**Importance**: {len(trials.rows)} finished trials; below "
+                     f"{RELIABLE_TRIALS}, neither this dashboard's importance nor "
+                     "importance.csv is reliable.")
+    gone = derived(trials)
+    if gone:
+        lines.append("Determined by another parameter (the dashboard still ranks them; "
+                     "importance.csv leaves them out): " + ", ".join(
+                         f"{p} by {q}" for p, q in gone.items()) + ".")
+    return "\n".join(lines)

@@ -228,6 +228,8 @@ def run_search(space: Space, *, study_name: str | None = None, trials: int | Non
             tracker.client.set_tag(parent, glance.UNRUN, str(unrun))
             exported = pareto.export_from_mlflow(tracking_uri, name, out, len(running))
             front = exported.front()
+            from optuna_dashboard import save_note  # the study's note in optuna-dashboard
+            save_note(study, glance.dashboard_note(exported))
             counts = {s.name.lower(): sum(t.state == s for t in study.trials)
                       for s in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.FAIL)}
             stopped = sum("stopped_at" in t.user_attrs for t in study.trials)  # by a gate

@@ -103,5 +103,9 @@ def test_optuna_dashboard_renders_the_study(study):
     assert attrs[0]["name"].startswith("resnet18 unstructured")
     assert {k["key"] for k in detail["union_user_attrs"]}.isdisjoint({"config"})
     assert {t["number"] for t in detail["best_trials"]} <= {0, 3}
+    note = detail["note"]["body"]  # the study's note: the front by name, importance caveat
+    assert note.startswith("## tiny: 1 trial(s) on the front"), note
+    assert "| #3 resnet18 unstructured0.8 im2col_gemm" in note, note
+    assert "below 30, neither this dashboard's importance nor importance.csv" in note
     status, page = get("/dashboard")  # the single-page app the browser loads
     assert status.startswith("200") and b"<html" in page.lower()
