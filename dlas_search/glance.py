@@ -8,6 +8,9 @@ exported, so that a user deciding what to deploy sees it without opening the exp
   `MARK`, and a run that left the front (a continued study) loses it.
 - optuna-dashboard's note on the study (`dashboard_note`): the front, the hypervolume, and
   how far to trust the importance it draws.
+- The experiment gets a shared view, `view_link`: every trial run in one flat table, its
+  objectives and the parameters that varied as columns (the runs page otherwise shows only
+  the collapsed study run, and no metric columns).
 - The study's run gets a description (MLflow's `mlflow.note.content`, shown on its page): the
   space's `description:`, the key figures, and the front as a table linking to its runs; and
   the metrics `hypervolume` and `best_<objective>` (over the feasible trials).
@@ -16,6 +19,7 @@ The front is `pareto.Trials.front()`, the one the export writes: one rule.
 """
 from __future__ import annotations
 
+import json
 import time
 
 from mlflow.entities import Metric, RunTag
@@ -23,12 +27,15 @@ from mlflow.tracking import MlflowClient
 
 from .tracking import ROLE, STUDY
 
-__all__ = ["MARK", "PARETO", "FEASIBLE", "NOTE", "UNRUN", "show_front", "describe", "best",
-           "dashboard_note"]
+__all__ = ["MARK", "PARETO", "FEASIBLE", "NOTE", "UNRUN", "VIEW", "show_front", "describe",
+           "best", "dashboard_note", "trials_view", "view_link"]
 
 MARK = "\u2605 "  # a star: sorts and reads apart from "#"
 PARETO, FEASIBLE, NOTE = "dlas.pareto", "dlas.feasible", "mlflow.note.content"
 UNRUN = "dlas.samples_unrun"  # the study run's tag: samples pruned before any work (no run)
+# the experiment's shared view (MLflow's `mlflow.sharedViewState.<key>` experiment tag): the
+# trials as a flat table with their objectives and parameters as columns, best first
+VIEW = "dlas-trials"
 
 
 def _link(experiment_id: str, row: dict) -> str:
@@ -45,6 +52,24 @@ def best(trials) -> dict[str, tuple[float, dict]]:
                 rows, key=lambda r: r["metrics"][metric])
             out[metric] = (pick["metrics"][metric], pick)
     return out
+
+
+def view_link(experiment_id: str) -> str:
+    """The experiment's runs page opened on the trials' shared view (a link inside the UI)."""
+    return f"#/experiments/{experiment_id}/runs?viewStateShareKey={VIEW}&workflowType=" \
+        "machine_learning"
+
+
+def trials_view(trials) -> str:
+    """The shared view's state (JSON, as MLflow's UI reads it): trial runs only, sorted by the
+    first objective, with the objectives, speedup_vs_torch and the informative parameters."""
+    from .pareto import informative
+    first, direction = next(iter(trials.objectives.items()))
+    columns = [f"metrics.`{m}`" for m in [*trials.objectives, "speedup_vs_torch"]]
+    columns += [f"params.`{p}`" for p in informative(trials)]
+    return json.dumps({"searchFilter": f"tags.`{ROLE}` = 'trial'",
+                       "orderByKey": f"metrics.`{first}`", "orderByAsc": direction != "maximize",
+                       "selectedColumns": columns})
 
 
 def describe(trials, experiment_id: str, description: str = "") -> str:
@@ -73,9 +98,10 @@ def describe(trials, experiment_id: str, description: str = "") -> str:
                   "were pruned before any work (a repeat of one that ran, or ruled out by "
                   "the space's constraints) and have no run here; optuna-dashboard lists "
                   "them with the reason (`pruned`)."]
-    lines += ["", f"Every trial run is tagged `{PARETO}` (`true` on the front; search "
-              f"``tags.`{PARETO}` = 'true'``). The export (CSV, JSON, plots) is this run's "
-              "`pareto/` artifact folder."]
+    lines += ["", f"[All trials, with their objectives and parameters as columns]"
+              f"({view_link(experiment_id)}). Every trial run is tagged `{PARETO}` (`true` on "
+              f"the front; search ``tags.`{PARETO}` = 'true'``). The export (CSV, JSON, "
+              "plots) is this run's `pareto/` artifact folder."]
     return "\n".join(lines)
 
 
@@ -108,6 +134,8 @@ def show_front(client: MlflowClient, trials) -> None:
     if trials.hypervolume is not None:
         metrics["hypervolume"] = trials.hypervolume
     now = int(time.time() * 1000)
+    client.set_experiment_tag(experiment_id, f"mlflow.sharedViewState.{VIEW}",
+                              trials_view(trials))
     client.log_batch(parent_id, metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()],
                      tags=[RunTag(NOTE, describe(trials, experiment_id, trials.description))])
 

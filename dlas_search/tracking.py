@@ -178,7 +178,9 @@ class Tracker:
             if self.uri.startswith("sqlite:"):  # keep artifacts beside the database
                 db = Path(make_url(self.uri).database).resolve()
                 location = (db.parent / "artifacts" / self.study).as_uri()
-            self.experiment_id = self.client.create_experiment(self.study, location)
+            # "model training", not GenAI: what MLflow's UI shows the experiment as
+            self.experiment_id = self.client.create_experiment(
+                self.study, location, tags={"mlflow.experimentKind": "custom_model_development"})
         else:
             self.experiment_id = experiment.experiment_id
         parent = self._first_parent()

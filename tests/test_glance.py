@@ -48,6 +48,17 @@ def test_the_front_is_tagged_named_and_described(tmp_path):
     assert study.metrics["best_accuracy"] == 0.95 and study.metrics["best_latency_ms"] == 1.0
     assert study.metrics["hypervolume"] == trials.hypervolume > 0
     assert "pruned before any work" not in note  # none were
+    # the trials' shared view: a flat table with the objectives and parameters as columns
+    assert f"]({glance.view_link(experiment)})" in note
+    view = json.loads(client.get_experiment(experiment).tags[
+        f"mlflow.sharedViewState.{glance.VIEW}"])
+    assert view["searchFilter"] == "tags.`dlas.role` = 'trial'"
+    assert view["orderByKey"] == "metrics.`accuracy`" and view["orderByAsc"] is False
+    assert view["selectedColumns"][:3] == ["metrics.`accuracy`", "metrics.`latency_ms`",
+                                          "metrics.`size_mb`"]
+    assert "params.`model.arch`" in view["selectedColumns"]
+    assert client.get_experiment(experiment).tags["mlflow.experimentKind"] == \
+        "custom_model_development"
 
     # a study whose sampler repeated itself: the trial numbers it skipped are explained
     client.set_tag(parent, glance.UNRUN, "3")
