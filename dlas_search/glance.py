@@ -73,14 +73,15 @@ def trials_view(trials) -> str:
 
 
 def describe(trials, experiment_id: str, description: str = "") -> str:
-    """The study run's description (Markdown): the space's description, the key figures, the
-    front as a table of links to its runs."""
+    """The study run's description (Markdown), what matters first (MLflow shows its first
+    lines): the key figures and a link to all trials, the front as a table of links to its
+    runs, then the space's description."""
     front = trials.front()
     feasible = sum(trials.feasible(r) for r in trials.rows)
-    lines = [description, ""] if description else []
     volume = "" if trials.hypervolume is None else f", hypervolume {trials.hypervolume:.4f}"
-    lines.append(f"**Front: {len(front)} of {feasible} feasible trials** "
-                 f"({len(trials.rows)} finished{volume}).")
+    lines = [f"**Front: {len(front)} of {feasible} feasible trials** "
+             f"({len(trials.rows)} finished{volume}); [all trials, with their objectives and "
+             f"parameters as columns]({view_link(experiment_id)})."]
     tops = best(trials)
     if tops:
         lines.append("Best " + "; ".join(
@@ -93,15 +94,16 @@ def describe(trials, experiment_id: str, description: str = "") -> str:
                           reverse=trials.objectives[names[0]] == "maximize"):
             lines.append(f"| {_link(experiment_id, row)} | " + " | ".join(
                 f"{row['metrics'][m]:.4g}" for m in names) + " |")
+    if description:
+        lines += ["", description]
     if trials.unrun:
         lines += ["", f"Trial numbers are Optuna's: {trials.unrun} sampled configuration(s) "
                   "were pruned before any work (a repeat of one that ran, or ruled out by "
                   "the space's constraints) and have no run here; optuna-dashboard lists "
                   "them with the reason (`pruned`)."]
-    lines += ["", f"[All trials, with their objectives and parameters as columns]"
-              f"({view_link(experiment_id)}). Every trial run is tagged `{PARETO}` (`true` on "
-              f"the front; search ``tags.`{PARETO}` = 'true'``). The export (CSV, JSON, "
-              "plots) is this run's `pareto/` artifact folder."]
+    lines += ["", f"Every trial run is tagged `{PARETO}` (`true` on the front; search "
+              f"``tags.`{PARETO}` = 'true'``). The export (CSV, JSON, plots) is this run's "
+              "`pareto/` artifact folder."]
     return "\n".join(lines)
 
 

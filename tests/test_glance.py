@@ -38,8 +38,8 @@ def test_the_front_is_tagged_named_and_described(tmp_path):
 
     study = client.get_run(parent).data
     note = study.tags[glance.NOTE]
-    assert note.startswith("Three made-up trials.")
-    assert "**Front: 2 of 3 feasible trials** (4 finished, hypervolume " in note
+    assert note.startswith("**Front: 2 of 3 feasible trials** (4 finished, hypervolume ")
+    assert "\n\nThree made-up trials.\n" in note  # the space's description, after the front
     experiment = trials.experiment_id
     for name in ("fast", "accurate"):  # a row per front run, linking to it
         assert f"(#/experiments/{experiment}/runs/{runs[name]})" in note
