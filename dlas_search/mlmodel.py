@@ -12,7 +12,7 @@ digest, source; also the run's input):
   or int8's quantised graph) saved with torch.export, its weights once, at the precision it
   computes in; `mlflow.pytorch.load_model` gives it back without the code that built it.
 
-    model_id = log_compiled(tracking_uri, run_id, Path("model/model.so"), deploy, metrics)
+    model_id = log_compiled(tracking_uri, run_id, Path("model/model.so"), deploy)
     mlflow.pyfunc.load_model(f"models:/{model_id}").predict(images)
 
 `artifacts: {model: false}` in the space turns both off (the library then stays in `model/`,
@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 __all__ = ["MODEL_ID", "PYTORCH_MODEL_ID", "NAME", "PYTORCH", "REQUIREMENTS", "log_compiled",
-           "save_pytorch", "log_saved", "library_of", "model_uri", "using"]
+           "save_pytorch", "log_saved", "link_metrics", "library_of", "model_uri", "using"]
 
 MODEL_ID = "dlas.model_id"  # the run's tag: its compiled model
 PYTORCH_MODEL_ID = "dlas.pytorch_model_id"  # the run's tag: its PyTorch model
@@ -61,10 +61,11 @@ def _dataset(deploy: dict):
     return MetaDataset(source, name=info["name"], digest=info["digest"])
 
 
-def log_compiled(tracking_uri: str, run_id: str, library: Path, deploy: dict,
-                 metrics: dict[str, float]) -> str:
+def log_compiled(tracking_uri: str, run_id: str, library: Path, deploy: dict) -> str:
     """Log the compiled `library` of run `run_id` as its MLflow Model; its id. `deploy`:
-    what stages.py recorded (input shape, classes, precision, example, dataset)."""
+    what stages.py recorded (input shape, classes, precision, example, dataset). Log it
+    before the run's metrics (MLflow links a run's metrics to a model logged after them,
+    without their dataset): link_metrics logs them once per model."""
     import mlflow
     from mlflow.entities import LoggedModelInput
     from mlflow.models import infer_signature
@@ -84,10 +85,8 @@ def log_compiled(tracking_uri: str, run_id: str, library: Path, deploy: dict,
                 signature=signature, input_example=example, pip_requirements=REQUIREMENTS,
                 metadata={"dlas.precision": deploy["precision"],
                           "dlas.target": deploy["target"]})
-            dataset = _dataset(deploy)
-            mlflow.log_input(dataset, context="validation",
+            mlflow.log_input(_dataset(deploy), context="validation",
                              model=LoggedModelInput(info.model_id))
-            mlflow.log_metrics(_finite(metrics), model_id=info.model_id, dataset=dataset)
             mlflow.set_tag(MODEL_ID, info.model_id)
         return info.model_id
     finally:
@@ -114,9 +113,9 @@ def save_pytorch(module, example, folder: Path) -> Path:
 
 
 def log_saved(tracking_uri: str, run_id: str, folder: Path, deploy: dict,
-              metrics: dict[str, float], name: str = PYTORCH) -> str:
+              name: str = PYTORCH) -> str:
     """Log the MLflow Model saved in `folder` as run `run_id`'s LoggedModel `name`, with the
-    run's metrics and dataset; its id (also the run's tag PYTORCH_MODEL_ID)."""
+    run's dataset; its id (also the run's tag PYTORCH_MODEL_ID)."""
     import mlflow
     from mlflow.entities import LoggedModelInput, LoggedModelOutput
     from mlflow.tracking import MlflowClient
@@ -131,12 +130,8 @@ def log_saved(tracking_uri: str, run_id: str, folder: Path, deploy: dict,
             mlflow.finalize_logged_model(model.model_id, "READY")
             client.log_outputs(run_id, [LoggedModelOutput(model.model_id, 0)])
             if "dataset" in deploy:
-                dataset = _dataset(deploy)
-                mlflow.log_input(dataset, context="validation",
+                mlflow.log_input(_dataset(deploy), context="validation",
                                  model=LoggedModelInput(model.model_id))
-            else:
-                dataset = None
-            mlflow.log_metrics(_finite(metrics), model_id=model.model_id, dataset=dataset)
             mlflow.set_tag(PYTORCH_MODEL_ID, model.model_id)
         return model.model_id
     finally:
@@ -144,8 +139,17 @@ def log_saved(tracking_uri: str, run_id: str, folder: Path, deploy: dict,
             os.environ["MLFLOW_RUN_ID"] = launcher
 
 
-def _finite(metrics: dict[str, float]) -> dict[str, float]:
-    return {k: float(v) for k, v in metrics.items() if v is not None and np.isfinite(v)}
+def link_metrics(client, run_id: str, metrics: list, model_ids: list[str],
+                 deploy: dict) -> None:
+    """Log the run's metrics (mlflow.entities.Metric) once per model, linked to it and to
+    the validation split: what the model's page lists and the run's metrics are."""
+    from mlflow.entities import Metric
+    dataset = deploy.get("dataset") or {}
+    linked = [Metric(m.key, m.value, m.timestamp, m.step, model_id=model_id,
+                     dataset_name=dataset.get("name"), dataset_digest=dataset.get("digest"))
+              for model_id in model_ids for m in metrics]
+    for start in range(0, len(linked), 1000):  # MLflow's batch limit
+        client.log_batch(run_id, metrics=linked[start:start + 1000])
 
 
 def library_of(client, run, folder: Path) -> Path | None:

@@ -227,17 +227,22 @@ class Tracker:
         for the local CPU, its `model/model.so` becomes the run's MLflow Model `compiled`
         (mlmodel.py) and is stored there alone; the folder `pytorch` (an MLflow Model saved by
         the trial) becomes the LoggedModel `pytorch`. The compiled model's id (or None)."""
-        self.client.log_batch(run_id, metrics=_metrics(metrics),
-                              tags=[RunTag(k, v) for k, v in tags.items()])
-        model_id, artifacts = None, dict(artifacts or {})
+        self.client.log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items()])
+        model_id, models, artifacts = None, [], dict(artifacts or {})
         library = artifacts.get("model", Path("-")) / "model.so"
         if deploy and "input_shape" in deploy and library.is_file():
             from .mlmodel import log_compiled
-            model_id = log_compiled(self.uri, run_id, library, deploy, metrics)
+            model_id = log_compiled(self.uri, run_id, library, deploy)
+            models.append(model_id)
             library.unlink()  # stored once: in the model
         if "pytorch" in artifacts:  # an MLflow Model already saved: logged as one
             from .mlmodel import log_saved
-            log_saved(self.uri, run_id, artifacts.pop("pytorch"), deploy or {}, metrics)
+            models.append(log_saved(self.uri, run_id, artifacts.pop("pytorch"), deploy or {}))
+        if models:  # the metrics, once per model, linked to it and the dataset
+            from .mlmodel import link_metrics
+            link_metrics(self.client, run_id, _metrics(metrics), models, deploy or {})
+        else:
+            self.client.log_batch(run_id, metrics=_metrics(metrics))
         for name, folder in artifacts.items():
             if not any(folder.iterdir()):
                 continue

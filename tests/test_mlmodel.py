@@ -153,3 +153,18 @@ def test_mlflow_models_serve_answers_on_localhost(compiled_study, tmp_path):
             server.wait(timeout=20)
         except subprocess.TimeoutExpired:
             server.kill()
+
+
+def test_each_metric_is_linked_once_to_each_model(compiled_study):
+    """The run's metrics, once per model (MLflow links a run's earlier metrics to a model
+    logged after them: the models are logged first), each with the validation split."""
+    run = trial_runs(compiled_study)["none"]
+    client = MlflowClient(compiled_study["uri"])
+    assert len(client.get_metric_history(run.info.run_id, "accuracy")) == 1  # the run: once
+    models = {run.data.tags[mlmodel.MODEL_ID], run.data.tags[mlmodel.PYTORCH_MODEL_ID]}
+    with mlmodel.using(compiled_study["uri"]):
+        for model_id in models:
+            metrics = mlflow.get_logged_model(model_id).metrics
+            keys = [m.key for m in metrics]
+            assert len(keys) == len(set(keys)) and "accuracy" in keys  # each model: once
+            assert {m.dataset_name for m in metrics} == {"digits 16px validation"}
