@@ -187,23 +187,34 @@ def constants(trials: Trials) -> dict[str, str]:
 def derived(trials: Trials) -> dict[str, str]:
     """Varied parameter -> the varied parameter that fully determines it among the trials
     (`model.stem` -> `model.arch` where each architecture has its own stem). Evidence is
-    required: some value of the determining parameter must occur in two trials or more. Of
-    two parameters that determine each other, the later in the stack's order is derived."""
+    required: two trials or more with the same value of the determining parameter and a
+    value of the determined one (not `-`, absent); a parameter seen set in one trial only is
+    not judged. Of two that determine each other (`compiler.tuner`, `compiler.trials`), the
+    one absent in more trials is derived, else the later in the stack's order."""
     names = varied(trials)
     out: dict[str, str] = {}
 
+    def absent(value) -> bool:
+        return value in (None, "-", "None")
+
     def determines(q: str, p: str) -> bool:
         seen: dict = {}
+        count: dict = {}
         for row in trials.rows:
-            value = seen.setdefault(row["params"].get(q), row["params"].get(p))
-            if value != row["params"].get(p):
+            key, value = row["params"].get(q), row["params"].get(p)
+            if seen.setdefault(key, value) != value:
                 return False
-        return len(seen) < len(trials.rows)  # some value of q repeated: evidence
+            count[key] = count.get(key, 0) + 1
+        return any(n > 1 and not absent(seen[key]) for key, n in count.items())
+
+    def gaps(name: str) -> int:
+        return sum(absent(row["params"].get(name)) for row in trials.rows)
     for p in names:
         for q in names:
             if q == p or q in out:
                 continue
-            if determines(q, p) and not (determines(p, q) and names.index(p) < names.index(q)):
+            if determines(q, p) and not (determines(p, q) and (gaps(p), names.index(p)) <
+                                         (gaps(q), names.index(q))):
                 out[p] = q
                 break
     return out

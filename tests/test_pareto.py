@@ -328,3 +328,20 @@ def test_the_terminal_summary_names_the_hypervolume_and_the_files(tmp_path):
     assert lines[0].startswith(f"  hypervolume {trials.hypervolume:.4f}")
     assert lines[1] == ("  wrote importance.csv, pareto.csv, pareto.html, pareto.json, "
                         f"pareto.png, trials.csv in {tmp_path}")
+
+
+def test_a_setting_seen_once_is_not_derived_and_the_always_present_one_stays():
+    """compress.amount is set in one trial only: compress.method cannot be said to decide it.
+    compiler.tuner and compiler.trials decide each other: trials (absent when untuned) goes."""
+    from dlas_search import pareto
+    rows = []
+    for i, (method, amount, tuner) in enumerate([
+            ("none", "-", "none"), ("none", "-", "metaschedule"), ("int8", "-", "none"),
+            ("int8", "-", "metaschedule"), ("unstructured", "0.5", "metaschedule")]):
+        rows.append({"trial": i, "run_id": f"r{i}", "name": f"#{i}",
+                     "params": {"compress.method": method, "compress.amount": amount,
+                                "compiler.tuner": tuner,
+                                "compiler.trials": "16" if tuner != "none" else "-"},
+                     "metrics": {"accuracy": 0.5 + 0.1 * i}})
+    trials = Trials("seen-once", {"accuracy": "maximize"}, rows)
+    assert pareto.derived(trials) == {"compiler.trials": "compiler.tuner"}
