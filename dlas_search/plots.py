@@ -186,13 +186,17 @@ def png(trials: Trials, front: list[dict], path: Path) -> None:
                        label=trials.infeasible_label())
         ax.scatter([r["metrics"][x] for r in front], [r["metrics"][y] for r in front],
                    c=FRONT, label=FRONT_LEGEND)
-        # names, stacked by height so that neighbours do not print over each other
-        for i, r in enumerate(sorted(front, key=lambda r: (r["metrics"][y], r["metrics"][x]))):
-            ax.annotate(r["name"], (r["metrics"][x], r["metrics"][y]), fontsize=7,
-                        xytext=(6, 10 * (i % 3) - 10), textcoords="offset points",
-                        arrowprops={"arrowstyle": "-", "color": "#999999", "lw": 0.5})
         for metric, bound in _bounds(trials, x, y):
             (ax.axvline if metric == x else ax.axhline)(bound, color=INFEASIBLE, ls="--", lw=1)
+        # names, stacked by height so that neighbours do not print over each other, and
+        # written towards the middle of the panel so that they stay inside it
+        middle = sum(ax.get_xlim()) / 2
+        for i, r in enumerate(sorted(front, key=lambda r: (r["metrics"][y], r["metrics"][x]))):
+            right = r["metrics"][x] > middle
+            ax.annotate(r["name"], (r["metrics"][x], r["metrics"][y]), fontsize=7,
+                        xytext=(-6 if right else 6, 10 * (i % 3) - 10),
+                        textcoords="offset points", ha="right" if right else "left",
+                        arrowprops={"arrowstyle": "-", "color": "#999999", "lw": 0.5})
         ax.set_xlabel(f"{x} ({trials.objectives[x]})")
         ax.set_ylabel(f"{y} ({trials.objectives[y]})")
         ax.grid(alpha=0.3)
