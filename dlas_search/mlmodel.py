@@ -20,6 +20,7 @@ the weights in `model/weights.pt`).
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import tempfile
@@ -43,11 +44,22 @@ def model_uri(model_id: str) -> str:
     return f"models:/{model_id}"
 
 
+@contextlib.contextmanager
 def using(tracking_uri: str):
     """MLflow's fluent API (which LoggedModels and the registry need) pointed at
-    `tracking_uri` for a `with` block; what was set before is restored after."""
+    `tracking_uri` for a `with` block; what was set before is restored after, the variable
+    MLFLOW_TRACKING_URI included (MLflow's own restore unsets it, and under `mlflow run` it
+    names the launcher's store)."""
     from mlflow.tracking._tracking_service.utils import _use_tracking_uri
-    return _use_tracking_uri(tracking_uri)
+    environment = os.environ.get("MLFLOW_TRACKING_URI")
+    try:
+        with _use_tracking_uri(tracking_uri):
+            yield
+    finally:
+        if environment is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = environment
 
 
 def _dataset(deploy: dict):

@@ -168,3 +168,16 @@ def test_each_metric_is_linked_once_to_each_model(compiled_study):
             keys = [m.key for m in metrics]
             assert len(keys) == len(set(keys)) and "accuracy" in keys  # each model: once
             assert {m.dataset_name for m in metrics} == {"digits 16px validation"}
+
+
+def test_using_a_store_restores_the_environment(monkeypatch, tmp_path):
+    """Under `mlflow run`, MLFLOW_TRACKING_URI names the launcher's store: logging a model into
+    the study's store must leave it as it was (MLflow's own restore unsets it)."""
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///launcher.db")
+    with mlmodel.using(f"sqlite:///{tmp_path}/study.db"):
+        assert mlflow.get_tracking_uri().endswith("study.db")
+    assert os.environ["MLFLOW_TRACKING_URI"] == "sqlite:///launcher.db"
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    with mlmodel.using(f"sqlite:///{tmp_path}/study.db"):
+        pass
+    assert "MLFLOW_TRACKING_URI" not in os.environ
