@@ -29,7 +29,8 @@ from pathlib import Path
 import numpy as np
 
 __all__ = ["MODEL_ID", "PYTORCH_MODEL_ID", "NAME", "PYTORCH", "REQUIREMENTS", "log_compiled",
-           "save_pytorch", "log_saved", "link_metrics", "library_of", "model_uri", "using"]
+           "save_pytorch", "log_saved", "link_metrics", "library_of", "model_uri", "using",
+           "in_run"]
 
 MODEL_ID = "dlas.model_id"  # the run's tag: its compiled model
 PYTORCH_MODEL_ID = "dlas.pytorch_model_id"  # the run's tag: its PyTorch model
@@ -62,6 +63,21 @@ def using(tracking_uri: str):
             os.environ["MLFLOW_TRACKING_URI"] = environment
 
 
+@contextlib.contextmanager
+def in_run(tracking_uri: str, run_id: str):
+    """The trial's run `run_id` as MLflow's active run, in its store, for a `with` block (a
+    model logged there links to it). Under `mlflow run`, MLFLOW_RUN_ID names the launcher's
+    run: set aside meanwhile, so that nothing lands there."""
+    import mlflow
+    launcher = os.environ.pop("MLFLOW_RUN_ID", None)
+    try:
+        with using(tracking_uri), mlflow.start_run(run_id=run_id):
+            yield
+    finally:
+        if launcher is not None:
+            os.environ["MLFLOW_RUN_ID"] = launcher
+
+
 def _dataset(deploy: dict):
     """The validation split as an MLflow dataset (a MetaDataset: no data copied)."""
     from mlflow.data.code_dataset_source import CodeDatasetSource
@@ -88,9 +104,8 @@ def log_compiled(tracking_uri: str, run_id: str, library: Path, deploy: dict) ->
                                                       "target", "preprocessing")}, indent=1))
     example = np.asarray(deploy["example"], dtype=np.float32)
     signature = infer_signature(example, np.zeros((1, deploy["classes"]), np.float32))
-    launcher = os.environ.pop("MLFLOW_RUN_ID", None)  # under `mlflow run`: not that run
     try:
-        with using(tracking_uri), mlflow.start_run(run_id=run_id):
+        with in_run(tracking_uri, run_id):
             info = mlflow.pyfunc.log_model(
                 name=NAME, python_model=str(PYFUNC),
                 artifacts={"library": str(library), "meta": str(meta)},
@@ -102,8 +117,6 @@ def log_compiled(tracking_uri: str, run_id: str, library: Path, deploy: dict) ->
             mlflow.set_tag(MODEL_ID, info.model_id)
         return info.model_id
     finally:
-        if launcher is not None:
-            os.environ["MLFLOW_RUN_ID"] = launcher
         for path in folder.iterdir():
             path.unlink()
         folder.rmdir()
@@ -131,24 +144,19 @@ def log_saved(tracking_uri: str, run_id: str, folder: Path, deploy: dict,
     import mlflow
     from mlflow.entities import LoggedModelInput, LoggedModelOutput
     from mlflow.tracking import MlflowClient
-    launcher = os.environ.pop("MLFLOW_RUN_ID", None)  # under `mlflow run`: not that run
-    try:
-        with using(tracking_uri), mlflow.start_run(run_id=run_id):
-            model = mlflow.initialize_logged_model(
-                name=name, source_run_id=run_id, model_type=name,
-                tags={"dlas.precision": deploy.get("precision", "")})
-            client = MlflowClient(tracking_uri)
-            client.log_model_artifacts(model.model_id, str(folder))
-            mlflow.finalize_logged_model(model.model_id, "READY")
-            client.log_outputs(run_id, [LoggedModelOutput(model.model_id, 0)])
-            if "dataset" in deploy:
-                mlflow.log_input(_dataset(deploy), context="validation",
-                                 model=LoggedModelInput(model.model_id))
-            mlflow.set_tag(PYTORCH_MODEL_ID, model.model_id)
-        return model.model_id
-    finally:
-        if launcher is not None:
-            os.environ["MLFLOW_RUN_ID"] = launcher
+    with in_run(tracking_uri, run_id):
+        model = mlflow.initialize_logged_model(
+            name=name, source_run_id=run_id, model_type=name,
+            tags={"dlas.precision": deploy.get("precision", "")})
+        client = MlflowClient(tracking_uri)
+        client.log_model_artifacts(model.model_id, str(folder))
+        mlflow.finalize_logged_model(model.model_id, "READY")
+        client.log_outputs(run_id, [LoggedModelOutput(model.model_id, 0)])
+        if "dataset" in deploy:
+            mlflow.log_input(_dataset(deploy), context="validation",
+                             model=LoggedModelInput(model.model_id))
+        mlflow.set_tag(PYTORCH_MODEL_ID, model.model_id)
+    return model.model_id
 
 
 def link_metrics(client, run_id: str, metrics: list, model_ids: list[str],

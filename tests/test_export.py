@@ -57,6 +57,10 @@ def test_bad_pick_rules_are_named(rule, words):
         export.pick(TRIALS, export.parse_pick(rule))
 
 
+@pytest.mark.reliability("dlas export of an unknown run, the study's own run, a trial with no "
+                         "MLflow Model, and --pick without --experiment",
+                         "exit 2, naming the run or the flag and what is needed",
+                         kept="no folder under --out, no staging folder left")
 def test_export_refuses_bad_runs_and_writes_nothing(workdir, capsys):
     uri = f"sqlite:///{workdir / 'mlflow.db'}"
     tracker = tracking.Tracker(uri, "bare")
