@@ -228,8 +228,6 @@ def run_search(space: Space, *, study_name: str | None = None, trials: int | Non
             tracker.client.set_tag(parent, glance.UNRUN, str(unrun))
             exported = pareto.export_from_mlflow(tracking_uri, name, out, len(running))
             front = exported.front()
-            from optuna_dashboard import save_note  # the study's note in optuna-dashboard
-            save_note(study, glance.dashboard_note(exported))
             counts = {s.name.lower(): sum(t.state == s for t in study.trials)
                       for s in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.FAIL)}
             stopped = sum("stopped_at" in t.user_attrs for t in study.trials)  # by a gate
@@ -240,6 +238,11 @@ def run_search(space: Space, *, study_name: str | None = None, trials: int | Non
                                               **({"trials_running": len(running)}
                                                  if running else {})})
             tracking.link_launcher_run(name, tracking_uri, parent, out)
+            try:  # the study's note in optuna-dashboard: its failure costs only the note
+                from optuna_dashboard import save_note
+                save_note(study, glance.dashboard_note(exported))
+            except Exception as e:
+                print(f"warning: no optuna-dashboard note: {e}", file=sys.stderr)
         except Exception as e:  # keep the study's result even if the export breaks
             print(f"warning: Pareto export failed: {e}", file=sys.stderr)
             try:

@@ -267,21 +267,19 @@ class Stages:
             result.info["arithmetic"] = "; ".join(  # what the compiled convs and matmuls multiply
                 f"{op} {', '.join(sorted(kinds))}" for op, kinds in built.arithmetic.items()
                 if kinds)
-        which = self.cfg.artifacts
+        which, example = self.cfg.artifacts, self.dataset.example()
         if which.get("model", True):  # what the run's MLflow Models need (mlmodel.py)
             result.deploy = {"dataset": data.describe(self.cfg.data, self.dataset),
                              "precision": compressed.precision}
         if built is not None and self.device is not None and self.device.spec.device == \
                 "local" and which.get("library", True) and which.get("model", True):
-            example = self.dataset.example()  # the compiled library runs on this CPU
-            result.deploy.update({
+            result.deploy.update({  # the compiled library runs on this CPU
                 "input_shape": list(example.shape), "classes": self.dataset.num_classes,
                 "target": str(self.device.target),
                 "preprocessing": f"the validation transform of data.name {self.cfg.data.name} "
                                  f"at {self.cfg.data.image_size}px (float32 NCHW)",
                 "example": example.numpy().tolist()})
-        result.artifacts.update(keep_model(compressed, built, self.device, which,
-                                           self.dataset.example()))
+        result.artifacts.update(keep_model(compressed, built, self.device, which, example))
         return result
 
 
