@@ -14,7 +14,10 @@ intervals) is timed again:
   round, so drift hits every candidate alike;
 - the samples of all rounds give `latency_confirmed_ms` with its 95% interval
   (`latency_confirmed_ci_low_ms` / `_high_ms`), the same for `torch_latency_confirmed_ms` and
-  `speedup_vs_torch_confirmed`, logged to the trial's own run (tag `dlas.confirmed`).
+  `speedup_vs_torch_confirmed`, logged to the trial's own run (tag `dlas.confirmed`);
+- the confirmed numbers can let a trial the search numbers showed certainly dominated onto the
+  front (its dominator turned out slower): it joins, and all candidates are timed again
+  together, up to `PASSES` passes, so every front point ends confirmed (or is named).
 
 `pareto.load_trials` then uses the confirmed latency where a run has one and says so, and the
 export marks front points that are statistically tied (confidence.ties). Only trials timed on
@@ -40,6 +43,7 @@ from .tracking import add_to_run
 __all__ = ["ROUNDS", "Candidate", "Confirmation", "confirm", "config_of"]
 
 ROUNDS = 5
+PASSES = 3  # timing all candidates again when confirmed numbers let another onto the front
 
 
 @dataclass
@@ -134,6 +138,19 @@ def _metrics_of(candidate: Candidate) -> dict[str, float]:
             **speedup_metrics(torch_time, tvm_time, "speedup_vs_torch_confirmed")}
 
 
+def _moved_onto_the_front(feasible: list[dict], ready: list[Candidate], out: Confirmation,
+                          objectives: dict[str, str]) -> list[dict]:
+    """The feasible rows not timed yet that the confirmed numbers of `ready` make candidates:
+    a trial the search numbers showed certainly dominated can escape once its dominator's
+    confirmed latency is worse."""
+    timed = {candidate.row["trial"]: candidate for candidate in ready}
+    rows = [dict(row, metrics=pareto.confirmed_metrics(
+                {**row["metrics"], **_metrics_of(timed[row["trial"]])}))
+            if row["trial"] in timed else row for row in feasible]
+    return [row for row in confidence.candidates(rows, objectives)
+            if row["trial"] not in timed and row["trial"] not in out.skipped]
+
+
 def confirm(tracking_uri: str, experiment: str, cache_dir: str | Path | None = None,
             rounds: int = ROUNDS, say: Callable[[str], None] = print) -> Confirmation:
     """Time the study's front candidates again, side by side (see the module), and log the
@@ -151,23 +168,40 @@ def confirm(tracking_uri: str, experiment: str, cache_dir: str | Path | None = N
         return out
     feasible = [row for row in trials.rows if trials.feasible(row)]
     chosen = confidence.candidates(feasible, trials.objectives)
-    out.candidates = len(chosen)
     client, cache = MlflowClient(tracking_uri), StageCache(cache_dir)
-    ready = []
-    for row in chosen:
-        try:
-            ready.append(_prepare(client, trials, row, cache))
-        except Exception as e:  # this candidate only: the others are still confirmed
-            out.skipped[row["trial"]] = str(e).splitlines()[0][:300] if str(e) else repr(e)
-            say(f"confirm {experiment}: trial {row['trial']} kept its search numbers: "
-                f"{out.skipped[row['trial']]}")
-    say(f"confirm {experiment}: timing {len(ready)} of {len(trials.rows)} trials again "
-        f"({len(chosen)} could be on the front), {rounds} interleaved rounds, "
-        "each beside its PyTorch baseline")
-    if ready:
-        with hardware.timing_lock("local") as waited:
+    ready: list[Candidate] = []
+    waited = 0.0
+    for attempt in range(PASSES):
+        for row in chosen:
+            try:
+                ready.append(_prepare(client, trials, row, cache))
+            except Exception as e:  # this candidate only: the others are still confirmed
+                out.skipped[row["trial"]] = str(e).splitlines()[0][:300] if str(e) else repr(e)
+                say(f"confirm {experiment}: trial {row['trial']} kept its search numbers: "
+                    f"{out.skipped[row['trial']]}")
+        out.candidates += len(chosen)
+        say(f"confirm {experiment}: timing {len(ready)} of {len(trials.rows)} trials again "
+            f"({out.candidates} could be on the front), {rounds} interleaved rounds, "
+            "each beside its PyTorch baseline")
+        if not ready:
+            break
+        for candidate in ready:  # every pass times all of them anew, side by side
+            candidate.tvm_ms, candidate.torch_ms = [], []
+        with hardware.timing_lock("local") as waited_now:
             for r in range(rounds):
                 _round(ready, r % len(ready))
+        waited += waited_now
+        chosen = _moved_onto_the_front(feasible, ready, out, trials.objectives)
+        if not chosen:
+            break
+        say(f"confirm {experiment}: the confirmed numbers let trial(s) "
+            f"{', '.join(str(row['trial']) for row in chosen)} onto the front; "
+            "timing them with the others")
+    else:
+        say(f"confirm {experiment}: after {PASSES} passes trial(s) "
+            f"{', '.join(str(row['trial']) for row in chosen)} could still be on the front "
+            "and keep their search numbers")
+    if ready:
         stamp = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
         for candidate in ready:
             metrics = {**_metrics_of(candidate), "confirm_rounds": float(rounds),

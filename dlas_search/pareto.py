@@ -36,7 +36,7 @@ from .tracking import ROLE, STUDY, SUPERSEDED, TRIAL
 
 __all__ = ["non_dominated", "hypervolume", "normalised_hypervolume", "Trials",
            "load_trials", "write", "layer_importance", "export_from_mlflow", "varied",
-           "constants", "derived", "informative", "RELIABLE_TRIALS"]
+           "constants", "derived", "informative", "confirmed_metrics", "RELIABLE_TRIALS"]
 
 # fANOVA's importance over fewer trials than this is marked unreliable: with a handful of
 # trials its forest attributes chance differences to whichever parameter it split on first
@@ -137,7 +137,7 @@ def load_trials(tracking_uri: str, experiment: str) -> Trials:
                                   f"tags.`{ROLE}` = 'trial' and attributes.status = 'FINISHED'",
                                   max_results=1000, page_token=token)
         for run in page:
-            metrics = _confirmed(dict(run.data.metrics))
+            metrics = confirmed_metrics(dict(run.data.metrics))
             if "dlas.stopped_at" in run.data.tags:  # a gate stopped it: not compiled or timed
                 continue
             if SUPERSEDED in run.data.tags:  # a later tuning round's run has its final numbers
@@ -159,7 +159,7 @@ def load_trials(tracking_uri: str, experiment: str) -> Trials:
                   unrun=int(parents[0].data.tags.get("dlas.samples_unrun", "0")))
 
 
-def _confirmed(metrics: dict[str, float]) -> dict[str, float]:
+def confirmed_metrics(metrics: dict[str, float]) -> dict[str, float]:
     """A run's metrics with the confirmed latency and speedup (dlas confirm) in place of the
     search's, which stay as `latency_search_ms` / `speedup_vs_torch_search`."""
     for name, confirmed, kept in (("latency_ms", "latency_confirmed_ms", "latency_search_ms"),

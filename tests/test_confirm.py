@@ -50,3 +50,41 @@ def test_confirm_names_a_missing_experiment_and_bad_rounds(tiny_space, capsys):
     assert cli.main(["search", "--space", str(tiny_space), "--confirm-rounds", "-1"]) == 2
     assert "--confirm-rounds -1: rounds of timing the front again, >= 0" \
         in capsys.readouterr().err
+
+
+def _row(trial: int, latency: float, accuracy: float = 0.9) -> dict:
+    return {"trial": trial, "run_id": f"run{trial}", "params": {},
+            "metrics": {"accuracy": accuracy, "latency_ms": latency,
+                        "latency_ci_low_ms": latency * 0.98,
+                        "latency_ci_high_ms": latency * 1.02}}
+
+
+def test_a_trial_the_confirmed_numbers_let_onto_the_front_is_timed_with_the_others(
+        monkeypatch):
+    """Trial 0 is certainly dominated by trial 1 in the search's numbers, but trial 1 times
+    at 3 ms when confirmed: trial 0 joins, and both are timed again together."""
+    from dlas_search import confirm
+
+    trials = pareto.Trials("s", {"accuracy": "maximize", "latency_ms": "minimize"},
+                           [_row(0, 2.0), _row(1, 1.0), _row(2, 5.0, accuracy=0.5)])
+    true_ms = {0: 2.0, 1: 3.0, 2: 5.0}
+    timed, logged, said = [], {}, []
+    monkeypatch.setattr(pareto, "load_trials", lambda uri, experiment: trials)
+    monkeypatch.setattr(confirm, "_prepare",
+                        lambda client, t, row, cache: confirm.Candidate(row))
+
+    def fake_round(candidates, start):
+        timed.append(sorted(c.row["trial"] for c in candidates))
+        for c in candidates:
+            c.torch_ms += [4.0, 4.1, 3.9]
+            c.tvm_ms += [true_ms[c.row["trial"]] + d for d in (0.0, 0.01, -0.01)]
+
+    monkeypatch.setattr(confirm, "_round", fake_round)
+    monkeypatch.setattr(confirm, "add_to_run",
+                        lambda client, run_id, metrics, tags: logged.update({run_id: metrics}))
+    out = confirm.confirm("sqlite:///unused.db", "s", rounds=2, say=said.append)
+    assert timed == [[1], [1], [0, 1], [0, 1]]  # pass 1: trial 1 alone; pass 2: both
+    assert set(out.confirmed) == {0, 1} and set(logged) == {"run0", "run1"}
+    assert logged["run1"]["latency_confirmed_ms"] == pytest.approx(3.0, abs=0.02)
+    assert logged["run0"]["confirm_rounds"] == 2
+    assert any("let trial(s) 0 onto the front" in line for line in said)
