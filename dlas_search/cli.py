@@ -130,8 +130,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("perturb", help="run the DLAS perturbation study's grid, then its report",
                        description="Run (or continue) every configuration of the study's grid "
                        "(Optuna's grid sampler), then write the report: correlations, "
-                       "compression speedups, best primitives, sparse vs dense, importance, and "
-                       "a verdict on each observation of the paper. Logged to the study's "
+                       "compression speedups, best primitives, sparse vs dense, importance, the "
+                       "interactions between layers, and a verdict with a bootstrap interval "
+                       "on the paper's observations and this project's hypotheses. Logged to "
+                       "the study's "
                        "parent run as the artifact folder `report`.")
     p.add_argument("--space", default=None,
                    help=f"the study's grid (default: {PAPER_SPACE}; the ImageNet half: "

@@ -2,11 +2,12 @@
 MACs, accuracy and latency correlate; what each compression technique buys per target and
 tuning setting; which conv primitive wins where (and whether tuning or quantisation changes
 that); where sparse kernels start to pay; which layers matter for each objective; and a verdict
-on each observation of the paper (docs/paper.md) computed from these tables.
+on each observation (observations.py: the paper's three, then this project's hypotheses),
+each with a bootstrap interval; and how strongly the layers interact (interactions.py).
 
     frame = runs_frame(pareto.load_trials(uri, "dlas_paper_reduced"))
     tables = compute(frame)                     # pandas DataFrames, one per question
-    verdicts = [check(tables, frame) for check in OBSERVATIONS]
+    verdicts = [observations.judge(o, frame) for o in observations.OBSERVATIONS]
     write_report(uri, "dlas_paper_reduced", "report/")   # all of it: report.md, CSV, HTML, PNG
 """
 from __future__ import annotations
@@ -18,12 +19,10 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
-from . import compression, pareto, tracking
+from . import compression, confidence, pareto, tracking
 from .errors import BadInput
-from .observations import (MARGIN, NOT_SUPPORTED, OBSERVATIONS, SUPPORTED,  # noqa: F401
-                           UNTESTABLE, Verdict)
 
-__all__ = ["CORRELATED", "CELL", "compression_label", "precision_of", "sparse_eligible",
+__all__ = ["CORRELATED", "CELL", "MARGIN", "compression_label", "precision_of", "sparse_eligible",
            "runs_frame", "correlations", "best_latency", "compression_speedups",
            "best_primitives", "tuning_changes", "sparse_vs_dense",
            "quantisation_primitives", "quantisation_changes", "importance", "compute",
@@ -33,6 +32,9 @@ __all__ = ["CORRELATED", "CELL", "compression_label", "precision_of", "sparse_el
 CORRELATED = ("size_mb", "macs", "accuracy", "latency_ms")
 # a cell of the study: the settings a primitive is compared within
 CELL = ["data", "arch", "target", "compression", "tuner"]
+# a winner "changes" only when the earlier winner is this much slower in the new setting
+# (timing noise on a shared CPU is a few percent)
+MARGIN = 0.05
 
 
 # --- the runs as one table --------------------------------------------------------------------
@@ -78,6 +80,7 @@ def runs_frame(trials: pareto.Trials) -> pd.DataFrame:
         amount, ratio = _number(p.get("compress.amount")), _number(p.get("compress.ratio"))
         tuner = p.get("compiler.tuner", "none")
         budget = p.get("compiler.trials", tracking.ABSENT)
+        low, high = confidence.interval(m, "latency_ms") if "latency_ms" in m else (math.nan,) * 2
         rows.append({
             "trial": r["trial"], "data": p.get("data.name", "?"), "arch": p.get("model.arch", "?"),
             "target": p.get("hw.target", "local"), "method": method,
@@ -86,11 +89,13 @@ def runs_frame(trials: pareto.Trials) -> pd.DataFrame:
             "conv": p.get("algo.conv", "direct"), "format": p.get("algo.format", "dense"),
             "tuner": tuner if tuner == "none" or budget == tracking.ABSENT else f"{tuner} {budget}",
             **{k: m.get(k, math.nan) for k in ("accuracy", "latency_ms", "size_mb", "macs",
-                                               "params", "sparsity", "speedup_vs_torch")}})
+                                               "params", "sparsity", "speedup_vs_torch")},
+            "latency_ci_low_ms": low, "latency_ci_high_ms": high})
     frame = pd.DataFrame(rows, columns=["trial", "data", "arch", "target", "method",
                                         "compression", "sparsity_level", "precision", "conv",
                                         "format", "tuner", "accuracy", "latency_ms", "size_mb",
-                                        "macs", "params", "sparsity", "speedup_vs_torch"])
+                                        "macs", "params", "sparsity", "speedup_vs_torch",
+                                        "latency_ci_low_ms", "latency_ci_high_ms"])
     frame["primitive"] = frame["conv"] + np.where(frame["format"] == "sparse", " sparse", "")
     return frame
 
@@ -145,32 +150,42 @@ def best_primitives(frame: pd.DataFrame) -> pd.DataFrame:
                                                     "best_latency_ms"})
 
 
-def _changed(cell_a: pd.Series, cell_b: pd.Series) -> bool | None:
-    """Does the winner of setting a lose to b's winner by more than MARGIN in setting b?
-    (`cell_*`: primitive -> latency). None when a's winner did not run in b."""
-    win_a, win_b = cell_a.idxmin(), cell_b.idxmin()
-    if win_a not in cell_b.index:
-        return None
-    return win_a != win_b and cell_b[win_a] > cell_b[win_b] * (1 + MARGIN)
+def _winner_losses(frame: pd.DataFrame, keys: list[str], setting: str,
+                   base: str) -> pd.DataFrame:
+    """Per group of `keys` and each value of `setting` other than `base`: the fastest
+    primitive under `base` and under that value, and `loss`, how much slower base's winner is
+    than the value's winner there (0: it still wins; nan: it did not run there). Beyond
+    MARGIN the best primitive "changed"."""
+    best = frame.groupby([*keys, setting, "primitive"], sort=True)["latency_ms"].min() \
+        .reset_index()
+    here, there = best[best[setting] == base], best[best[setting] != base]
+    if here.empty or there.empty:
+        return pd.DataFrame(columns=[*keys, setting, "best_base", "best_other", "loss"])
+    win = here.loc[here.groupby(keys)["latency_ms"].idxmin(), [*keys, "primitive"]] \
+        .rename(columns={"primitive": "best_base"})
+    top = there.loc[there.groupby([*keys, setting])["latency_ms"].idxmin()] \
+        .rename(columns={"primitive": "best_other", "latency_ms": "other_ms"})
+    out = top.merge(win, on=keys).merge(
+        there.rename(columns={"primitive": "best_base", "latency_ms": "winner_ms"}),
+        on=[*keys, setting, "best_base"], how="left")
+    out["loss"] = out["winner_ms"] / out["other_ms"] - 1
+    return out[[*keys, setting, "best_base", "best_other", "loss"]]
+
+
+def _changed(loss: pd.Series) -> pd.Series:
+    return loss.map(lambda x: None if math.isnan(x) else bool(x > MARGIN)).astype(object)
 
 
 def tuning_changes(frame: pd.DataFrame) -> pd.DataFrame:
     """Per (data, model, target, compression) and tuned setting: the best primitive untuned
-    and tuned, and whether tuning changed it (beyond MARGIN)."""
+    and tuned, how much slower the untuned winner is once tuned (`loss`), and whether tuning
+    changed the best primitive (loss beyond MARGIN)."""
     keys = ["data", "arch", "target", "compression"]
-    rows = []
-    for key, group in frame.groupby(keys):
-        cells = {t: g.groupby("primitive")["latency_ms"].min() for t, g in group.groupby("tuner")}
-        if "none" not in cells:
-            continue
-        for tuner, cell in cells.items():
-            if tuner == "none":
-                continue
-            changed = _changed(cells["none"], cell)
-            rows.append({**dict(zip(keys, key)), "tuner": tuner,
-                         "best_untuned": cells["none"].idxmin(), "best_tuned": cell.idxmin(),
-                         "changed": changed})
-    return pd.DataFrame(rows, columns=keys + ["tuner", "best_untuned", "best_tuned", "changed"])
+    out = _winner_losses(frame, keys, "tuner", "none").rename(
+        columns={"best_base": "best_untuned", "best_other": "best_tuned"})
+    out["changed"] = _changed(out["loss"])
+    return out[keys + ["tuner", "best_untuned", "best_tuned", "loss", "changed"]] \
+        .reset_index(drop=True)
 
 
 def sparse_vs_dense(frame: pd.DataFrame) -> pd.DataFrame:
@@ -210,22 +225,16 @@ def quantisation_primitives(frame: pd.DataFrame) -> pd.DataFrame:
 
 
 def quantisation_changes(frame: pd.DataFrame) -> pd.DataFrame:
-    """Per (data, model, target, tuning): does the best primitive at fp16 or int8 differ from
-    fp32's (beyond MARGIN)?"""
+    """Per (data, model, target, tuning) and quantised level: the best primitive at fp32 and
+    at that level, fp32's winner's `loss` there, and whether quantisation changed the best
+    primitive (loss beyond MARGIN)."""
     keys = ["data", "arch", "target", "tuner"]
-    rows = []
     levels = frame[frame["method"].isin(_precision_levels())]
-    for key, group in levels.groupby(keys):
-        cells = {p: g.groupby("primitive")["latency_ms"].min()
-                 for p, g in group.groupby("precision")}
-        for precision in sorted(set(cells) - {"fp32"}):
-            if "fp32" in cells:
-                rows.append({**dict(zip(keys, key)), "precision": precision,
-                             "best_fp32": cells["fp32"].idxmin(),
-                             "best_quantised": cells[precision].idxmin(),
-                             "changed": _changed(cells["fp32"], cells[precision])})
-    return pd.DataFrame(rows, columns=keys + ["precision", "best_fp32", "best_quantised",
-                                              "changed"])
+    out = _winner_losses(levels, keys, "precision", "fp32").rename(
+        columns={"best_base": "best_fp32", "best_other": "best_quantised"})
+    out["changed"] = _changed(out["loss"])
+    return out[keys + ["precision", "best_fp32", "best_quantised", "loss", "changed"]] \
+        .reset_index(drop=True)
 
 
 def importance(trials: pareto.Trials) -> pd.DataFrame:
@@ -317,44 +326,77 @@ SECTIONS = (
     ("quantisation_primitive", "Best primitive per quantisation level"),
     ("quantisation_changes", "Does quantisation change the best primitive?"),
     ("importance", "Per-layer importance for each objective (fANOVA)"),
+    ("interactions", "Interactions between layers"),
 )
 
 
-def build(trials: pareto.Trials, out_dir: str | Path) -> tuple[dict, list[Verdict], Path]:
-    """Compute every table and verdict of `trials` and write report.md, one CSV per table,
-    verdicts.csv and the plots into `out_dir`."""
+def build(trials: pareto.Trials, out_dir: str | Path,
+          replicates: int | None = None) -> tuple[dict, list, Path]:
+    """Compute every table, interaction and verdict of `trials` (each verdict on `replicates`
+    bootstrap replicates, observations.BOOTSTRAP by default) and write report.md, one CSV per
+    table, verdicts.csv and the plots into `out_dir`."""
+    from . import interactions, observations
+
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     frame = runs_frame(trials)
     tables = compute(frame)
     tables["importance"] = importance(trials)
-    verdicts = [check(tables, frame) for check in OBSERVATIONS]
+    tables["interactions"] = interactions.interactions(frame, trials.objectives)
+    verdicts = [observations.judge(o, frame, replicates or observations.BOOTSTRAP)
+                for o in observations.OBSERVATIONS]
     for name, table in tables.items():
         table.to_csv(out / f"{name}.csv", index=False)
-    pd.DataFrame([v.__dict__ for v in verdicts]).to_csv(out / "verdicts.csv", index=False)
+    pd.DataFrame([v.row() for v in verdicts]).to_csv(out / "verdicts.csv", index=False)
     plots = _plots(frame, tables, out)
+    if interactions.heatmap(tables["interactions"], out / "interactions.png"):
+        plots.append("interactions")
     tuning = tables["tuning_changes"].dropna(subset=["changed"])
+    accuracy = frame.groupby("arch")["accuracy"].agg(["min", "max"])
     lines = [f"# DLAS perturbation study: {trials.study}", "",
              f"{len(frame)} finished configurations: {frame['arch'].nunique()} model(s), "
              f"{frame['compression'].nunique()} compression level(s), "
              f"{frame['primitive'].nunique()} primitive(s), {frame['tuner'].nunique()} tuning "
-             f"setting(s), {frame['target'].nunique()} target(s).", "",
-             "## Observations of the paper, tested on these runs", "",
-             "Each line: the verdict, the claim (docs/paper.md), the statistic computed here and the "
-             "rule that decides the verdict. The paper makes 13 observations; these are the "
-             "ones docs/paper.md lists.", "",
-             *(v.line() for v in verdicts), ""]
+             f"setting(s), {frame['target'].nunique()} target(s). Accuracy on the validation "
+             "split per model: " + ", ".join(f"{arch} {r['min']:.3f} to {r['max']:.3f}"
+                                             for arch, r in accuracy.iterrows()) + ".", ""]
+    for source, title in (("paper", "The paper's observations"),
+                          ("hypothesis", "This project's hypotheses")):
+        lines += [f"## {title}", "", *(v.line() for v in verdicts if v.source == source), ""]
+    lines += ["Each verdict: the statistic, its 95% bootstrap interval (configurations "
+              "resampled by unit, each latency redrawn from its timing interval), and the "
+              "rule; `supported` or `not supported` only when the whole interval is on one "
+              "side of the threshold, else `inconclusive here` (docs/paper.md).", ""]
     for name, title in SECTIONS:
         lines += [f"## {title}", ""]
         if name == "tuning_changes" and not tuning.empty:
             lines += [f"Changed in {int(tuning['changed'].astype(bool).sum())} of "
                       f"{len(tuning)} cells.", ""]
+        if name == "interactions":
+            lines += [INTERACTIONS_NOTE, ""]
+            lines += [_markdown(_strongest(tables[name])), f"(`{name}.csv`, all pairs; "
+                      "`interactions.png`)", ""]
+            continue
         lines += [_markdown(tables[name]), f"(`{name}.csv`)", ""]
     if plots:
-        lines += ["## Plots", "", *(f"- `{p}.html` (interactive), `{p}.png`" for p in plots), ""]
+        lines += ["## Plots", "", *(f"- `{p}.png`" + ("" if p == "interactions" else
+                                                      f", `{p}.html` (interactive)")
+                                    for p in plots), ""]
     path = out / "report.md"
     path.write_text("\n".join(lines))
     return tables, verdicts, path
+
+
+INTERACTIONS_NOTE = (
+    "Partial eta squared of each pair of layers, per objective, from a two-way ANOVA over the "
+    "grid (latency and size on a log scale): the share of the variation left by every "
+    "layer's own effect that the pair explains together. The pairs the grid can estimate, "
+    "strongest first; p from the F-test.")
+
+
+def _strongest(table: pd.DataFrame) -> pd.DataFrame:
+    pairs = table[(table["a"] != table["b"]) & (table["df"] > 0)]
+    return pairs.sort_values(["objective", "partial_eta2"], ascending=[True, False])
 
 
 def study_run_id(tracking_uri: str, experiment: str) -> str:

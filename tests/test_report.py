@@ -8,7 +8,7 @@ import itertools
 import pytest
 
 from conftest import ROOT, write_space
-from dlas_search import cli, mlproject, pareto, report
+from dlas_search import cli, interactions, mlproject, observations, pareto, report
 from dlas_search.space import load_space
 
 # the study's axes cut to the bone, resnet18 at 16x16: unpruned (direct), or pruned to 0.8 with
@@ -72,12 +72,21 @@ def test_perturb_runs_the_grid_and_writes_the_report(workdir, cache_dir, capsys)
     # a verdict line per observation, each with its statistic; on this data: one target, no
     # tuning, no quantisation, one sparsity level -> those four cannot be tested
     verdicts = rows("verdicts")
-    assert len(verdicts) == len(report.OBSERVATIONS)
-    by_claim = {v["claim"].split()[0]: v for v in verdicts}
-    for first in ("Speedups", "Auto-tuning", "The", "Sparse"):
-        assert by_claim[first]["verdict"] == report.UNTESTABLE, by_claim[first]
-    assert by_claim["Model"]["verdict"] in (report.SUPPORTED, report.NOT_SUPPORTED)
-    assert "rho" in by_claim["Model"]["statistic"]
+    assert len(verdicts) == len(observations.OBSERVATIONS)
+    by_name = {v["name"]: v for v in verdicts}
+    for name in ("hardware", "tuning", "quantisation", "sparse"):
+        assert by_name[name]["verdict"] == observations.UNTESTABLE, by_name[name]
+    assert by_name["correlation"]["verdict"] != observations.UNTESTABLE
+    assert "rho" in by_name["correlation"]["detail"]
+    low, value, high = (float(by_name["correlation"][k]) for k in ("low", "value", "high"))
+    assert low <= value <= high
+    assert [v["source"] for v in verdicts] == ["paper"] * 3 + ["hypothesis"] * 2
+    assert text.index("## The paper's observations") < text.index("## This project's hypotheses")
+    # 4 trials: unpruned direct, pruned direct dense / sparse / im2col; latency only varies
+    pairs = {(r["objective"], r["a"], r["b"]): r for r in rows("interactions")}
+    assert pairs[("latency_ms", "compression", "compression")]["df"] == "1.0"
+    assert pairs[("latency_ms", "compression", "hardware")]["df"] == "0.0"  # one target
+    assert (out / "interactions.png").read_bytes()[:4] == b"\x89PNG"
     for v in verdicts:
         assert f"**{v['verdict']}**: {v['claim']}" in text
 
@@ -100,9 +109,11 @@ def test_perturb_runs_the_grid_and_writes_the_report(workdir, cache_dir, capsys)
 
 # --- verdicts computed from a synthetic study -------------------------------------------------
 
-def synthetic(latency, accuracy=lambda c: 0.9, size=lambda c: 10.0, targets=("a", "b")):
+def synthetic(latency, accuracy=lambda c: 0.9, size=lambda c: 10.0, targets=("a", "b"),
+              ci=0.0):
     """A finished study over 2 models, 2 targets, untuned/tuned, 5 compression levels and
-    2 primitives (dense, and sparse when pruned); `latency(config)` etc. give the metrics."""
+    2 primitives (dense, and sparse when pruned); `latency(config)` etc. give the metrics,
+    each latency with a 95% interval of +-`ci` (a fraction) when given."""
     rows = []
     levels = [("none", None), ("unstructured", 0.5), ("unstructured", 0.9), ("int8", None),
               ("fp16", None)]
@@ -119,6 +130,9 @@ def synthetic(latency, accuracy=lambda c: 0.9, size=lambda c: 10.0, targets=("a"
                   "compress.ratio": "-", "algo.conv": conv, "algo.format": fmt}
         metrics = {"latency_ms": latency(c), "accuracy": accuracy(c), "size_mb": size(c),
                    "macs": 1e6}
+        if ci:
+            metrics["latency_ci_low_ms"] = metrics["latency_ms"] * (1 - ci)
+            metrics["latency_ci_high_ms"] = metrics["latency_ms"] * (1 + ci)
         rows.append({"trial": n, "run_id": str(n), "name": str(n), "params": params,
                      "metrics": metrics})
     return pareto.Trials("synthetic", {"accuracy": "maximize", "latency_ms": "minimize",
@@ -135,62 +149,67 @@ def base_latency(c):
     return t
 
 
-def verdicts(trials):
+def verdicts(trials, *names, replicates=50):
+    """The verdicts of the observations `names` (all when none are named)."""
     frame = report.runs_frame(trials)
-    tables = report.compute(frame)
-    return {check.__name__: check(tables, frame) for check in report.OBSERVATIONS}
+    return {o.name: observations.judge(o, frame, replicates)
+            for o in observations.OBSERVATIONS if not names or o.name in names}
 
 
 def test_verdicts_follow_the_data():
     v = verdicts(synthetic(base_latency))
-    assert v["obs_hardware"].verdict == report.NOT_SUPPORTED       # same speedup everywhere
-    assert v["obs_tuning"].verdict == report.NOT_SUPPORTED         # direct always wins
-    assert v["obs_quantisation"].verdict == report.NOT_SUPPORTED
-    assert v["obs_sparse"].verdict == report.SUPPORTED             # pays from 0.9 only
-    assert "sparse pays from 0.9" in v["obs_sparse"].statistic
+    assert v["hardware"].verdict == observations.NOT_SUPPORTED       # same speedup everywhere
+    assert v["tuning"].verdict == observations.NOT_SUPPORTED         # direct always wins
+    assert v["quantisation"].verdict == observations.NOT_SUPPORTED
+    assert v["sparse"].verdict == observations.SUPPORTED             # pays from 0.9 only
+    assert "0.5: 0.50x, 0.9: 2.00x" in v["sparse"].detail
 
     # int8 is 4x faster on target b only: hardware dependent
     def hw(c):
         return base_latency(c) * (0.25 if c["target"] == "b" and c["method"] == "int8" else 1)
-    assert verdicts(synthetic(hw))["obs_hardware"].verdict == report.SUPPORTED
+    assert verdicts(synthetic(hw), "hardware")["hardware"].verdict == observations.SUPPORTED
     # with one target there is nothing to compare
-    single = verdicts(synthetic(base_latency, targets=("a",)))["obs_hardware"]
-    assert single.verdict == report.UNTESTABLE and "1 target" in single.why
+    single = verdicts(synthetic(base_latency, targets=("a",)), "hardware")["hardware"]
+    assert single.verdict == observations.UNTESTABLE and "1 target" in single.detail
 
     # tuning makes spatial_pack 30% faster than direct
     def tuned(c):
         t = base_latency(c)
         return t * 0.6 if c["tuner"] != "none" and c["conv"] == "spatial_pack" else t
-    assert verdicts(synthetic(tuned))["obs_tuning"].verdict == report.SUPPORTED
+    assert verdicts(synthetic(tuned), "tuning")["tuning"].verdict == observations.SUPPORTED
     # a 2% flip is within the margin: not a change
     def noise(c):
         t = base_latency(c)
         return t * 0.89 if c["tuner"] != "none" and c["conv"] == "spatial_pack" else t
-    assert verdicts(synthetic(noise))["obs_tuning"].verdict == report.NOT_SUPPORTED
+    assert verdicts(synthetic(noise), "tuning")["tuning"].verdict == observations.NOT_SUPPORTED
 
     # at int8 spatial_pack wins
     def quant(c):
         t = base_latency(c)
         return t * 0.5 if c["method"] == "int8" and c["conv"] == "spatial_pack" else t
-    assert verdicts(synthetic(quant))["obs_quantisation"].verdict == report.SUPPORTED
+    quantised = verdicts(synthetic(quant), "quantisation")["quantisation"]
+    assert quantised.verdict == observations.SUPPORTED
 
     # sparse pays already at 0.5: "only at high sparsity" does not hold
     def sparse_everywhere(c):
         t = base_latency(c)
         return t / 4 if c["format"] == "sparse" and c["amount"] == 0.5 else t
-    assert verdicts(synthetic(sparse_everywhere))["obs_sparse"].verdict == report.NOT_SUPPORTED
+    everywhere = verdicts(synthetic(sparse_everywhere), "sparse")["sparse"]
+    assert everywhere.verdict == observations.NOT_SUPPORTED
 
     # size, accuracy and latency moving together: correlated, the claim is not supported
     def size_follows(c):
         return base_latency(c) * 3
     def acc_follows(c):
         return base_latency(c) / 100
-    together = verdicts(synthetic(base_latency, accuracy=acc_follows, size=size_follows))
-    assert together["obs_correlation"].verdict == report.NOT_SUPPORTED
+    together = verdicts(synthetic(base_latency, accuracy=acc_follows, size=size_follows),
+                        "correlation")
+    assert together["correlation"].verdict == observations.NOT_SUPPORTED
     def acc_independent(c):  # accuracy depends on tuning only, latency does not
         return 0.9 if c["tuner"] == "none" else 0.8
-    apart = verdicts(synthetic(base_latency, accuracy=acc_independent, size=size_follows))
-    assert apart["obs_correlation"].verdict == report.SUPPORTED
+    apart = verdicts(synthetic(base_latency, accuracy=acc_independent, size=size_follows),
+                     "correlation")
+    assert apart["correlation"].verdict == observations.SUPPORTED
 
 
 def test_perturb_bad_input(workdir, capsys):
@@ -213,3 +232,50 @@ def test_paper_spaces_are_grids_of_the_papers_axes():
     assert reduced.size() < full.size()
     assert mlproject.translate(["perturb", "--reduced", "true", "--out", ""]) == [
         "perturb", "--reduced"]
+
+
+def test_timing_noise_makes_a_verdict_inconclusive():
+    """Tuning makes spatial_pack 15% faster, so the untuned winner (direct) is 7% slower once
+    tuned: supported when the timings are exact; with each latency known only to +-15%, the
+    interval straddles the 5% margin and the verdict says so."""
+    def tuned(c):
+        t = base_latency(c)
+        return t * 0.85 if c["tuner"] != "none" and c["conv"] == "spatial_pack" else t
+    exact = verdicts(synthetic(tuned), "tuning")["tuning"]
+    assert exact.verdict == observations.SUPPORTED
+    assert exact.low == pytest.approx(exact.value) == pytest.approx(10.5 / (11.5 * 0.85) - 1)
+    noisy = verdicts(synthetic(tuned, ci=0.15), "tuning")["tuning"]
+    assert noisy.verdict == observations.INCONCLUSIVE
+    assert noisy.low < report.MARGIN < noisy.high
+    assert "inconclusive here" in noisy.line() and "95% interval" in noisy.line()
+
+
+def test_resampling_keeps_copies_of_a_unit_apart():
+    frame = report.runs_frame(synthetic(base_latency))
+    rng = __import__("numpy").random.default_rng(1)
+    replicate = observations.resample(frame, ("arch",), rng)
+    assert len(replicate) == len(frame)  # two models: two units of equal size drawn
+    assert replicate["data"].nunique() == 2  # each drawn copy its own label
+    assert set(replicate["arch"]) <= {"m1", "m2"}
+
+
+def test_interactions_find_the_pair_that_acts_together():
+    """int8 is 4x faster with spatial_pack only: compression x algorithm interacts on
+    latency; compression x hardware does not (same on both targets)."""
+    def together(c):
+        t = base_latency(c)
+        return t * 0.25 if c["method"] == "int8" and c["conv"] == "spatial_pack" else t
+    frame = report.runs_frame(synthetic(together))
+    table = interactions.interactions(frame, ["latency_ms", "accuracy"])
+    pairs = {(r.a, r.b): r for r in table[table["objective"] == "latency_ms"].itertuples()}
+    assert pairs[("compression", "algorithm")].partial_eta2 > 0.8
+    assert pairs[("compression", "algorithm")].p < 1e-6
+    assert pairs[("compression", "hardware")].partial_eta2 < 0.05
+    assert set(table["objective"]) == {"latency_ms"}  # accuracy is constant: nothing to explain
+
+
+def test_interactions_name_a_pair_the_grid_cannot_separate():
+    frame = report.runs_frame(synthetic(base_latency, targets=("a",)))
+    table = interactions.interactions(frame, ["latency_ms"])
+    row = table[(table["a"] == "compression") & (table["b"] == "hardware")].iloc[0]
+    assert row["df"] == 0 and row["partial_eta2"] != row["partial_eta2"]  # nan
