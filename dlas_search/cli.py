@@ -300,7 +300,7 @@ def cmd_perturb(args) -> int:
     _, verdicts, path = report.write_report(uri, name, out)
     print(f"report -> {path}")
     for verdict in verdicts:
-        print(f"  {verdict.verdict}: {verdict.claim}")
+        print(f"  {verdict.short()}")
     return 0
 
 

@@ -126,7 +126,7 @@ def cmd_report(args) -> int:
     _, verdicts, path = report.write_report(uri, args.experiment, out)
     print(f"report -> {path}")
     for verdict in verdicts:
-        print(f"  {verdict.verdict}: {verdict.claim}")
+        print(f"  {verdict.short()}")
     return 0
 
 

@@ -96,6 +96,12 @@ class Verdict:
                 + (f"; {self.detail}" if self.detail else "")
                 + f"  \n  What would change it: {self.changes}")
 
+    def short(self) -> str:
+        """One line for the terminal: verdict, claim, and the numbers behind it."""
+        numbers = "" if math.isnan(self.value) else \
+            f" ({self.value:.3g}, 95% {self.low:.3g} to {self.high:.3g}; rule {self.rule})"
+        return f"{self.verdict}: {self.claim}{numbers}"
+
     def row(self) -> dict:
         return asdict(self)
 

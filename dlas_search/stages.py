@@ -170,8 +170,12 @@ class Stages:
         self.hits["model"], self.train_s = ("hit" if hit else "miss"), time.perf_counter() - start
         torch.manual_seed(cfg.seed)
         with layer("compression"):
-            return compression.compress(cfg.resolved("compress"), cfg.finetune, trained,
-                                        self.dataset)
+            try:
+                return compression.compress(cfg.resolved("compress"), cfg.finetune, trained,
+                                            self.dataset)
+            except compression.NotApplicable as e:
+                e.model = cfg.model.arch  # the technique knows why; this names the model
+                raise
 
     def _compile(self, compressed: compression.Compressed,
                  plan: algorithms.Plan) -> compiler.Compiled:

@@ -247,3 +247,34 @@ def test_unknown_method_lists_the_combinations(digits):
     model = models.create(models.ModelConfig(arch="resnet18"), 10)
     with pytest.raises(BadInput, match=r"compress\.method.*'int4'.*channel\+int8"):
         compression.compress(CompressConfig("int4"), FinetuneConfig(epochs=0), model, digits[16])
+
+
+def test_a_technique_that_cannot_follow_the_model_says_which_and_why():
+    """torch-pruning cannot follow ShuffleNet's channel shuffle (it divided by zero inside its
+    dependency graph): the trial's error names the layer, the technique and why."""
+    dataset = small_digits(16)
+    model = models.create(models.ModelConfig(arch="shufflenet_v2_x0_5"), dataset.num_classes)
+    with pytest.raises(compression.NotApplicable) as caught:
+        compression.compress(CompressConfig("channel", ratio=0.5), FinetuneConfig(epochs=0),
+                             model, dataset)
+    text = str(caught.value)
+    assert text.startswith("compression: channel cannot compress this model: ")
+    assert "channel shuffle" in text and "torch-pruning" in text and "unstructured" in text
+    caught.value.model = "shufflenet_v2_x0_5"  # what stages.py adds
+    assert "cannot compress shufflenet_v2_x0_5:" in str(caught.value)
+
+
+def test_a_library_failure_inside_a_technique_is_named(monkeypatch):
+    """An exception from inside a library that no rule knows still names the technique, the
+    step and the library, not a bare traceback."""
+    import torch_pruning as tp
+
+    def broken(*args, **kwargs):
+        raise IndexError("index 384 is out of bounds for dimension 0 with size 384")
+    monkeypatch.setattr(tp.pruner, "MagnitudePruner", broken)
+    dataset = small_digits(16)
+    model = models.create(models.ModelConfig(arch="resnet18"), dataset.num_classes)
+    with pytest.raises(compression.NotApplicable, match=r"channel cannot compress this model: "
+                       r"compressing failed inside .* with IndexError: index 384"):
+        compression.compress(CompressConfig("channel", ratio=0.5), FinetuneConfig(epochs=0),
+                             model, dataset)

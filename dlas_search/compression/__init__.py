@@ -28,16 +28,20 @@ metrics.py (size, MACs, parameters, sparsity), and `compress`, the layer's entry
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import time
+import traceback
 
+import torch
 from torch import nn
 
 from .. import training
 from ..data import Data
+from ..errors import BadInput
 from ..faults import layer
 from .contract import (CALIBRATION_IMAGES, METHODS, Chain, CompressConfig, Compressed,
-                       FinetuneConfig, Method, MethodRegistry, NoCompression,
+                       FinetuneConfig, Method, MethodRegistry, NoCompression, NotApplicable,
                        prunes_unstructured, setting, summary, technique)
 from .pruning import ChannelPruning, UnstructuredPruning, prunable
 from .quantisation import Fp16, HalfPrecision, Int8, Quantized
@@ -49,7 +53,7 @@ from ..registry import discover
 discover(__name__, __path__)  # any other module (random.py, a user's technique) registers too
 
 __all__ = [
-    "compress",
+    "compress", "NotApplicable",
     # the contract and the registry
     "Method", "Chain", "MethodRegistry", "METHODS", "CompressConfig", "FinetuneConfig",
     "Compressed", "technique", "setting", "summary", "prunes_unstructured",
@@ -71,7 +75,10 @@ def compress(cfg: CompressConfig, finetune: FinetuneConfig, model: nn.Module,
     steps, example = technique(cfg.method), data.example()
     before = {"params_before": count_params(model), "macs_before": count_macs(model, example)}
     teacher = copy.deepcopy(model).eval() if finetune.distill and finetune.epochs > 0 else None
-    model = steps.apply(model, cfg, example)
+    with _applying(cfg.method, "compressing"):
+        model = steps.apply(model, cfg, example)
+        with torch.no_grad():  # a library can leave a model that no longer runs: say so now
+            model.eval()(example)
     start = time.perf_counter()
     with layer("fine-tune"):
         training.fit(model, data.train_loader(finetune.batch_size), finetune.epochs,
@@ -81,9 +88,36 @@ def compress(cfg: CompressConfig, finetune: FinetuneConfig, model: nn.Module,
     model = training.recalibrate_batchnorm(model, data.train)
     metrics = {**before, **measure(model, example, steps.precision)}
     start = time.perf_counter()
-    deployed = steps.convert(model.eval(), cfg, data)
+    with _applying(cfg.method, "converting"):
+        deployed = steps.convert(model.eval(), cfg, data)
     metrics["convert_s"] = time.perf_counter() - start
     metrics["accuracy"] = training.accuracy(deployed, data.val)
     metrics["val_images"] = float(len(data.val.dataset))  # for the accuracy's interval
     metrics["finetune_s"] = finetune_s
     return Compressed(deployed.eval(), metrics, steps.precision)
+
+
+# (the library function an exception came from, what the model does that it cannot follow)
+_KNOWN = (("update_reshape_index_mapping", "its forward reshapes the channel dimension into "
+           "groups (a channel shuffle, as in ShuffleNet: x.view(b, groups, c // groups, h, w)), "
+           "which torch-pruning's dependency graph cannot follow, so no consistent set of "
+           "channels can be removed; prune it with `unstructured`, or quantise it"),)
+
+
+@contextlib.contextmanager
+def _applying(method: str, doing: str):
+    """Turn an exception from inside a library, while `method` is `doing` its work, into
+    NotApplicable naming the technique and why (bad settings stay BadInput)."""
+    try:
+        yield
+    except (BadInput, NotApplicable, MemoryError, KeyboardInterrupt):
+        raise
+    except Exception as e:
+        frames = traceback.extract_tb(e.__traceback__)
+        known = next((why for name, why in _KNOWN for f in frames if f.name == name), None)
+        file = frames[-1].filename if frames else "?"
+        where = file.split("site-packages/")[1].split("/")[0] if "site-packages/" in file \
+            else file.rsplit("/", 1)[-1]
+        raise NotApplicable(method, known or (
+            f"{doing} failed inside {where} with {type(e).__name__}: {e}"
+            .splitlines()[0][:400])) from e

@@ -31,11 +31,25 @@ from ..data import Data
 from ..errors import BadInput, allowed
 from ..registry import Registry
 
-__all__ = ["Method", "Chain", "MethodNames", "MethodRegistry", "METHODS", "NoCompression",
+__all__ = ["NotApplicable", "Method", "Chain", "MethodNames", "MethodRegistry", "METHODS", "NoCompression",
            "CompressConfig", "FinetuneConfig", "Compressed", "technique", "setting", "summary",
            "prunes_unstructured", "CALIBRATION_IMAGES"]
 
 CALIBRATION_IMAGES = 256
+
+
+class NotApplicable(RuntimeError):
+    """A technique that cannot compress this model, and why: the trial fails alone, naming
+    the layer (compression), the technique, the model and the reason. `model` is filled in by
+    the caller that knows the model's name (stages.py)."""
+
+    def __init__(self, technique: str, why: str, model: str | None = None):
+        self.technique, self.why, self.model = technique, why, model
+        super().__init__(str(self))
+
+    def __str__(self) -> str:
+        return (f"compression: {self.technique} cannot compress "
+                f"{self.model or 'this model'}: {self.why}")
 
 
 class Method:

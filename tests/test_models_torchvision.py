@@ -1,0 +1,109 @@
+"""Any torchvision classifier through every technique (opt-in: DLAS_SWEEP=1, about 20 min on
+2 cores with `-n 2`).
+
+Every torchvision classification model of up to 30 M parameters that runs and exports with
+torch.export at 32x32 goes through none, unstructured (0.5), channel (0.5), int8 and fp16
+(untrained, no fine-tuning, a small calibration set), then into TVM: exported, imported into
+Relax with the technique's arithmetic, BatchNorm folded, and its convs legalised by the
+algorithm layer's plan (direct; and the sparse format for the unstructured model). What the
+models leave out is said, with the reason:
+
+- more than 30 M parameters (torchvision's own count): skipped, named in `left_out()`;
+- the uncompressed model does not run or export at 32x32 (inception_v3 needs 75x75): skipped
+  with the error;
+- a technique that cannot apply to a model (channel pruning on ShuffleNet's channel shuffle)
+  must fail with compression.NotApplicable, naming the technique and why: any other
+  exception fails the test.
+
+    DLAS_SWEEP=1 python -m pytest tests/test_models_torchvision.py -n 2 -p no:randomly -rs
+"""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+import torchvision
+from tvm import relax
+
+from dlas_search import algorithms, compiler, compression, data, hardware, models
+from dlas_search.algorithms import AlgoConfig
+from dlas_search.compression import CompressConfig, FinetuneConfig
+
+MAX_PARAMS = 30e6
+SIZE = 32
+TECHNIQUES = {
+    "none": (CompressConfig("none"), "dense"),
+    "unstructured": (CompressConfig("unstructured", amount=0.5), "dense"),
+    "unstructured sparse": (CompressConfig("unstructured", amount=0.5), "sparse"),
+    "channel": (CompressConfig("channel", ratio=0.5), "dense"),
+    "int8": (CompressConfig("int8", calibration_images=16), "dense"),
+    "fp16": (CompressConfig("fp16"), "dense"),
+}
+
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(
+    not os.environ.get("DLAS_SWEEP"), reason="about 20 min on 2 cores; set DLAS_SWEEP=1")]
+
+
+def classifiers() -> tuple[list[str], dict[str, str]]:
+    """The torchvision classification models up to MAX_PARAMS, and the others with why."""
+    kept, left_out = [], {}
+    for name in sorted(torchvision.models.list_models(module=torchvision.models)):
+        params = torchvision.models.get_model_weights(name).DEFAULT.meta["num_params"]
+        if params > MAX_PARAMS:
+            left_out[name] = f"{params / 1e6:.1f} M parameters (more than {MAX_PARAMS / 1e6:g} M)"
+        else:
+            kept.append(name)
+    return kept, left_out
+
+
+KEPT, LEFT_OUT = classifiers()
+
+
+@pytest.fixture(scope="module")
+def digits() -> data.Data:
+    return data.load(data.DataConfig(image_size=SIZE, val_fraction=0.3, subset_train=64,
+                                     subset_val=32), seed=0)
+
+
+def through_tvm(compressed: compression.Compressed, example: torch.Tensor, fmt: str) -> dict:
+    """Export, import into Relax, fold BatchNorm, and legalise with the plan; what it lowered."""
+    plan = algorithms.plan(AlgoConfig(conv="direct", format=fmt))
+    mod, _ = compiler.imported(compressed.module, example, compressed.precision, None)
+    with hardware.local_target(1):
+        mod = plan.rewrite(mod)
+        mod = relax.transform.LegalizeOps(customize_legalize_map=plan.legalize_map() or None)(mod)
+    return plan.metrics()
+
+
+@pytest.mark.parametrize("arch", KEPT)
+def test_every_technique_goes_through_or_says_why_not(arch, digits, record_property):
+    torch.manual_seed(0)
+    example = digits.example()
+    model = models.create(models.ModelConfig(arch=arch), digits.num_classes).eval()
+    try:
+        with torch.no_grad():
+            model(example)
+        torch.export.export(model, (example,))
+    except Exception as e:
+        pytest.skip(f"{arch} does not run or export at {SIZE}x{SIZE}: "
+                    f"{type(e).__name__}: {str(e).splitlines()[0][:200]}")
+    outcomes = {}
+    for name, (cfg, fmt) in TECHNIQUES.items():
+        try:
+            compressed = compression.compress(cfg, FinetuneConfig(epochs=0),
+                                              models.create(models.ModelConfig(arch=arch),
+                                                            digits.num_classes), digits)
+        except compression.NotApplicable as e:
+            assert str(e).startswith(f"compression: {cfg.method} cannot compress"), e
+            outcomes[name] = f"refused: {e.why}"
+            continue
+        with torch.no_grad():
+            out = compressed.module(example)
+        assert out.shape == (1, digits.num_classes) and torch.isfinite(out).all()
+        lowered = through_tvm(compressed, example, fmt)
+        if fmt == "sparse":
+            assert lowered.get("sparse_layers", 0) > 0, lowered  # some conv went sparse
+        outcomes[name] = "ok"
+    record_property("outcomes", outcomes)
+    print(f"{arch}: " + ", ".join(f"{k} {v}" for k, v in outcomes.items()))
