@@ -56,9 +56,15 @@ def _compare(small, big) -> tuple[float, float, float, float]:
     df, gain = float(table["df_diff"].iloc[1]), float(table["ss_diff"].iloc[1])
     if df < 1 or not math.isfinite(gain):
         return math.nan, math.nan, 0.0, math.nan
-    resid = float(big.ssr)
-    eta = gain / (gain + resid) if gain + resid > 0 else math.nan
-    return eta, float(table["F"].iloc[1]), df, float(table["Pr(>F)"].iloc[1])
+    # sums of squares below this are rounding: an objective the upper layers fix exactly
+    # (accuracy, size: model x compression) fits with no residual at all
+    tiny = 1e-9 * max(float(big.centered_tss), 1e-300)
+    gain, resid = (0.0 if gain < tiny else gain), (0.0 if big.ssr < tiny else float(big.ssr))
+    if gain == 0.0:
+        return 0.0, 0.0, df, 1.0
+    if resid == 0.0:  # explained exactly: no test needed, none possible
+        return 1.0, math.inf, df, 0.0
+    return gain / (gain + resid), float(table["F"].iloc[1]), df, float(table["Pr(>F)"].iloc[1])
 
 
 def interactions(frame: pd.DataFrame, objectives) -> pd.DataFrame:
@@ -111,9 +117,9 @@ def heatmap(table: pd.DataFrame, path: str | Path) -> bool:
     import matplotlib.pyplot as plt
 
     layers, objectives = list(LAYERS), list(dict.fromkeys(table["objective"]))
-    fig, axes = plt.subplots(1, len(objectives), figsize=(4.4 * len(objectives), 4.2),
-                             squeeze=False)
-    for ax, objective in zip(axes[0], objectives):
+    fig, axes = plt.subplots(1, len(objectives), figsize=(3.6 * len(objectives) + 1.6, 4.8),
+                             squeeze=False, constrained_layout=True)
+    for k, (ax, objective) in enumerate(zip(axes[0], objectives)):
         grid = np.full((len(layers), len(layers)), np.nan)
         for r in table[table["objective"] == objective].itertuples():
             i, j = layers.index(r.a), layers.index(r.b)
@@ -124,12 +130,12 @@ def heatmap(table: pd.DataFrame, path: str | Path) -> bool:
                 ax.text(j, i, f"{grid[i, j]:.2f}", ha="center", va="center", fontsize=8,
                         color="white" if grid[i, j] < 0.6 else "black")
         ax.set_xticks(range(len(layers)), layers, rotation=40, ha="right")
-        ax.set_yticks(range(len(layers)), layers)
+        ax.set_yticks(range(len(layers)), layers if k == 0 else [""] * len(layers))
         scale = "log " if objective in LOG_SCALE else ""
         ax.set_title(f"{scale}{objective}", fontsize=10)
     fig.colorbar(image, ax=axes[0].tolist(), shrink=0.8,
                  label="partial eta squared (diagonal: the layer alone)")
     fig.suptitle("interactions between layers (two-way ANOVA over the grid)", fontsize=11)
-    fig.savefig(path, dpi=110, bbox_inches="tight")
+    fig.savefig(path, dpi=110)
     plt.close(fig)
     return True

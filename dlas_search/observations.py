@@ -21,7 +21,8 @@ The intervals are 95% over all of a claim's instances together (Bonferroni), so 
 among forty flipping by noise does not make a claim. The verdict is `supported` when some
 instance's whole interval is on the rule's side of the threshold, `not supported` when every
 instance's interval is wholly on the other side, and otherwise `inconclusive here`, with the
-numbers of the instance surest to hold; `not testable here` when the runs give no instance.
+numbers of the instance that decides it (the surest to hold, or the one reaching furthest
+towards holding); `not testable here` when the runs give no instance.
 A statistic that is a maximum over instances would be pushed up by noise; per-instance
 intervals with the family-wise level are what keeps noise from reading as a change.
 
@@ -82,7 +83,7 @@ class Verdict:
     value: float = math.nan
     low: float = math.nan
     high: float = math.nan
-    instance: str = ""              # the instance shown: the one surest to hold
+    instance: str = ""              # the instance shown: the one that decides the verdict
     instances: int = 0
     detail: str = ""
     changes: str = ""
@@ -149,13 +150,13 @@ def _winner_loss(changes: pd.DataFrame, frame: pd.DataFrame, keys: list[str], wh
 
 def _tuning(frame: pd.DataFrame) -> tuple[pd.Series, str]:
     return _winner_loss(report.tuning_changes(frame), frame,
-                        ["arch", "target", "compression", "tuner"], "cells",
+                        ["data", "arch", "target", "compression", "tuner"], "cells",
                         "no configuration ran both untuned and tuned")
 
 
 def _quantisation(frame: pd.DataFrame) -> tuple[pd.Series, str]:
     return _winner_loss(report.quantisation_changes(frame), frame,
-                        ["arch", "target", "tuner", "precision"],
+                        ["data", "arch", "target", "tuner", "precision"],
                         "(model, target, tuning, level) groups",
                         "no model ran both fp32 and a quantised level with the same settings")
 
@@ -175,27 +176,27 @@ OBSERVATIONS = (
     Observation(
         "correlation", "Model size, accuracy and inference time are not guaranteed to be "
         "correlated.", "paper", "|Spearman rho| over the configurations, per pair of size, "
-        "accuracy and latency; the weakest shown", WEAK_RHO, False, ("trial",), _correlation,
-        "models that learn to different accuracies at different sizes (one model at chance "
-        "decides every rho); a second dataset"),
+        "accuracy and latency", WEAK_RHO, False, ("trial",), _correlation,
+        "more configurations, or more models of different sizes and accuracies (with two "
+        "models the pairs' rho mostly says which model ran); a second dataset"),
     Observation(
         "hardware", "Speedups from compression are very hardware dependent.", "paper",
         "per technique, largest / smallest of its speedup over the uncompressed model across "
-        "targets (geometric mean over models); the surest shown", HW_SPREAD, True, ("arch",), _hardware,
+        "targets (geometric mean over models)", HW_SPREAD, True, ("arch",), _hardware,
         "a second real hardware target: `local-2t` is the same CPU with two threads, not "
         "another device; add an RPC board or a GPU to targets.yaml (docs/hardware.md) and "
         "run the study on both"),
     Observation(
         "tuning", "Auto-tuning can change which algorithmic primitive is best for a "
         "configuration.", "paper", "per (model, target, compression, tuning) cell, the "
-        "slowdown once tuned of the untuned winner against the tuned winner; the surest shown",
+        "slowdown once tuned of the untuned winner against the tuned winner",
         report.MARGIN, True, (), _tuning,
         "more cells tuned, a larger tuning budget (compiler.trials), or tighter timings "
         "(hw.repeat) where the interval straddles the margin"),
     Observation(
         "quantisation", "The best primitive varies with the level of quantisation.",
         "hypothesis", "per (model, target, tuning, level) group, the slowdown at the "
-        "quantised level of fp32's winner against that level's winner; the surest shown",
+        "quantised level of fp32's winner against that level's winner",
         report.MARGIN, True, (), _quantisation,
         "more models and targets per precision, or tighter timings"),
     Observation(
@@ -246,7 +247,7 @@ def judge(observation: Observation, frame: pd.DataFrame, replicates: int = BOOTS
     values, detail = o.measure(frame)
     verdict = Verdict(o.name, o.claim, o.source, o.statistic, o.rule, UNTESTABLE,
                       detail=detail, changes=o.changes, instances=len(values))
-    values = values.dropna()
+    values = values.dropna().groupby(level=0, sort=False).first()
     if values.empty:
         return verdict
     rng, jitter = np.random.default_rng(seed), _log_spread(frame)
@@ -256,12 +257,14 @@ def judge(observation: Observation, frame: pd.DataFrame, replicates: int = BOOTS
     alpha = 0.05 / len(values)
     lows = np.fmin(drawn.quantile(alpha / 2), values)
     highs = np.fmax(drawn.quantile(1 - alpha / 2), values)
+    # shown: the instance that decides the verdict: the surest to hold when one holds, else
+    # the one reaching furthest towards holding (it keeps an inconclusive verdict open)
     if o.above:
-        shown = lows.idxmax()
-        holds, fails = lows[shown] > o.threshold, bool((highs <= o.threshold).all())
+        holds, fails = bool((lows > o.threshold).any()), bool((highs <= o.threshold).all())
+        shown = lows.idxmax() if holds else highs.idxmax()
     else:
-        shown = highs.idxmin()
-        holds, fails = highs[shown] < o.threshold, bool((lows >= o.threshold).all())
+        holds, fails = bool((highs < o.threshold).any()), bool((lows >= o.threshold).all())
+        shown = highs.idxmin() if holds else lows.idxmin()
     verdict.value, verdict.low, verdict.high = (float(values[shown]), float(lows[shown]),
                                                 float(highs[shown]))
     verdict.instance = str(shown)

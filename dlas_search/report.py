@@ -352,21 +352,27 @@ def build(trials: pareto.Trials, out_dir: str | Path,
     if interactions.heatmap(tables["interactions"], out / "interactions.png"):
         plots.append("interactions")
     tuning = tables["tuning_changes"].dropna(subset=["changed"])
-    accuracy = frame.groupby("arch")["accuracy"].agg(["min", "max"])
+    accuracy = frame.groupby("arch")["accuracy"].agg(["min", "max"]).join(
+        frame[frame["method"] == "none"].groupby("arch")["accuracy"].median()
+        .rename("uncompressed"))
     lines = [f"# DLAS perturbation study: {trials.study}", "",
              f"{len(frame)} finished configurations: {frame['arch'].nunique()} model(s), "
              f"{frame['compression'].nunique()} compression level(s), "
              f"{frame['primitive'].nunique()} primitive(s), {frame['tuner'].nunique()} tuning "
              f"setting(s), {frame['target'].nunique()} target(s). Accuracy on the validation "
-             "split per model: " + ", ".join(f"{arch} {r['min']:.3f} to {r['max']:.3f}"
-                                             for arch, r in accuracy.iterrows()) + ".", ""]
+             "split per model, uncompressed (and over every configuration): " + ", ".join(
+                 f"{arch} {r['uncompressed']:.3f} ({r['min']:.3f} to {r['max']:.3f})"
+                 for arch, r in accuracy.iterrows()) + ".", ""]
+    lines += ["Each claim is about some instance (a cell, a technique, a pair of metrics): the "
+              "statistic is computed per instance (`of N`) and shown for the instance that "
+              "decides the verdict, with its bootstrap interval (each latency redrawn from its "
+              "timing interval; configurations resampled where the statistic aggregates them; "
+              "95% over all N instances together). `supported` when some instance's interval "
+              "is wholly on the rule's side, `not supported` when every one is wholly on the "
+              "other, else `inconclusive here` (docs/paper.md).", ""]
     for source, title in (("paper", "The paper's observations"),
                           ("hypothesis", "This project's hypotheses")):
         lines += [f"## {title}", "", *(v.line() for v in verdicts if v.source == source), ""]
-    lines += ["Each verdict: the statistic, its 95% bootstrap interval (configurations "
-              "resampled by unit, each latency redrawn from its timing interval), and the "
-              "rule; `supported` or `not supported` only when the whole interval is on one "
-              "side of the threshold, else `inconclusive here` (docs/paper.md).", ""]
     for name, title in SECTIONS:
         lines += [f"## {title}", ""]
         if name == "tuning_changes" and not tuning.empty:
@@ -391,7 +397,9 @@ INTERACTIONS_NOTE = (
     "Partial eta squared of each pair of layers, per objective, from a two-way ANOVA over the "
     "grid (latency and size on a log scale): the share of the variation left by every "
     "layer's own effect that the pair explains together. The pairs the grid can estimate, "
-    "strongest first; p from the F-test.")
+    "strongest first; p from the F-test (F inf, p 0: the pair explains what is left exactly, "
+    "as for accuracy and size, which the model and compression layers fix; eta 0, p 1: "
+    "nothing).")
 
 
 def _strongest(table: pd.DataFrame) -> pd.DataFrame:
