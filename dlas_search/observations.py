@@ -142,7 +142,7 @@ def _winner_loss(changes: pd.DataFrame, frame: pd.DataFrame, keys: list[str], wh
         return pd.Series(dtype=float), "only one primitive ran"
     if changes.empty:
         return pd.Series(dtype=float), none
-    n = int((changes["loss"] > report.MARGIN).sum())
+    n = int(changes["changed"].astype(bool).sum())  # report's rule: loss beyond MARGIN
     index = changes[keys].astype(str).agg(" / ".join, axis=1)
     return pd.Series(changes["loss"].to_numpy(), index=index), \
         f"the winner changed by more than {report.MARGIN:.0%} in {n} of {len(changes)} {what}"

@@ -267,56 +267,6 @@ def _markdown(table: pd.DataFrame) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _plots(frame: pd.DataFrame, tables: dict, out: Path) -> list[str]:
-    """Each plot as interactive HTML (plotly) and PNG (matplotlib); the names written."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import plotly.express as px
-
-    written = []
-    # 1. latency vs accuracy, sized by model size, coloured by compression
-    if not frame.empty:
-        fig = px.scatter(frame, x="latency_ms", y="accuracy", color="compression",
-                         symbol="primitive", hover_data=["arch", "target", "tuner", "size_mb"],
-                         title="accuracy vs latency, every configuration")
-        fig.write_html(out / "configurations.html", include_plotlyjs=True)
-        f, ax = plt.subplots(figsize=(7, 4.5))
-        for label, g in frame.groupby("compression"):
-            ax.scatter(g["latency_ms"], g["accuracy"], label=label, s=18)
-        ax.set_xlabel("latency_ms"), ax.set_ylabel("accuracy"), ax.grid(alpha=0.3)
-        ax.legend(fontsize=7), ax.set_title("accuracy vs latency, every configuration")
-        f.tight_layout(), f.savefig(out / "configurations.png", dpi=110), plt.close(f)
-        written.append("configurations")
-    # 2. compression speedups
-    speed = tables["compression_speedup"]
-    if not speed.empty:
-        speed = speed.assign(setting=speed["target"] + " / " + speed["tuner"])
-        fig = px.bar(speed, x="compression", y="speedup", color="setting", barmode="group",
-                     title="speedup over the uncompressed model (geometric mean over models)")
-        fig.write_html(out / "compression_speedup.html", include_plotlyjs=True)
-        pivot = speed.pivot_table(index="compression", columns="setting", values="speedup")
-        f, ax = plt.subplots(figsize=(7, 4.5))
-        pivot.plot.bar(ax=ax)
-        ax.axhline(1, color="grey", lw=0.8), ax.set_ylabel("speedup"), ax.grid(alpha=0.3)
-        ax.set_title("speedup over the uncompressed model")
-        f.tight_layout(), f.savefig(out / "compression_speedup.png", dpi=110), plt.close(f)
-        written.append("compression_speedup")
-    # 3. sparse vs dense by sparsity
-    sparse = tables["sparse_vs_dense"]
-    if not sparse.empty:
-        fig = px.line(sparse, x="sparsity_level", y="median_ratio", markers=True,
-                      title="dense / sparse latency (>1: sparse faster)")
-        fig.write_html(out / "sparse_vs_dense.html", include_plotlyjs=True)
-        f, ax = plt.subplots(figsize=(6, 4))
-        ax.plot(sparse["sparsity_level"], sparse["median_ratio"], marker="o")
-        ax.axhline(1, color="grey", lw=0.8), ax.grid(alpha=0.3)
-        ax.set_xlabel("sparsity"), ax.set_ylabel("dense / sparse latency")
-        f.tight_layout(), f.savefig(out / "sparse_vs_dense.png", dpi=110), plt.close(f)
-        written.append("sparse_vs_dense")
-    return written
-
-
 SECTIONS = (
     ("correlation", "Correlation (Spearman) of size, MACs, accuracy and latency"),
     ("compression_speedup", "Speedup of each compression technique over the uncompressed model"),
@@ -335,7 +285,7 @@ def build(trials: pareto.Trials, out_dir: str | Path,
     """Compute every table, interaction and verdict of `trials` (each verdict on `replicates`
     bootstrap replicates, observations.BOOTSTRAP by default) and write report.md, one CSV per
     table, verdicts.csv and the plots into `out_dir`."""
-    from . import interactions, observations
+    from . import interactions, observations, report_plots
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -348,7 +298,7 @@ def build(trials: pareto.Trials, out_dir: str | Path,
     for name, table in tables.items():
         table.to_csv(out / f"{name}.csv", index=False)
     pd.DataFrame([v.row() for v in verdicts]).to_csv(out / "verdicts.csv", index=False)
-    plots = _plots(frame, tables, out)
+    plots = report_plots.write(frame, tables, out)
     if interactions.heatmap(tables["interactions"], out / "interactions.png"):
         plots.append("interactions")
     tuning = tables["tuning_changes"].dropna(subset=["changed"])
