@@ -46,6 +46,10 @@ PAPER_ARCHS = ("resnet18", "resnet50", "mobilenet_v2", "vgg16", "densenet161",
 FACTORY = re.compile(r"^[\w.]+:\w+$")   # package.module:factory
 CHECKPOINT_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin", ".tar")
 DOWNLOAD_TIMEOUT_S = 10.0               # per socket operation: an offline machine fails fast
+# Architectures built with auxiliary classifiers that only run in train mode: trained and
+# deployed without them (they return a tuple the training loop cannot score, pruning cannot see
+# them from an eval-mode trace, and the deployed model never runs them, so they are not its size)
+AUX_HEADS = frozenset({"googlenet", "inception_v3"})
 
 
 @cache
@@ -208,7 +212,9 @@ def create(cfg: ModelConfig, num_classes: int) -> nn.Module:
     elif cfg.weights == "imagenet":
         model = torchvision.models.get_model(cfg.arch, weights=_imagenet_weights(cfg.arch))
     else:
-        model = torchvision.models.get_model(cfg.arch, weights=None, num_classes=num_classes)
+        extra = {"aux_logits": False} if cfg.arch in AUX_HEADS else {}
+        model = torchvision.models.get_model(cfg.arch, weights=None, num_classes=num_classes,
+                                             **extra)
     if cfg.stem == "cifar":
         model = STEMS.lookup(family(cfg.arch))(model)
     if cfg.weights == "imagenet":

@@ -264,6 +264,20 @@ def test_a_technique_that_cannot_follow_the_model_says_which_and_why():
     assert "cannot compress shufflenet_v2_x0_5:" in str(caught.value)
 
 
+def test_channel_pruning_refuses_attention_before_tracing(monkeypatch):
+    """swin_t's attention reshapes made torch-pruning's graph grow past 14 GB: refused before
+    the library is reached, naming the attention layers."""
+    import torch_pruning as tp
+
+    def reached(*args, **kwargs):
+        raise AssertionError("torch-pruning was reached")
+    monkeypatch.setattr(tp.pruner, "MagnitudePruner", reached)
+    model = models.create(models.ModelConfig(arch="swin_t"), 10)
+    with pytest.raises(compression.NotApplicable, match=r"channel cannot compress this model: "
+                       r"its attention layers \(ShiftedWindowAttention\) split channels"):
+        compression.ChannelPruning().apply(model, CompressConfig("channel", ratio=0.5), None)
+
+
 def test_a_library_failure_inside_a_technique_is_named(monkeypatch):
     """An exception from inside a library that no rule knows still names the technique, the
     step and the library, not a bare traceback."""

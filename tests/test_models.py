@@ -111,6 +111,19 @@ def test_other_torchvision_names(x):
         models.create(ModelConfig(arch="shufflenet_v2_x0_5", stem="cifar"), 7)
 
 
+def test_auxiliary_heads_are_left_out_so_training_and_pruning_see_one_output(x):
+    """googlenet's aux classifiers ran only in train mode: a tuple the loss could not score, and
+    convs channel pruning (traced in eval mode) never saw, so a pruned googlenet broke there."""
+    from dlas_search import compression
+    torch.manual_seed(0)
+    net = models.create(ModelConfig(arch="googlenet"), 7)
+    assert net.aux1 is None and net.aux2 is None
+    assert isinstance(net.train()(x.repeat(2, 1, 1, 1)), torch.Tensor)  # a batch, train mode
+    pruned = compression.ChannelPruning().apply(net, compression.CompressConfig(
+        "channel", ratio=0.5), x)
+    assert pruned.train()(x.repeat(2, 1, 1, 1)).shape == (2, 7)
+
+
 def test_user_factory_by_import_path(tmp_path, monkeypatch, x):
     (tmp_path / "dlas_user_nets.py").write_text(textwrap.dedent("""\
         from torch import nn

@@ -9,7 +9,7 @@ from __future__ import annotations
 from torch import nn
 from torch.nn.utils import prune
 
-from .contract import METHODS, Method, setting
+from .contract import METHODS, Method, NotApplicable, setting
 
 __all__ = ["UnstructuredPruning", "ChannelPruning", "prunable"]
 
@@ -48,12 +48,24 @@ class ChannelPruning(Method):
     norm, leaving a smaller dense model. Torch-Pruning's dependency graph (traced on the
     example) prunes coupled layers together, so residual additions, depthwise convs and
     concatenations stay consistent. The final classifier keeps its outputs.
+
+    Attention layers (a module with `num_heads`, as in Swin or MaxViT) are refused before
+    tracing: their channels are split into heads by reshapes that the dependency graph expands
+    index by index (swin_t grew past 14 GB there), and pruning them needs per-model head
+    settings this technique does not take.
     """
     label = "channel"
     settings = ("ratio",)
     kind = "pruning"
 
     def apply(self, model, cfg, example):
+        heads = sorted({type(m).__name__ for m in model.modules()
+                        if hasattr(m, "num_heads") or hasattr(m, "n_heads")})
+        if heads:
+            raise NotApplicable(self.name, f"its attention layers ({', '.join(heads)}) split "
+                                "channels into heads, which channel pruning cannot follow "
+                                "(torch-pruning's graph of their reshapes does not fit in "
+                                "memory); prune it with `unstructured`, or quantise it")
         import torch_pruning as tp  # imported here: only this method needs it (and it is slow)
         ratio = setting(cfg, "ratio")  # at most 0.95: every layer keeps some channels
         head = [m for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d))][-1]
