@@ -68,20 +68,21 @@ class Confirmation:
     seconds: float = 0.0
 
 
-def config_of(client: MlflowClient, trials: pareto.Trials, row: dict):
+def config_of(client: MlflowClient, trials: pareto.Trials, row: dict, scratch: Path):
     """The trial's configuration (space.TrialConfig), from the study's space file and the
-    run's parameters (read as `--set` reads them)."""
+    run's parameters (read as `--set` reads them); a space file downloaded goes in `scratch`."""
     from .space import load_space
 
     parent = client.get_run(client.get_run(row["run_id"]).data.tags["mlflow.parentRunId"])
     path = Path(parent.data.tags.get("dlas.space", ""))
     if not path.is_file():  # moved since: the copy the study's run kept
-        folder = Path(tempfile.mkdtemp(prefix="dlas-confirm-"))
+        folder = Path(tempfile.mkdtemp(prefix="space-", dir=scratch))
         path = Path(client.download_artifacts(parent.info.run_id, "space.yaml", str(folder)))
     return load_space(path).logged(row["params"])
 
 
-def _prepare(client: MlflowClient, trials: pareto.Trials, row: dict, cache) -> Candidate:
+def _prepare(client: MlflowClient, trials: pareto.Trials, row: dict, cache,
+             scratch: Path) -> Candidate:
     """Load what the candidate runs: its config, its library (the run's `model/model.so`) and
     its PyTorch model (the stage cache). Raises with a reason, before any work, when one is
     missing: nothing is trained or compiled again."""
@@ -90,7 +91,7 @@ def _prepare(client: MlflowClient, trials: pareto.Trials, row: dict, cache) -> C
 
     from .stages import Stages
 
-    cfg = config_of(client, trials, row)
+    cfg = config_of(client, trials, row, scratch)
     stages = Stages(cfg, cache)
     device = stages.target()
     if device.remote or device.spec.device != "local":
@@ -99,7 +100,7 @@ def _prepare(client: MlflowClient, trials: pareto.Trials, row: dict, cache) -> C
     executable = None
     if cfg.compiler.backend != "torch":
         from .mlmodel import library_of
-        folder = Path(tempfile.mkdtemp(prefix="dlas-confirm-"))
+        folder = Path(tempfile.mkdtemp(prefix="library-", dir=scratch))
         library = library_of(client, client.get_run(row["run_id"]), folder)
         if library is None:
             raise BadInput("its run kept no compiled library (artifacts.library: false)")
@@ -155,7 +156,6 @@ def confirm(tracking_uri: str, experiment: str, cache_dir: str | Path | None = N
             rounds: int = ROUNDS, say: Callable[[str], None] = print) -> Confirmation:
     """Time the study's front candidates again, side by side (see the module), and log the
     confirmed numbers to their runs."""
-    from . import hardware
     from .cache import StageCache
 
     if rounds < 1:
@@ -169,12 +169,24 @@ def confirm(tracking_uri: str, experiment: str, cache_dir: str | Path | None = N
     feasible = [row for row in trials.rows if trials.feasible(row)]
     chosen = confidence.candidates(feasible, trials.objectives)
     client, cache = MlflowClient(tracking_uri), StageCache(cache_dir)
+    with tempfile.TemporaryDirectory(prefix="dlas-confirm-") as scratch:  # libraries, spaces
+        return _confirm(client, cache, trials, feasible, chosen, out, rounds, say, start,
+                        Path(scratch))
+
+
+def _confirm(client, cache, trials, feasible, chosen, out, rounds, say, start,
+             scratch: Path) -> Confirmation:
+    """confirm's passes; the candidates' libraries and space files are read from `scratch`."""
+    from . import hardware
+
+    experiment = out.experiment
+
     ready: list[Candidate] = []
     waited = 0.0
     for attempt in range(PASSES):
         for row in chosen:
             try:
-                ready.append(_prepare(client, trials, row, cache))
+                ready.append(_prepare(client, trials, row, cache, scratch))
             except Exception as e:  # this candidate only: the others are still confirmed
                 out.skipped[row["trial"]] = str(e).splitlines()[0][:300] if str(e) else repr(e)
                 say(f"confirm {experiment}: trial {row['trial']} kept its search numbers: "

@@ -71,7 +71,7 @@ def test_a_trial_the_confirmed_numbers_let_onto_the_front_is_timed_with_the_othe
     timed, logged, said = [], {}, []
     monkeypatch.setattr(pareto, "load_trials", lambda uri, experiment: trials)
     monkeypatch.setattr(confirm, "_prepare",
-                        lambda client, t, row, cache: confirm.Candidate(row))
+                        lambda client, t, row, cache, scratch: confirm.Candidate(row))
 
     def fake_round(candidates, start):
         timed.append(sorted(c.row["trial"] for c in candidates))
