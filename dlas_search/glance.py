@@ -43,13 +43,16 @@ def _link(experiment_id: str, row: dict) -> str:
 
 
 def best(trials) -> dict[str, tuple[float, dict]]:
-    """objective -> (its best value over the feasible trials, the row with it)."""
+    """objective -> (its best value over the feasible trials, the row with it). A tie goes to
+    the row best on the other objectives in order (so the row named is on the front: two int8
+    builds of one model share their size, and the slower one was named)."""
     rows = [r for r in trials.rows if trials.feasible(r)]
+    sign = {m: -1.0 if d == "maximize" else 1.0 for m, d in trials.objectives.items()}
     out = {}
-    for metric, direction in trials.objectives.items():
+    for metric in trials.objectives:
+        order = [metric] + [m for m in trials.objectives if m != metric]
         if rows:
-            pick = (max if direction == "maximize" else min)(
-                rows, key=lambda r: r["metrics"][metric])
+            pick = min(rows, key=lambda r: tuple(sign[m] * r["metrics"][m] for m in order))
             out[metric] = (pick["metrics"][metric], pick)
     return out
 

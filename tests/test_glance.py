@@ -75,3 +75,13 @@ def test_the_front_is_tagged_named_and_described(tmp_path):
     assert names == {"fast": "#0 fast", "accurate": "#1 accurate",
                      "dominated": glance.MARK + "#2 dominated", "broken": "#3 broken"}
     assert client.get_run(runs["fast"]).data.tags[glance.PARETO] == "false"
+
+
+def test_a_tie_names_the_trial_on_the_front():
+    """Two int8 builds of one model share their size; the best size names the faster one."""
+    rows = [{"trial": n, "run_id": f"r{n}", "params": {},
+             "metrics": dict(zip(OBJECTIVES, values))}
+            for n, values in enumerate([(0.92, 9.0, 2.5), (0.92, 5.6, 2.5), (0.90, 3.0, 7.6)])]
+    tops = glance.best(pareto.Trials("tie", OBJECTIVES, rows))
+    assert tops["size_mb"][1]["trial"] == 1 and tops["size_mb"][0] == 2.5
+    assert tops["accuracy"][1]["trial"] == 1 and tops["latency_ms"][1]["trial"] == 2
