@@ -278,6 +278,18 @@ def test_channel_pruning_refuses_attention_before_tracing(monkeypatch):
         compression.ChannelPruning().apply(model, CompressConfig("channel", ratio=0.5), None)
 
 
+def test_a_precision_the_model_cannot_compute_in_is_refused_naming_where():
+    """swin_v2_t in fp16 computes NaN (its cosine attention): the trial fails naming the
+    technique and the first module whose output is not finite, instead of logging NaNs."""
+    dataset = small_digits(16)
+    torch.manual_seed(0)
+    model = models.create(models.ModelConfig(arch="swin_v2_t"), dataset.num_classes)
+    with pytest.raises(compression.NotApplicable, match=r"fp16 cannot compress this model: "
+                       r"its converted model computes NaN or inf .* first in "
+                       r"model\.features\.\S+ \(ShiftedWindowAttentionV2\)"):
+        compression.compress(CompressConfig("fp16"), FinetuneConfig(epochs=0), model, dataset)
+
+
 def test_a_library_failure_inside_a_technique_is_named(monkeypatch):
     """An exception from inside a library that no rule knows still names the technique, the
     step and the library, not a bare traceback."""

@@ -88,8 +88,12 @@ def compress(cfg: CompressConfig, finetune: FinetuneConfig, model: nn.Module,
     model = training.recalibrate_batchnorm(model, data.train)
     metrics = {**before, **measure(model, example, steps.precision)}
     start = time.perf_counter()
+    with torch.no_grad():  # convert may change the model in place (fp16 halves it)
+        finite = bool(torch.isfinite(model.eval()(example)).all())
     with _applying(cfg.method, "converting"):
         deployed = steps.convert(model.eval(), cfg, data)
+    if finite:
+        _check_finite(cfg.method, deployed, example)
     metrics["convert_s"] = time.perf_counter() - start
     metrics["accuracy"] = training.accuracy(deployed, data.val)
     metrics["val_images"] = float(len(data.val.dataset))  # for the accuracy's interval
@@ -102,6 +106,32 @@ _KNOWN = (("update_reshape_index_mapping", "its forward reshapes the channel dim
            "groups (a channel shuffle, as in ShuffleNet: x.view(b, groups, c // groups, h, w)), "
            "which torch-pruning's dependency graph cannot follow, so no consistent set of "
            "channels can be removed; prune it with `unstructured`, or quantise it"),)
+
+
+@torch.no_grad()
+def _check_finite(method: str, deployed: nn.Module, example: torch.Tensor) -> None:
+    """NotApplicable when the converted model gives NaN or inf (the model before conversion
+    did not: swin_v2_t in fp16), naming the first module whose output did."""
+    if torch.isfinite(deployed(example)).all():
+        return
+    seen: list[str] = []
+
+    def hook(name):
+        def check(module, inputs, output):
+            if not seen and isinstance(output, torch.Tensor) and output.is_floating_point() \
+                    and not torch.isfinite(output).all():
+                seen.append(f"{name} ({type(module).__name__})")
+        return check
+    handles = [m.register_forward_hook(hook(n)) for n, m in deployed.named_modules() if n]
+    try:
+        deployed(example)
+    finally:
+        for h in handles:
+            h.remove()
+    where = f", first in {seen[0]}" if seen else ""
+    raise NotApplicable(method, f"its converted model computes NaN or inf on an input the "
+                        f"model before conversion handles{where}: its arithmetic overflows or "
+                        "underflows at this precision; keep this model in fp32 or int8")
 
 
 @contextlib.contextmanager
