@@ -131,7 +131,7 @@ def _check_finite(method: str, deployed: nn.Module, example: torch.Tensor) -> No
     where = f", first in {seen[0]}" if seen else ""
     raise NotApplicable(method, f"its converted model computes NaN or inf on an input the "
                         f"model before conversion handles{where}: its arithmetic overflows or "
-                        "underflows at this precision; keep this model in fp32 or int8")
+                        "underflows at this precision; compress this model another way")
 
 
 @contextlib.contextmanager
