@@ -166,21 +166,22 @@ def confirm(tracking_uri: str, experiment: str, cache_dir: str | Path | None = N
     if "latency_ms" not in trials.objectives:
         say(f"confirm {experiment}: latency_ms is not an objective; nothing to time again")
         return out
-    feasible = [row for row in trials.rows if trials.feasible(row)]
-    chosen = confidence.candidates(feasible, trials.objectives)
-    client, cache = MlflowClient(tracking_uri), StageCache(cache_dir)
     with tempfile.TemporaryDirectory(prefix="dlas-confirm-") as scratch:  # libraries, spaces
-        return _confirm(client, cache, trials, feasible, chosen, out, rounds, say, start,
-                        Path(scratch))
+        _passes(trials, out, MlflowClient(tracking_uri), StageCache(cache_dir), rounds, say,
+                Path(scratch))
+    out.seconds = time.perf_counter() - start
+    return out
 
 
-def _confirm(client, cache, trials, feasible, chosen, out, rounds, say, start,
-             scratch: Path) -> Confirmation:
-    """confirm's passes; the candidates' libraries and space files are read from `scratch`."""
+def _passes(trials: pareto.Trials, out: Confirmation, client: MlflowClient, cache,
+            rounds: int, say: Callable[[str], None], scratch: Path) -> None:
+    """confirm's passes, recorded in `out`; the candidates' libraries and space files are
+    downloaded into `scratch`."""
     from . import hardware
 
     experiment = out.experiment
-
+    feasible = [row for row in trials.rows if trials.feasible(row)]
+    chosen = confidence.candidates(feasible, trials.objectives)
     ready: list[Candidate] = []
     waited = 0.0
     for attempt in range(PASSES):
@@ -220,5 +221,3 @@ def _confirm(client, cache, trials, feasible, chosen, out, rounds, say, start,
                        "confirm_wait_s": waited}
             add_to_run(client, candidate.row["run_id"], metrics, {"dlas.confirmed": stamp})
             out.confirmed[candidate.row["trial"]] = metrics
-    out.seconds = time.perf_counter() - start
-    return out

@@ -1,6 +1,7 @@
 """The perturbation study report's plots (report.py computes the tables): accuracy against
 latency for every configuration, the compression speedups, and sparse against dense by
-sparsity, each as interactive HTML (plotly) and PNG (matplotlib).
+sparsity, each as interactive HTML (plotly) and PNG (matplotlib). The HTML files share one
+plotly.min.js written beside them (inlined, it was 4.6 MB in each).
 
     names = write(frame, tables, out_dir)   # e.g. ["configurations", "compression_speedup"]
 """
@@ -19,6 +20,9 @@ def write(frame: pd.DataFrame, tables: dict, out: Path) -> list[str]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import plotly.express as px
+    from plotly.offline import get_plotlyjs
+
+    (out / "plotly.min.js").write_text(get_plotlyjs(), encoding="utf-8")
 
     written = []
     # 1. latency vs accuracy, sized by model size, coloured by compression
@@ -26,7 +30,7 @@ def write(frame: pd.DataFrame, tables: dict, out: Path) -> list[str]:
         fig = px.scatter(frame, x="latency_ms", y="accuracy", color="compression",
                          symbol="primitive", hover_data=["arch", "target", "tuner", "size_mb"],
                          title="accuracy vs latency, every configuration")
-        fig.write_html(out / "configurations.html", include_plotlyjs=True)
+        fig.write_html(out / "configurations.html", include_plotlyjs="directory")
         f, ax = plt.subplots(figsize=(7, 4.5))
         for label, g in frame.groupby("compression"):
             ax.scatter(g["latency_ms"], g["accuracy"], label=label, s=18)
@@ -40,7 +44,7 @@ def write(frame: pd.DataFrame, tables: dict, out: Path) -> list[str]:
         speed = speed.assign(setting=speed["target"] + " / " + speed["tuner"])
         fig = px.bar(speed, x="compression", y="speedup", color="setting", barmode="group",
                      title="speedup over the uncompressed model (geometric mean over models)")
-        fig.write_html(out / "compression_speedup.html", include_plotlyjs=True)
+        fig.write_html(out / "compression_speedup.html", include_plotlyjs="directory")
         pivot = speed.pivot_table(index="compression", columns="setting", values="speedup")
         f, ax = plt.subplots(figsize=(7, 4.5))
         pivot.plot.bar(ax=ax)
@@ -53,7 +57,7 @@ def write(frame: pd.DataFrame, tables: dict, out: Path) -> list[str]:
     if not sparse.empty:
         fig = px.line(sparse, x="sparsity_level", y="median_ratio", markers=True,
                       title="dense / sparse latency (>1: sparse faster)")
-        fig.write_html(out / "sparse_vs_dense.html", include_plotlyjs=True)
+        fig.write_html(out / "sparse_vs_dense.html", include_plotlyjs="directory")
         f, ax = plt.subplots(figsize=(6, 4))
         ax.plot(sparse["sparsity_level"], sparse["median_ratio"], marker="o")
         ax.axhline(1, color="grey", lw=0.8), ax.grid(alpha=0.3)
