@@ -60,7 +60,7 @@ def _row(trial: int, latency: float, accuracy: float = 0.9) -> dict:
 
 
 def test_a_trial_the_confirmed_numbers_let_onto_the_front_is_timed_with_the_others(
-        monkeypatch):
+        monkeypatch, tmp_path):
     """Trial 0 is certainly dominated by trial 1 in the search's numbers, but trial 1 times
     at 3 ms when confirmed: trial 0 joins, and both are timed again together."""
     from dlas_search import confirm
@@ -82,7 +82,7 @@ def test_a_trial_the_confirmed_numbers_let_onto_the_front_is_timed_with_the_othe
     monkeypatch.setattr(confirm, "_round", fake_round)
     monkeypatch.setattr(confirm, "add_to_run",
                         lambda client, run_id, metrics, tags: logged.update({run_id: metrics}))
-    out = confirm.confirm("sqlite:///unused.db", "s", rounds=2, say=said.append)
+    out = confirm.confirm(f"sqlite:///{tmp_path}/unused.db", "s", rounds=2, say=said.append)
     assert timed == [[1], [1], [0, 1], [0, 1]]  # pass 1: trial 1 alone; pass 2: both
     assert set(out.confirmed) == {0, 1} and set(logged) == {"run0", "run1"}
     assert logged["run1"]["latency_confirmed_ms"] == pytest.approx(3.0, abs=0.02)
