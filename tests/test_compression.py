@@ -1,6 +1,7 @@
 """Layer 3: every technique on the paper's seven models (smaller or lower precision, still
 exports and compiles with the arithmetic asked for), int8 and fp16 accuracy in TVM against
 PyTorch, fine-tuning and distillation, sizes, and bad settings."""
+import contextlib
 import copy
 
 import pytest
@@ -201,6 +202,45 @@ def test_quantised_model_in_tvm_keeps_pytorchs_accuracy(trained_resnet18, method
     assert abs(tvm_accuracy - torch_accuracy) <= 0.01
     assert (tvm_top1 == torch_top1).float().mean() >= 0.98
     assert torch_accuracy > 0.7  # quantisation kept a working classifier
+
+
+def test_int8_skips_torchaos_qat_step_and_gets_the_same_model(monkeypatch):
+    """A BatchNorm before a conv (DenseNet's layers) stays in the graph after prepare_pt2e, so
+    convert_pt2e runs its quantisation-aware-training folding, which can match nothing after
+    post-training preparation. Skipping it leaves the same graph, weights and outputs."""
+    from torchao.quantization.pt2e import quantize_pt2e
+    from dlas_search.compression import quantisation
+
+    def model():
+        torch.manual_seed(0)
+        return torch.nn.Sequential(  # pre-activation block, then conv+BatchNorm
+            torch.nn.Conv2d(3, 8, 3), torch.nn.BatchNorm2d(8), torch.nn.ReLU(),
+            torch.nn.BatchNorm2d(8), torch.nn.ReLU(), torch.nn.Conv2d(8, 8, 3),
+            torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(8, 10)).eval()
+
+    def int8():  # the calibration batches follow the data's seeded generator: load afresh
+        dataset = small_digits(16)
+        return compression.compress(CompressConfig("int8", calibration_images=32),
+                                    FinetuneConfig(epochs=0), model(), dataset), dataset
+
+    skipped, dataset = int8()
+    batchnorms = []
+    original = quantize_pt2e._fold_conv_bn_qat
+
+    def counted(graph):
+        batchnorms.append(sum("batch_norm" in str(n.target) for n in graph.graph.nodes))
+        return original(graph)
+    monkeypatch.setattr(quantize_pt2e, "_fold_conv_bn_qat", counted)
+    monkeypatch.setattr(quantisation, "_without_qat_batchnorm_folding", contextlib.nullcontext)
+    folded, _ = int8()
+    assert batchnorms and batchnorms[0] >= 1  # the step ran, with a BatchNorm to look at
+    a, b = skipped.module.program, folded.module.program
+    assert a.graph_module.code == b.graph_module.code
+    assert a.state_dict.keys() == b.state_dict.keys()
+    assert all(torch.equal(a.state_dict[k], b.state_dict[k]) for k in a.state_dict)
+    images = next(iter(dataset.val))[0]
+    with torch.no_grad():
+        assert torch.equal(skipped.module(images), folded.module(images))
 
 
 def test_deployed_size_counts_bytes_per_precision_and_csr():
