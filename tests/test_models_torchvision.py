@@ -1,4 +1,4 @@
-"""Any torchvision classifier through every technique (opt-in: DLAS_SWEEP=1; 23-25 min on 2
+"""Any torchvision classifier through every technique (opt-in: DLAS_SWEEP=1; 16 min on 2
 cores with `-n 2`, measured 2026-12-07 on an AMD EPYC Zen 4).
 
 Every torchvision classification model of up to 30 M parameters that runs and exports with
@@ -47,7 +47,7 @@ TECHNIQUES = {
 }
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(
-    not os.environ.get("DLAS_SWEEP"), reason="about 25 min on 2 cores; set DLAS_SWEEP=1")]
+    not os.environ.get("DLAS_SWEEP"), reason="about 16 min on 2 cores; set DLAS_SWEEP=1")]
 
 
 def classifiers() -> tuple[list[str], dict[str, str]]:
