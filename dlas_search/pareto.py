@@ -1,8 +1,8 @@
 """The Pareto front of a study, read back from MLflow alone: CSV, JSON, an interactive HTML
 plot (plotly) and a PNG (matplotlib), both drawn by `plots`, the front's
 hypervolume, and which layers' parameters matter for each objective (importance.csv).
-Where `dlas confirm` timed a trial again, its confirmed latency and speedup stand in for the
-search's (kept as `latency_search_ms`); front points whose 95% intervals overlap on every
+Where `dlas confirm` timed a trial again, its confirmed latency and speedup, with their
+intervals, stand in for the search's (kept as `latency_search_ms`, ...); front points whose 95% intervals overlap on every
 objective are marked `tied_with` each other (confidence.py). A trial outside the study's
 thresholds (below its accuracy floor, say) is never on the front: the plots draw it greyed,
 trials.csv says why (`feasible`, `violates`).
@@ -159,12 +159,22 @@ def load_trials(tracking_uri: str, experiment: str) -> Trials:
                   unrun=int(parents[0].data.tags.get("dlas.samples_unrun", "0")))
 
 
+_TIMING = ("_ms", "_std_ms", "_p90_ms", "_ci_low_ms", "_ci_high_ms")
+# (the search's name, the confirmed one, where the search's is kept): each number with its
+# interval, spread and baseline, so no row pairs a confirmed latency with the search's interval
+_CONFIRMED = [*((f"{stem}{s}", f"{stem}_confirmed{s}", f"{stem}_search{s}")
+                for stem in ("latency", "torch_latency") for s in _TIMING),
+              *((f"speedup_vs_torch{s}", f"speedup_vs_torch_confirmed{s}",
+                 f"speedup_vs_torch_search{s}") for s in ("", "_ci_low", "_ci_high"))]
+
+
 def confirmed_metrics(metrics: dict[str, float]) -> dict[str, float]:
-    """A run's metrics with the confirmed latency and speedup (dlas confirm) in place of the
-    search's, which stay as `latency_search_ms` / `speedup_vs_torch_search`."""
-    for name, confirmed, kept in (("latency_ms", "latency_confirmed_ms", "latency_search_ms"),
-                                  ("speedup_vs_torch", "speedup_vs_torch_confirmed",
-                                   "speedup_vs_torch_search")):
+    """A run's metrics with the confirmed latency, speedup and PyTorch baseline (dlas confirm),
+    with their intervals, in place of the search's, which stay as `latency_search_ms`,
+    `latency_search_ci_low_ms`, `speedup_vs_torch_search`, ..."""
+    if "latency_confirmed_ms" not in metrics:
+        return metrics
+    for name, confirmed, kept in _CONFIRMED:
         if confirmed in metrics and name in metrics:
             metrics[kept], metrics[name] = metrics[name], metrics[confirmed]
     return metrics

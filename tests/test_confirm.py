@@ -25,6 +25,12 @@ def test_a_study_ends_with_a_confirmed_front(tiny_space, cache_dir, capsys):
         assert m["latency_ms"] == m["latency_confirmed_ms"]  # the front uses it
         assert m["latency_confirmed_ci_low_ms"] <= m["latency_ms"] \
             <= m["latency_confirmed_ci_high_ms"]
+        # every number beside it is the confirmed one too; the search's are kept by name
+        for name in ("latency_ci_low_ms", "latency_ci_high_ms", "latency_p90_ms",
+                     "torch_latency_ms", "speedup_vs_torch", "speedup_vs_torch_ci_low"):
+            assert m[name] == m[name.replace("latency", "latency_confirmed", 1)
+                                .replace("speedup_vs_torch", "speedup_vs_torch_confirmed")]
+        assert m["latency_search_ci_low_ms"] <= m["latency_search_ms"]
         assert m["confirm_rounds"] == 2
         run = client.get_run(row["run_id"])
         assert run.info.status == "FINISHED" and run.data.tags["dlas.confirmed"]

@@ -6,7 +6,7 @@ import optuna
 import pytest
 
 from conftest import ROOT
-from dlas_search.pareto import Trials, non_dominated, write
+from dlas_search.pareto import Trials, confirmed_metrics, non_dominated, write
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -345,3 +345,20 @@ def test_a_setting_seen_once_is_not_derived_and_the_always_present_one_stays():
                      "metrics": {"accuracy": 0.5 + 0.1 * i}})
     trials = Trials("seen-once", {"accuracy": "maximize"}, rows)
     assert pareto.derived(trials) == {"compiler.trials": "compiler.tuner"}
+
+
+def test_a_confirmed_latency_comes_with_its_own_interval_and_baseline():
+    """No row of the export pairs the confirmed latency with the search's interval."""
+    search = {"latency_ms": 7.4, "latency_ci_low_ms": 7.3, "latency_ci_high_ms": 7.5,
+              "torch_latency_ms": 10.3, "speedup_vs_torch": 1.40, "speedup_vs_torch_ci_low": 1.36}
+    confirmed = {"latency_confirmed_ms": 5.2, "latency_confirmed_ci_low_ms": 5.16,
+                 "latency_confirmed_ci_high_ms": 5.23, "torch_latency_confirmed_ms": 6.7,
+                 "speedup_vs_torch_confirmed": 1.30, "speedup_vs_torch_confirmed_ci_low": 1.28}
+    m = confirmed_metrics({**search, **confirmed, "accuracy": 0.92})
+    assert (m["latency_ms"], m["latency_ci_low_ms"], m["latency_ci_high_ms"]) == (5.2, 5.16, 5.23)
+    assert (m["torch_latency_ms"], m["speedup_vs_torch"], m["speedup_vs_torch_ci_low"]) == \
+        (6.7, 1.30, 1.28)
+    assert (m["latency_search_ms"], m["latency_search_ci_low_ms"], m["torch_latency_search_ms"],
+            m["speedup_vs_torch_search"]) == (7.4, 7.3, 10.3, 1.40)
+    assert m["accuracy"] == 0.92
+    assert confirmed_metrics(dict(search)) == search  # never confirmed: as the search left it
